@@ -1,0 +1,2 @@
+// Package bitmap holds the per-mapping split and difference bitmaps over grains.
+package bitmap
