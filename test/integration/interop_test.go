@@ -200,7 +200,9 @@ func TestNbdshErrorReplies(t *testing.T) {
 	d := startDaemon(t)
 	d.cli("mkvolume", "-name", "e", "-size", "16M")
 	script := "URI = " + pyString(d.uri("e")) + "\nSOCK = " + pyString(d.nbdSock) + "\nVOL = 'e'\n" + nbdshErrors
-	out := sh(t, "nbdsh", "-c", script)
+	// nbdsh is `python3 -m nbd`; Debian's python3 has the nbd module, a python3 earlier on
+	// PATH (pyenv, venv) may not, so run that exactly.
+	out := sh(t, "/usr/bin/python3", "-m", "nbd", "-c", script)
 	if !strings.Contains(out, "nbdsh-errors-ok") {
 		t.Fatalf("nbdsh script did not finish:\n%s", out)
 	}

@@ -1,0 +1,105 @@
+// Command fcnbd is FlashCopy for Linux: `fcnbd serve` is the daemon that owns the volumes and
+// serves them over NBD; every other command is the IBM SVC-style CLI, which talks to the
+// daemon over its control socket.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/urfave/cli/v2"
+
+	"fcnbd/internal/api"
+	"fcnbd/internal/fcerr"
+)
+
+const (
+	defaultDataDir = "/var/lib/fcnbd"
+	defaultSocket  = "/run/fcnbd/fcnbd.sock"
+	defaultNBDUnix = "/run/fcnbd/nbd.sock"
+	defaultNBDTCP  = "127.0.0.1:10809"
+)
+
+// globalSocketFlag is the control socket, for every command.
+func globalSocketFlag() cli.Flag {
+	return &cli.StringFlag{Name: "socket", Value: defaultSocket, EnvVars: []string{"FCNBD_SOCKET"},
+		Usage: "the daemon's control socket"}
+}
+
+// socketFlag lets a command take --socket after its name too; when absent, the global one
+// (flag, FCNBD_SOCKET, default) applies.
+func socketFlag() cli.Flag {
+	return &cli.StringFlag{Name: "socket", Usage: "the daemon's control socket (default: the global --socket)"}
+}
+
+func socketPath(c *cli.Context) string {
+	for _, cc := range c.Lineage() {
+		if s := cc.String("socket"); s != "" {
+			return s
+		}
+	}
+	return defaultSocket
+}
+
+func newApp(stdout, stderr io.Writer) *cli.App {
+	return &cli.App{
+		Name:            "fcnbd",
+		Usage:           "FlashCopy for Linux: point-in-time copies of NBD-served volumes",
+		Writer:          stdout,
+		ErrWriter:       stderr,
+		Flags:           []cli.Flag{globalSocketFlag()},
+		HideHelpCommand: true,
+		Commands: []*cli.Command{
+			serveCommand(),
+			mkvolumeCommand(),
+			lsvolumeCommand(),
+			rmvolumeCommand(),
+			attachCommand(),
+			detachCommand(),
+		},
+		// Errors are printed once, by run, in the CMMVC form.
+		ExitErrHandler: func(*cli.Context, error) {},
+	}
+}
+
+// run executes the CLI and returns the exit status.
+func run(args []string, stdout, stderr io.Writer) int {
+	err := newApp(stdout, stderr).Run(args)
+	if err == nil {
+		return 0
+	}
+	var fe *fcerr.Error
+	var ec cli.ExitCoder
+	switch {
+	case errors.As(err, &fe):
+		fmt.Fprintf(stderr, "%s %s\n", fe.Code, fe.Message)
+	case errors.As(err, &ec) && ec.ExitCode() == 0:
+		return 0
+	default:
+		fmt.Fprintf(stderr, "fcnbd: %v\n", err)
+	}
+	return 1
+}
+
+func main() {
+	os.Exit(run(os.Args, os.Stdout, os.Stderr))
+}
+
+func client(c *cli.Context) *api.Client { return api.NewClient(socketPath(c)) }
+
+func ctx(c *cli.Context) context.Context { return c.Context }
+
+// args checks the command's positional arguments: between min and max of them.
+func args(c *cli.Context, min, max int, what string) ([]string, error) {
+	a := c.Args().Slice()
+	switch {
+	case len(a) < min:
+		return nil, fcerr.New(fcerr.MissingParameter, "%s is missing", what)
+	case len(a) > max:
+		return nil, fcerr.New(fcerr.BadValue, "unexpected argument %q", a[max])
+	}
+	return a, nil
+}

@@ -1,0 +1,200 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/mattn/go-isatty"
+	"github.com/rs/zerolog"
+	"github.com/urfave/cli/v2"
+
+	"fcnbd/internal/api"
+	"fcnbd/internal/catalog"
+	"fcnbd/internal/store"
+	"fcnbd/internal/volume"
+	"fcnbd/nbd"
+)
+
+// How long shutdown waits for the control API and for NBD requests in progress.
+const (
+	apiShutdownTimeout = 10 * time.Second
+	nbdShutdownTimeout = 30 * time.Second
+)
+
+func serveCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "serve",
+		Usage: "run the daemon: serve the volumes over NBD and the control API",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "data-dir", Value: defaultDataDir, EnvVars: []string{"FCNBD_DATA_DIR"},
+				Usage: "where the catalogue and the volumes' backing files live"},
+			socketFlag(),
+			&cli.StringFlag{Name: "nbd-unix", Value: defaultNBDUnix, EnvVars: []string{"FCNBD_NBD_UNIX"},
+				Usage: "NBD Unix socket (\"\" disables it)"},
+			&cli.StringFlag{Name: "nbd-tcp", Value: defaultNBDTCP, EnvVars: []string{"FCNBD_NBD_TCP"},
+				Usage: "NBD TCP address (\"\" disables it); NBD has no authentication: keep it on loopback"},
+			&cli.StringFlag{Name: "log-level", Value: "info", EnvVars: []string{"FCNBD_LOG_LEVEL"},
+				Usage: "trace, debug, info, warn or error"},
+		},
+		Action: func(c *cli.Context) error {
+			if _, err := args(c, 0, 0, ""); err != nil {
+				return err
+			}
+			level, err := zerolog.ParseLevel(c.String("log-level"))
+			if err != nil || level == zerolog.NoLevel {
+				return fmt.Errorf("bad --log-level %q", c.String("log-level"))
+			}
+			return serve(c.Context, serveConfig{
+				dataDir: c.String("data-dir"),
+				socket:  socketPath(c),
+				nbdUnix: c.String("nbd-unix"),
+				nbdTCP:  c.String("nbd-tcp"),
+				log:     newLogger(level),
+			})
+		},
+	}
+}
+
+func newLogger(level zerolog.Level) zerolog.Logger {
+	var w = zerolog.New(os.Stderr)
+	if isatty.IsTerminal(os.Stderr.Fd()) {
+		w = zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: time.DateTime})
+	}
+	return w.Level(level).With().Timestamp().Logger()
+}
+
+type serveConfig struct {
+	dataDir, socket, nbdUnix, nbdTCP string
+	log                              zerolog.Logger
+}
+
+// serve runs the daemon until SIGTERM or SIGINT, then stops accepting, lets NBD requests in
+// progress finish, flushes every volume and closes the catalogue.
+func serve(parent context.Context, cfg serveConfig) (err error) {
+	log := cfg.log
+	ctx, stop := signal.NotifyContext(parent, syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+
+	if err := os.MkdirAll(cfg.dataDir, 0o700); err != nil {
+		return err
+	}
+	cat, err := catalog.Open(cfg.dataDir)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := cat.Close(); cerr != nil && err == nil {
+			err = fmt.Errorf("close catalogue: %w", cerr)
+		}
+	}()
+	vols, err := volume.Open(volume.Options{Catalog: cat, FS: store.Dir{Path: cfg.dataDir}, Logger: log})
+	if err != nil {
+		return err
+	}
+	closeVolumes := func() error {
+		if err := vols.Close(); err != nil {
+			return fmt.Errorf("flush volumes: %w", err)
+		}
+		return nil
+	}
+
+	apiL, err := api.ListenUnix(cfg.socket, 0o600)
+	if err != nil {
+		closeVolumes()
+		return fmt.Errorf("control socket: %w", err)
+	}
+	var nbdLs []net.Listener
+	closeAll := func() {
+		apiL.Close()
+		for _, l := range nbdLs {
+			l.Close()
+		}
+	}
+	if cfg.nbdUnix != "" {
+		l, err := api.ListenUnix(cfg.nbdUnix, 0o600)
+		if err != nil {
+			closeAll()
+			closeVolumes()
+			return fmt.Errorf("NBD socket: %w", err)
+		}
+		nbdLs = append(nbdLs, l)
+	}
+	if cfg.nbdTCP != "" {
+		l, err := net.Listen("tcp", cfg.nbdTCP)
+		if err != nil {
+			closeAll()
+			closeVolumes()
+			return fmt.Errorf("NBD TCP: %w", err)
+		}
+		nbdLs = append(nbdLs, l)
+		if !isLoopback(cfg.nbdTCP) {
+			log.Warn().Str("nbd_tcp", cfg.nbdTCP).Msg("NBD has no authentication: anyone who can reach this address can read and write every volume")
+		}
+	}
+
+	nbdSrv := nbd.NewServer(vols, nbd.Options{Logger: log})
+	httpSrv := &http.Server{Handler: api.NewHandler(vols, log), ReadHeaderTimeout: 10 * time.Second}
+	failed := make(chan error, len(nbdLs)+1)
+	for _, l := range nbdLs {
+		go func() {
+			if err := nbdSrv.Serve(l); err != nil {
+				failed <- fmt.Errorf("NBD on %s: %w", l.Addr(), err)
+			}
+		}()
+	}
+	go func() {
+		if err := httpSrv.Serve(apiL); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			failed <- fmt.Errorf("control API: %w", err)
+		}
+	}()
+	log.Info().Str("control", cfg.socket).Str("nbd_unix", cfg.nbdUnix).Str("nbd_tcp", cfg.nbdTCP).
+		Str("data_dir", cfg.dataDir).Int("volumes", len(vols.Volumes())).Msg("fcnbd serving")
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-failed:
+		log.Error().Err(runErr).Msg("listener failed; shutting down")
+	}
+
+	// Control first, so that no command changes anything while the data path winds down.
+	actx, cancel := context.WithTimeout(context.Background(), apiShutdownTimeout)
+	defer cancel()
+	if err := httpSrv.Shutdown(actx); err != nil {
+		log.Warn().Err(err).Msg("control API shutdown")
+	}
+	nctx, cancel2 := context.WithTimeout(context.Background(), nbdShutdownTimeout)
+	defer cancel2()
+	if err := nbdSrv.Shutdown(nctx); err != nil {
+		log.Warn().Err(err).Msg("NBD shutdown did not finish cleanly")
+	}
+	for _, l := range nbdLs {
+		l.Close() // the server closes them too; this covers a Serve that never started
+	}
+	flushErr := closeVolumes()
+	if flushErr != nil {
+		log.Error().Err(flushErr).Msg("flushing volumes")
+	}
+	log.Info().Msg("fcnbd stopped")
+	return errors.Join(runErr, flushErr)
+}
+
+// isLoopback reports whether a TCP listen address is only reachable from this host.
+func isLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}

@@ -1,0 +1,118 @@
+package main
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"fcnbd/internal/api"
+	"fcnbd/internal/fcerr"
+)
+
+func mkvolumeCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "mkvolume",
+		Usage:     "create a volume",
+		UsageText: "fcnbd mkvolume -name NAME -size SIZE   (SIZE in bytes or with K, M, G, T: 64M, 10G)",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.StringFlag{Name: "name", Usage: "the volume's name"},
+			&cli.StringFlag{Name: "size", Usage: "capacity: bytes, or with a binary unit (512K, 64M, 10G, 1T)"},
+		},
+		Action: func(c *cli.Context) error {
+			if _, err := args(c, 0, 0, ""); err != nil {
+				return err
+			}
+			if !c.IsSet("name") {
+				return fcerr.New(fcerr.MissingParameter, "-name is missing")
+			}
+			if !c.IsSet("size") {
+				return fcerr.New(fcerr.MissingParameter, "-size is missing")
+			}
+			size, err := parseSize(c.String("size"))
+			if err != nil {
+				return err
+			}
+			v, err := client(c).CreateVolume(ctx(c), c.String("name"), size)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.App.Writer, "Volume, id [%d], successfully created\n", v.ID)
+			return nil
+		},
+	}
+}
+
+var (
+	volumeColumns = []string{"id", "name", "status", "capacity", "fc_map_count"}
+	volumeFields  = []string{"id", "name", "status", "capacity", "fc_map_count", "created_time"}
+)
+
+func volumeObject(v api.Volume, o viewOptions) object {
+	return object{
+		fields: []field{
+			{"id", fmt.Sprint(v.ID)},
+			{"name", v.Name},
+			{"status", v.Status},
+			{"capacity", formatCapacity(v.Capacity, o.bytes)},
+			{"fc_map_count", fmt.Sprint(v.FCMapCount)},
+			{"created_time", v.Created.Local().Format(time.DateTime)},
+		},
+		json: v,
+	}
+}
+
+func lsvolumeCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "lsvolume",
+		Usage:     "list volumes, or show one in detail",
+		UsageText: "fcnbd lsvolume [-bytes] [-delim C] [-nohdr] [-json] [-filtervalue attr=value] [VOLUME]",
+		Flags:     append([]cli.Flag{socketFlag()}, viewFlags()...),
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 0, 1, "")
+			if err != nil {
+				return err
+			}
+			o, err := viewOptionsFrom(c)
+			if err != nil {
+				return err
+			}
+			if len(a) == 1 {
+				v, err := client(c).Volume(ctx(c), a[0])
+				if err != nil {
+					return err
+				}
+				return renderDetail(c.App.Writer, volumeObject(v, o), o)
+			}
+			vs, err := client(c).Volumes(ctx(c))
+			if err != nil {
+				return err
+			}
+			objs := make([]object, len(vs))
+			for i, v := range vs {
+				objs[i] = volumeObject(v, o)
+			}
+			return renderList(c.App.Writer, volumeColumns, volumeFields, objs, o)
+		},
+	}
+}
+
+func rmvolumeCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "rmvolume",
+		Usage:     "delete a volume",
+		UsageText: "fcnbd rmvolume [-force] VOLUME",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.BoolFlag{Name: "force", Usage: "also stop and delete the mappings that use the volume"},
+		},
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 1, 1, "the volume (name or id)")
+			if err != nil {
+				return err
+			}
+			return client(c).DeleteVolume(ctx(c), a[0], c.Bool("force"))
+		},
+	}
+}
