@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"net"
+	"sync"
+	"syscall"
+	"time"
 
 	"github.com/rs/zerolog"
 
@@ -26,6 +29,22 @@ type Exports interface {
 	List() []Export
 }
 
+// StaticExports is a fixed list of exports.
+type StaticExports []Export
+
+// Lookup returns the first export called name.
+func (e StaticExports) Lookup(name string) (Export, bool) {
+	for _, x := range e {
+		if x.Name == name {
+			return x, true
+		}
+	}
+	return Export{}, false
+}
+
+// List returns e.
+func (e StaticExports) List() []Export { return e }
+
 // Options tunes a Server. Zero values mean the defaults.
 type Options struct {
 	Logger zerolog.Logger
@@ -33,27 +52,188 @@ type Options struct {
 	MaxConnections int
 	// MaxInFlight caps requests executing at once per connection (default 128).
 	MaxInFlight int
+	// MaxInFlightBytes caps the READ and WRITE payload bytes a connection holds in memory at
+	// once (default 64 MiB); a single request of up to 32 MiB is always admitted.
+	MaxInFlightBytes int
+	// HandshakeTimeout bounds the whole negotiation phase of a connection (default 30s).
+	HandshakeTimeout time.Duration
 }
+
+// Defaults for Options.
+const (
+	DefaultMaxConnections   = 1024
+	DefaultMaxInFlight      = 128
+	DefaultMaxInFlightBytes = 64 << 20
+	DefaultHandshakeTimeout = 30 * time.Second
+)
 
 // Server serves Exports over any number of listeners.
 type Server struct {
 	exports Exports
 	opts    Options
+	log     zerolog.Logger
+
+	mu        sync.Mutex
+	listeners map[net.Listener]struct{}
+	conns     map[*conn]struct{}
+	shutdown  bool
+	connWG    sync.WaitGroup // one per entry ever put in conns
+
+	refuseMu      sync.Mutex
+	refuseLogged  time.Time
+	refusedSilent int
 }
 
 // NewServer returns a server for exports.
 func NewServer(exports Exports, opts Options) *Server {
-	return &Server{exports: exports, opts: opts}
+	if opts.MaxConnections <= 0 {
+		opts.MaxConnections = DefaultMaxConnections
+	}
+	if opts.MaxInFlight <= 0 {
+		opts.MaxInFlight = DefaultMaxInFlight
+	}
+	if opts.MaxInFlightBytes <= 0 {
+		opts.MaxInFlightBytes = DefaultMaxInFlightBytes
+	}
+	if opts.HandshakeTimeout <= 0 {
+		opts.HandshakeTimeout = DefaultHandshakeTimeout
+	}
+	return &Server{
+		exports:   exports,
+		opts:      opts,
+		log:       opts.Logger.With().Str("component", "nbd").Logger(),
+		listeners: make(map[net.Listener]struct{}),
+		conns:     make(map[*conn]struct{}),
+	}
 }
 
 // Serve accepts connections on l until Shutdown is called (then it returns nil) or l fails.
+// Serve closes l before returning.
 func (s *Server) Serve(l net.Listener) error {
-	return errors.New("nbd: not implemented yet")
+	s.mu.Lock()
+	if s.shutdown {
+		s.mu.Unlock()
+		l.Close()
+		return nil
+	}
+	s.listeners[l] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, l)
+		s.mu.Unlock()
+		l.Close()
+	}()
+
+	var backoff time.Duration
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			if s.isShutdown() {
+				return nil
+			}
+			if !temporaryAcceptError(err) {
+				return err
+			}
+			// Out of descriptors or memory: wait rather than spin, as net/http does.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.log.Warn().Err(err).Dur("retry_in", backoff).Msg("accept failed")
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		s.startConn(nc)
+	}
+}
+
+func temporaryAcceptError(err error) bool {
+	for _, e := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS,
+		syscall.ENOMEM, syscall.ECONNABORTED, syscall.EINTR} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+func (s *Server) isShutdown() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.shutdown
+}
+
+// startConn registers nc and serves it on its own goroutine, or refuses it.
+func (s *Server) startConn(nc net.Conn) {
+	s.mu.Lock()
+	if s.shutdown {
+		s.mu.Unlock()
+		nc.Close()
+		return
+	}
+	if len(s.conns) >= s.opts.MaxConnections {
+		s.mu.Unlock()
+		s.refuse(nc)
+		return
+	}
+	c := newConn(s, nc)
+	s.conns[c] = struct{}{}
+	s.connWG.Add(1)
+	s.mu.Unlock()
+
+	go func() {
+		defer s.connWG.Done()
+		c.serve()
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+	}()
+}
+
+// refuse closes a connection over MaxConnections, logging at most once a second.
+func (s *Server) refuse(nc net.Conn) {
+	remote := nc.RemoteAddr().String()
+	nc.Close()
+	s.refuseMu.Lock()
+	defer s.refuseMu.Unlock()
+	if now := time.Now(); now.Sub(s.refuseLogged) >= time.Second {
+		s.log.Warn().Str("remote", remote).Int("max_connections", s.opts.MaxConnections).
+			Int("also_refused", s.refusedSilent).
+			Msg("connection refused: too many connections")
+		s.refuseLogged, s.refusedSilent = now, 0
+		return
+	}
+	s.refusedSilent++
 }
 
 // Shutdown stops accepting, lets every request already read finish and be replied to, then
 // closes all connections. It returns ctx.Err() if ctx ends first (connections are then closed
 // forcibly).
 func (s *Server) Shutdown(ctx context.Context) error {
-	return errors.New("nbd: not implemented yet")
+	s.mu.Lock()
+	s.shutdown = true
+	for l := range s.listeners {
+		l.Close()
+	}
+	for c := range s.conns {
+		c.stop()
+	}
+	s.mu.Unlock()
+
+	done := make(chan struct{})
+	go func() {
+		s.connWG.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		s.mu.Lock()
+		for c := range s.conns {
+			c.nc.Close()
+		}
+		s.mu.Unlock()
+		return ctx.Err()
+	}
 }

@@ -3,7 +3,7 @@
 // volume's store.
 //
 // Errors are reported as syscall.Errno values (wrapped with context as usual); the NBD server
-// maps EINVAL, ENOSPC, EPERM, ENOMEM, EOVERFLOW and ESHUTDOWN to their NBD codes and every other
+// maps EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP and ESHUTDOWN to their NBD codes and every other
 // error to EIO. Nothing in this package does I/O.
 package blockdev
 

@@ -1,0 +1,378 @@
+package nbd
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"fcnbd/internal/blockdev"
+)
+
+// readBufferSize is the bufio.Reader size on a connection: many small requests per read
+// syscall, while payloads at least this large are read straight into their buffers.
+const readBufferSize = 64 << 10
+
+// flushThreshold is how many reply bytes the writer queues before it writes even though more
+// replies are waiting.
+const flushThreshold = 1 << 20
+
+// conn is one client connection: negotiation, then a reader (the serve goroutine), request
+// goroutines bounded by slots, and a writer goroutine.
+type conn struct {
+	s      *Server
+	nc     net.Conn
+	br     *bufio.Reader
+	log    zerolog.Logger
+	optBuf [maxOptionLen]byte
+
+	mu       sync.Mutex
+	stopping bool // Shutdown asked: reads fail from now on
+
+	// Transmission phase.
+	dev      blockdev.Device
+	size     uint64
+	slots    chan struct{} // one token per request between header read and reply written
+	budget   byteBudget    // payload bytes held by READ and WRITE buffers
+	replies  chan reply
+	inflight sync.WaitGroup
+}
+
+// reply is a simple reply waiting for the writer.
+type reply struct {
+	cookie uint64
+	errno  uint32
+	data   *[]byte // READ payload (pooled), nil for none
+}
+
+func newConn(s *Server, nc net.Conn) *conn {
+	return &conn{
+		s:   s,
+		nc:  nc,
+		br:  bufio.NewReaderSize(nc, readBufferSize),
+		log: s.log.With().Str("remote", nc.RemoteAddr().String()).Logger(),
+	}
+}
+
+// stop makes the connection's reads fail, so its reader ends after the requests it already
+// has; replies still go out.
+func (c *conn) stop() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.stopping = true
+	c.nc.SetReadDeadline(time.Unix(1, 0))
+}
+
+// setDeadlines sets the read and write deadlines, except that a stopped connection's reads
+// stay failed.
+func (c *conn) setDeadlines(t time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.nc.SetWriteDeadline(t)
+	if !c.stopping {
+		c.nc.SetReadDeadline(t)
+	}
+}
+
+func (c *conn) isStopping() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.stopping
+}
+
+func (c *conn) serve() {
+	defer c.nc.Close()
+	if tc, ok := c.nc.(*net.TCPConn); ok {
+		tc.SetNoDelay(true)
+	}
+	c.log.Debug().Msg("connected")
+
+	c.setDeadlines(time.Now().Add(c.s.opts.HandshakeTimeout))
+	exp, ok := c.negotiate()
+	if !ok {
+		c.log.Debug().Msg("disconnected during negotiation")
+		return
+	}
+	c.setDeadlines(time.Time{})
+	c.log = c.log.With().Str("export", exp.Name).Logger()
+	c.log.Debug().Msg("transmission started")
+	c.transmit(exp.Device)
+	c.log.Debug().Msg("disconnected")
+}
+
+// transmit serves requests until the client disconnects, violates the protocol, the
+// connection fails or the server shuts down; every request read by then is replied to.
+func (c *conn) transmit(dev blockdev.Device) {
+	n := c.s.opts.MaxInFlight
+	c.dev = dev
+	c.size = uint64(dev.Size())
+	c.slots = make(chan struct{}, n)
+	c.budget.init(int64(c.s.opts.MaxInFlightBytes))
+	c.replies = make(chan reply, n)
+	writerDone := make(chan struct{})
+	go c.writeLoop(writerDone)
+
+	c.readLoop()
+
+	c.inflight.Wait()
+	close(c.replies)
+	<-writerDone
+}
+
+func (c *conn) readLoop() {
+	var h [requestSize]byte
+	for {
+		if _, err := io.ReadFull(c.br, h[:]); err != nil {
+			c.logReadEnd(err)
+			return
+		}
+		if m := binary.BigEndian.Uint32(h[0:]); m != requestMagic {
+			c.log.Warn().Uint32("magic", m).Msg("protocol violation: bad request magic; closing")
+			return
+		}
+		flags := binary.BigEndian.Uint16(h[4:])
+		typ := binary.BigEndian.Uint16(h[6:])
+		cookie := binary.BigEndian.Uint64(h[8:])
+		off := binary.BigEndian.Uint64(h[16:])
+		length := binary.BigEndian.Uint32(h[24:])
+
+		if typ == cmdDisc {
+			c.log.Debug().Msg("client sent DISC")
+			return
+		}
+		c.slots <- struct{}{}
+		if !c.dispatch(flags, typ, cookie, off, length) {
+			return
+		}
+	}
+}
+
+func (c *conn) logReadEnd(err error) {
+	switch {
+	case errors.Is(err, io.EOF):
+		c.log.Debug().Msg("client closed the connection")
+	case errors.Is(err, os.ErrDeadlineExceeded) && c.isStopping():
+		c.log.Debug().Msg("server shutting down")
+	default:
+		c.log.Debug().Err(err).Msg("read failed")
+	}
+}
+
+// dispatch validates one request whose slot is held, reads its payload, and starts it. It
+// returns false if the connection can't go on (the payload could not be read).
+func (c *conn) dispatch(flags, typ uint16, cookie, off uint64, length uint32) bool {
+	errno := c.validate(flags, typ, off, length)
+	if errno != 0 {
+		if typ == cmdWrite {
+			if _, err := c.br.Discard(int(length)); err != nil {
+				<-c.slots
+				c.logReadEnd(err)
+				return false
+			}
+		}
+		c.replies <- reply{cookie: cookie, errno: errno}
+		return true
+	}
+
+	fua := flags&cmdFlagFUA != 0
+	switch typ {
+	case cmdRead:
+		c.budget.acquire(int64(length))
+		buf := getBuf(int(length))
+		c.start(func() {
+			if err := c.dev.ReadAt(*buf, int64(off)); err != nil {
+				putBuf(buf)
+				c.budget.release(int64(length))
+				c.fail(cookie, "read", err)
+				return
+			}
+			c.replies <- reply{cookie: cookie, data: buf}
+		})
+	case cmdWrite:
+		c.budget.acquire(int64(length))
+		buf := getBuf(int(length))
+		if _, err := io.ReadFull(c.br, *buf); err != nil {
+			putBuf(buf)
+			c.budget.release(int64(length))
+			<-c.slots
+			c.logReadEnd(err)
+			return false
+		}
+		c.start(func() {
+			err := c.dev.WriteAt(*buf, int64(off), fua)
+			putBuf(buf)
+			c.budget.release(int64(length))
+			c.done(cookie, "write", err)
+		})
+	case cmdFlush:
+		c.start(func() { c.done(cookie, "flush", c.dev.Flush()) })
+	case cmdTrim:
+		c.start(func() {
+			err := c.dev.Trim(int64(off), int64(length))
+			if err == nil && fua {
+				err = c.dev.Flush()
+			}
+			c.done(cookie, "trim", err)
+		})
+	case cmdWriteZeroes:
+		punch := flags&cmdFlagNoHole == 0
+		c.start(func() {
+			c.done(cookie, "write_zeroes", c.dev.WriteZeroes(int64(off), int64(length), punch, fua))
+		})
+	}
+	return true
+}
+
+// validate returns the NBD error for a request that must not reach the device, or 0.
+func (c *conn) validate(flags, typ uint16, off uint64, length uint32) uint32 {
+	allowed := uint16(cmdFlagFUA) // valid on every command once SEND_FUA is advertised
+	if typ == cmdWriteZeroes {
+		allowed |= cmdFlagNoHole
+	}
+	if flags&^allowed != 0 {
+		return errInval
+	}
+	inRange := off <= c.size && uint64(length) <= c.size-off
+	switch typ {
+	case cmdRead:
+		if length > MaxPayload || !inRange {
+			return errInval
+		}
+	case cmdWrite:
+		if length > MaxPayload {
+			return errInval
+		}
+		if !inRange {
+			return errNoSpc
+		}
+	case cmdFlush:
+	case cmdTrim, cmdWriteZeroes:
+		if !inRange {
+			return errInval
+		}
+	default:
+		return errInval
+	}
+	return 0
+}
+
+// start runs f on its own goroutine; f must send exactly one reply.
+func (c *conn) start(f func()) {
+	c.inflight.Add(1)
+	go func() {
+		defer c.inflight.Done()
+		f()
+	}()
+}
+
+func (c *conn) done(cookie uint64, op string, err error) {
+	if err != nil {
+		c.fail(cookie, op, err)
+		return
+	}
+	c.replies <- reply{cookie: cookie}
+}
+
+func (c *conn) fail(cookie uint64, op string, err error) {
+	errno := nbdErrno(blockdev.Errno(err))
+	c.log.Debug().Err(err).Str("op", op).Uint32("nbd_error", errno).Msg("request failed")
+	c.replies <- reply{cookie: cookie, errno: errno}
+}
+
+// writeLoop sends replies in the order they complete. It queues them and writes (one writev)
+// when no more are waiting or enough bytes are queued; a READ's data goes out from its own
+// buffer, not copied. Slots and buffers are released once their reply is written. After a
+// write error it closes the connection, so the reader stops, and keeps draining.
+func (c *conn) writeLoop(done chan<- struct{}) {
+	defer close(done)
+	n := c.s.opts.MaxInFlight
+	hdrs := make([]byte, 0, replyHdrSize*n) // never grows: at most n replies are queued
+	iov := make(net.Buffers, 0, 2*n)
+	held := make([]*[]byte, 0, n)
+	queued, queuedBytes := 0, 0
+	lastIsHdr := false // iov's last element ends where hdrs ends, so it can be extended
+	failed := false
+
+	flush := func() {
+		if !failed && len(iov) > 0 {
+			b := iov
+			if _, err := b.WriteTo(c.nc); err != nil {
+				failed = true
+				c.log.Debug().Err(err).Msg("write failed; closing")
+				c.nc.Close()
+			}
+		}
+		for i, b := range held {
+			c.budget.release(int64(len(*b)))
+			putBuf(b)
+			held[i] = nil
+		}
+		clear(iov)
+		held, iov, hdrs = held[:0], iov[:0], hdrs[:0]
+		for ; queued > 0; queued-- {
+			<-c.slots
+		}
+		queuedBytes, lastIsHdr = 0, false
+	}
+
+	for r := range c.replies {
+		start := len(hdrs)
+		hdrs = binary.BigEndian.AppendUint32(hdrs, simpleReplyMagic)
+		hdrs = binary.BigEndian.AppendUint32(hdrs, r.errno)
+		hdrs = binary.BigEndian.AppendUint64(hdrs, r.cookie)
+		if lastIsHdr {
+			iov[len(iov)-1] = iov[len(iov)-1][:len(iov[len(iov)-1])+replyHdrSize]
+		} else {
+			iov = append(iov, hdrs[start:])
+		}
+		lastIsHdr = true
+		queuedBytes += replyHdrSize
+		if r.data != nil {
+			iov = append(iov, *r.data)
+			held = append(held, r.data)
+			queuedBytes += len(*r.data)
+			lastIsHdr = false
+		}
+		queued++
+		if len(c.replies) == 0 || queuedBytes >= flushThreshold {
+			flush()
+		}
+	}
+	flush()
+}
+
+// byteBudget bounds the payload bytes a connection holds at once. Only the reader acquires;
+// a request larger than the whole budget is admitted alone.
+type byteBudget struct {
+	mu   sync.Mutex
+	cond sync.Cond
+	used int64
+	max  int64
+}
+
+func (b *byteBudget) init(max int64) {
+	b.max = max
+	b.cond.L = &b.mu
+}
+
+func (b *byteBudget) acquire(n int64) {
+	b.mu.Lock()
+	for b.used > 0 && b.used+n > b.max {
+		b.cond.Wait()
+	}
+	b.used += n
+	b.mu.Unlock()
+}
+
+func (b *byteBudget) release(n int64) {
+	b.mu.Lock()
+	b.used -= n
+	b.mu.Unlock()
+	b.cond.Signal()
+}

@@ -1,0 +1,118 @@
+package nbd
+
+import "syscall"
+
+// Wire constants of the NBD protocol (fixed newstyle, simple replies), as named in the
+// NetworkBlockDevice/nbd proto.md.
+const (
+	nbdMagic         = 0x4e42444d41474943 // "NBDMAGIC"
+	optMagic         = 0x49484156454f5054 // "IHAVEOPT"
+	optReplyMagic    = 0x0003e889045565a9
+	requestMagic     = 0x25609513
+	simpleReplyMagic = 0x67446698
+
+	// Handshake flags (server) and client flags.
+	flagFixedNewstyle = 1 << 0
+	flagNoZeroes      = 1 << 1
+
+	// Options.
+	optExportName = 1
+	optAbort      = 2
+	optList       = 3
+	optInfo       = 6
+	optGo         = 7
+
+	// Option reply types.
+	repAck         = 1
+	repServer      = 2
+	repInfo        = 3
+	repErrUnsup    = 1<<31 + 1
+	repErrInvalid  = 1<<31 + 3
+	repErrUnknown  = 1<<31 + 6
+	repErrShutdown = 1<<31 + 7
+	repErrTooBig   = 1<<31 + 9
+
+	// Info types.
+	infoExport      = 0
+	infoName        = 1
+	infoDescription = 2
+	infoBlockSize   = 3
+
+	// Transmission flags.
+	tflagHasFlags        = 1 << 0
+	tflagSendFlush       = 1 << 2
+	tflagSendFUA         = 1 << 3
+	tflagSendTrim        = 1 << 5
+	tflagSendWriteZeroes = 1 << 6
+	tflagCanMultiConn    = 1 << 8
+
+	// transmissionFlags is exactly what the server implements.
+	transmissionFlags = tflagHasFlags | tflagSendFlush | tflagSendFUA | tflagSendTrim |
+		tflagSendWriteZeroes | tflagCanMultiConn
+
+	// Commands.
+	cmdRead        = 0
+	cmdWrite       = 1
+	cmdDisc        = 2
+	cmdFlush       = 3
+	cmdTrim        = 4
+	cmdWriteZeroes = 6
+
+	// Command flags.
+	cmdFlagFUA    = 1 << 0
+	cmdFlagNoHole = 1 << 1
+
+	// NBD error values.
+	errPerm     = 1
+	errIO       = 5
+	errNoMem    = 12
+	errInval    = 22
+	errNoSpc    = 28
+	errOverflow = 75
+	errNotSup   = 95
+	errShutdown = 108
+
+	requestSize  = 28 // bytes of a request header
+	replyHdrSize = 16 // bytes of a simple reply header
+)
+
+// Limits.
+const (
+	// MaxPayload is the largest READ or WRITE accepted, advertised as the maximum block size.
+	MaxPayload = 32 << 20
+	// PreferredBlockSize is advertised as the preferred block size.
+	PreferredBlockSize = 4096
+
+	// maxString is the protocol's limit on names and other strings.
+	maxString = 4096
+	// maxOptionLen caps option data read into memory: an INFO/GO with a maximal name and a
+	// generous list of info requests fits.
+	maxOptionLen = 8192
+	// maxOptionDiscard is the most option data skipped to answer NBD_REP_ERR_TOO_BIG; a
+	// client announcing more is not speaking NBD and is disconnected.
+	maxOptionDiscard = 1 << 20
+)
+
+// nbdErrno maps an errno to its NBD error value: the ones the protocol names pass through,
+// every other one becomes EIO.
+func nbdErrno(e syscall.Errno) uint32 {
+	switch e {
+	case syscall.EPERM:
+		return errPerm
+	case syscall.EIO:
+		return errIO
+	case syscall.ENOMEM:
+		return errNoMem
+	case syscall.EINVAL:
+		return errInval
+	case syscall.ENOSPC:
+		return errNoSpc
+	case syscall.EOVERFLOW:
+		return errOverflow
+	case syscall.ENOTSUP:
+		return errNotSup
+	case syscall.ESHUTDOWN:
+		return errShutdown
+	}
+	return errIO
+}
