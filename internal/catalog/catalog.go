@@ -39,6 +39,8 @@ var (
 	bucketMeta     = []byte("meta")     // "format" → decimal Format
 	bucketCounters = []byte("counters") // sequence name → next id, 8 big-endian bytes
 	bucketVolumes  = []byte("volumes")
+	bucketFC       = []byte("flashcopy") // "model" → the control plane's model, JSON
+	bucketBitmaps  = []byte("bitmaps")   // bitmapKey → one chunk of a mapping's bitmap
 )
 
 // Sequences for Tx.NextID.
@@ -113,7 +115,7 @@ func (db *DB) init() error {
 		if got := string(meta.Get([]byte("format"))); got != fmt.Sprint(Format) {
 			return fmt.Errorf("%s: %w: format %q, this fcnbd reads format %d", db.path, ErrCorrupt, got, Format)
 		}
-		for _, name := range [][]byte{bucketCounters, bucketVolumes} {
+		for _, name := range [][]byte{bucketCounters, bucketVolumes, bucketFC, bucketBitmaps} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}

@@ -1,0 +1,306 @@
+package cow
+
+import (
+	"context"
+	"runtime"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// RateBytes is the bandwidth of a copy or clean rate (flashcopy.md §3): 0 for rate 0, 128 KiB/s
+// for 1–10, doubling every ten up to 2 GiB/s for 141–150.
+func RateBytes(r int) int64 {
+	if r <= 0 {
+		return 0
+	}
+	r = min(r, 150)
+	return (128 << 10) << ((r - 1) / 10)
+}
+
+// startWorker runs fn as m's background worker, replacing (cancelling) any previous one.
+func (e *Engine) startWorker(m *mapping, fn func(context.Context, *mapping)) {
+	ctx, cancel := context.WithCancel(e.ctx)
+	m.mu.Lock()
+	if m.cancel != nil {
+		m.cancel()
+	}
+	m.cancel = cancel
+	m.mu.Unlock()
+	e.wg.Go(func() { fn(ctx, m) })
+}
+
+// stopWorker cancels m's worker without waiting for it: a worker re-checks the mapping's phase
+// under the target's gate before each grain, so one that is mid-grain finishes harmlessly.
+func (e *Engine) stopWorker(m *mapping) {
+	m.mu.Lock()
+	if m.cancel != nil {
+		m.cancel()
+		m.cancel = nil
+	}
+	m.mu.Unlock()
+}
+
+// waitRate waits until the mapping's current rate allows n more bytes, or until enough (if not
+// nil) reports the work done. A rate change (or a wake for any reason) re-plans the wait at
+// once. It returns false if ctx ended.
+func waitRate(ctx context.Context, m *mapping, n int, rateOf func() int, enough func() bool) bool {
+	for {
+		if enough != nil && enough() {
+			return true
+		}
+		bps := RateBytes(rateOf())
+		if bps == 0 {
+			select {
+			case <-m.wake:
+				continue
+			case <-ctx.Done():
+				return false
+			}
+		}
+		now := time.Now()
+		m.lim.SetLimitAt(now, rate.Limit(bps))
+		if m.lim.Burst() < n {
+			m.lim.SetBurstAt(now, n)
+		}
+		r := m.lim.ReserveN(now, n)
+		d := r.DelayFrom(now)
+		if d == 0 {
+			return true
+		}
+		t := time.NewTimer(d)
+		select {
+		case <-t.C:
+			return true
+		case <-m.wake:
+			t.Stop()
+			r.Cancel()
+		case <-ctx.Done():
+			t.Stop()
+			r.Cancel()
+			return false
+		}
+	}
+}
+
+// slot takes one of the engine's background copy slots; workers give way between grains.
+func (e *Engine) slot(ctx context.Context) bool {
+	select {
+	case e.bgSlots <- struct{}{}:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+func (e *Engine) unslot() {
+	<-e.bgSlots
+	runtime.Gosched()
+}
+
+// copyWorker is the background copy (lowest unsplit grain first, at the copy rate) and, once
+// every grain is split, the cleaning a copying mapping needs before it can complete.
+func (e *Engine) copyWorker(ctx context.Context, m *mapping) {
+	next := 0
+	for !m.split.Full() {
+		g := m.split.NextClear(next)
+		if g < 0 {
+			next = 0
+			continue
+		}
+		_, n := m.split.Extent(g)
+		if !waitRate(ctx, m, int(n), func() int { return int(m.copyRate.Load()) }, m.split.Full) {
+			return
+		}
+		if m.split.Full() {
+			break
+		}
+		g = m.split.NextClear(g) // the wait may have been long
+		if g < 0 {
+			continue
+		}
+		if !e.slot(ctx) {
+			return
+		}
+		ok := e.copyGrain(m, g)
+		e.unslot()
+		if !ok {
+			return
+		}
+		next = g + 1
+	}
+	// flashcopy.md §5: a copying mapping at 100 % that still has dependants cleans (at its clean
+	// rate; 0 means none) until nothing reads through its target.
+	if !e.clean(ctx, m, func() int { return int(m.cleanRate.Load()) }) || m.getPhase() != Copying {
+		return
+	}
+	e.events.push(Event{Kind: CopyComplete, Mapping: m.id})
+}
+
+// copyGrain fills grain g of m's target from its upstream view, with the copy-on-write order:
+// data durable, then the bit. It returns false if the mapping is no longer copying or failed.
+func (e *Engine) copyGrain(m *mapping, g int) bool {
+	t := m.target
+	t.gate.RLock()
+	defer t.gate.RUnlock()
+	if t.target != m || m.getPhase() != Copying || m.failed.Load() {
+		return false
+	}
+	k := lockKey{t.comp, g}
+	l := e.locks.acquire(k, true)
+	defer e.locks.release(k, l, true)
+	if m.split.Test(g) {
+		return true
+	}
+	off, n := m.split.Extent(g)
+	buf := getBuf(m.grain)
+	defer putBuf(buf)
+	data := (*buf)[:n]
+	// The target's downstream need nothing: its view of g does not change.
+	if err := e.readView(t.upstream, g, data, off); err != nil {
+		e.fail(m, err)
+		return false
+	}
+	if err := writeFull(t, data, off); err != nil {
+		e.fail(m, err)
+		return false
+	}
+	// failpoint: cow-after-copy-write
+	if err := e.commit.commit(t, []BitUpdate{{Mapping: m.id, Grains: []int{g}}}); err != nil {
+		e.fail(m, err)
+		return false
+	}
+	e.setSplit(m, g, n, &m.grainsCopied)
+	return true
+}
+
+// cleanWorker runs while m is stopping: clean at the clean rate (0 means 50), then take the
+// target out of the chain and report CleanComplete.
+func (e *Engine) cleanWorker(ctx context.Context, m *mapping) {
+	rateOf := func() int {
+		if r := int(m.cleanRate.Load()); r > 0 {
+			return r
+		}
+		return 50
+	}
+	for {
+		if !e.clean(ctx, m, rateOf) {
+			return
+		}
+		e.topoMu.Lock()
+		if m.getPhase() != Stopping || ctx.Err() != nil {
+			e.topoMu.Unlock()
+			return
+		}
+		done := false
+		e.topoChange([]*volume{m.target}, func() {
+			// Checked again with every gate held: a mapping started meanwhile with this
+			// target as source would read through it.
+			if done = e.cleanWorkLocked(m) == 0; done {
+				e.unlink(m, true)
+			}
+		})
+		e.topoMu.Unlock()
+		if done {
+			e.events.push(Event{Kind: CleanComplete, Mapping: m.id})
+			return
+		}
+	}
+}
+
+// clean copies, highest grain first, every grain m's target holds into each downstream volume
+// that does not hold it, until none is left. It returns false if ctx ended or m failed.
+func (e *Engine) clean(ctx context.Context, m *mapping, rateOf func() int) bool {
+	for {
+		d, g := e.nextClean(m)
+		if d == nil {
+			return ctx.Err() == nil && !m.failed.Load()
+		}
+		_, n := m.split.Extent(g)
+		if !waitRate(ctx, m, int(n), rateOf, nil) || !e.slot(ctx) {
+			return false
+		}
+		ok := e.cleanGrain(m, d, g)
+		e.unslot()
+		if !ok {
+			return false
+		}
+	}
+}
+
+// nextClean finds the highest grain some downstream volume of m's target reads through it.
+func (e *Engine) nextClean(m *mapping) (*volume, int) {
+	t := m.target
+	t.gate.RLock()
+	defer t.gate.RUnlock()
+	if t.target != m {
+		return nil, -1
+	}
+	var best *volume
+	bestG := -1
+	for _, d := range t.downstream {
+		if d.target.failed.Load() {
+			continue
+		}
+		ds := d.target.split
+		for g := ds.PrevClear(ds.Len() - 1); g > bestG; g = ds.PrevClear(g - 1) {
+			if m.split.Test(g) {
+				best, bestG = d, g
+				break
+			}
+		}
+	}
+	return best, bestG
+}
+
+// cleanWorkLocked is cleanWork for a caller that holds the gates.
+func (e *Engine) cleanWorkLocked(m *mapping) int {
+	n := 0
+	for _, d := range m.target.downstream {
+		ds := d.target.split
+		for g := ds.NextClear(0); g >= 0; g = ds.NextClear(g + 1) {
+			if m.split.Test(g) {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+// cleanGrain copies grain g of m's target into downstream volume d, in the copy-on-write order.
+// A failure stops d's mapping (it is d that could not be given its data).
+func (e *Engine) cleanGrain(m *mapping, d *volume, g int) bool {
+	t := m.target
+	t.gate.RLock()
+	defer t.gate.RUnlock()
+	if t.target != m || d.upstream != t || m.failed.Load() {
+		return true // the topology moved; nextClean looks again
+	}
+	dm := d.target
+	k := lockKey{t.comp, g}
+	l := e.locks.acquire(k, true)
+	defer e.locks.release(k, l, true)
+	if dm.split.Test(g) || !m.split.Test(g) || dm.failed.Load() {
+		return true
+	}
+	off, n := m.split.Extent(g)
+	buf := getBuf(m.grain)
+	defer putBuf(buf)
+	data := (*buf)[:n]
+	if err := readFull(t, data, off); err != nil {
+		e.fail(m, err)
+		return false
+	}
+	if err := writeFull(d, data, off); err != nil {
+		e.fail(dm, err)
+		return true
+	}
+	// failpoint: cow-after-clean-write
+	if err := e.commit.commit(d, []BitUpdate{{Mapping: dm.id, Grains: []int{g}}}); err != nil {
+		e.fail(dm, err)
+		return true
+	}
+	e.setSplit(dm, g, n, &dm.grainsCopied)
+	m.cleaned.Add(1)
+	return true
+}
