@@ -1,2 +1,22 @@
-// Package cachelayer is the per-volume write-back cache between the NBD server and the copy-on-write layer, with the write-through mode and the Hold/Release fence used by prepare and start.
+// Package cachelayer is the per-volume write-back cache between the NBD server and the
+// copy-on-write layer, with the write-through mode and the Hold/Release fence used by prepare
+// and start (docs/flashcopy.md §6). It owns cache memory (a Pool shared by all volumes), dirty
+// tracking and destage; it knows nothing of mappings and touches the layer below only through
+// blockdev.Device.
+//
+// Design, in short:
+//   - 4 KiB pages in 64 shards (page index mod 64), each a mutex over a map and three intrusive
+//     lists: dirty (by age), destaging (claimed by a run) and clean (eviction order).
+//   - 1024 stripe mutexes (page index mod 1024) serialise the lower I/O of a page: a fill (read
+//     for a partial-page write), a destage run, a write-through write, a trim. Stripes are taken
+//     before shard locks, in ascending order; shard locks are never held across lower I/O.
+//   - A write copies into the page and marks it dirty with a sequence number; a write landing
+//     on a page whose destage is in flight marks it re-dirtied, so the run leaves it dirty.
+//   - Destage claims the oldest dirty page and its dirty neighbours, snapshots them under the
+//     stripes, writes them in one lower write and settles each page (clean, or dirty again).
+//   - Flush destages every page whose age is not newer than the sequence at its start, waiting
+//     for runs others hold, then flushes below. Failed pages stay dirty: a later Flush retries.
+//   - Reads are served from cached pages; misses go below directly and are not cached.
+//   - The fence counts admitted requests and background runs; Hold waits for the count to drain.
+//   - Memory is reserved before admission; when none can be had, the write goes through.
 package cachelayer

@@ -1,0 +1,596 @@
+package cachelayer
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"fcnbd/internal/blockdev"
+)
+
+// Options tune a Cache. The zero value gives the defaults.
+type Options struct {
+	// DestageConcurrency bounds the background destage writes in flight (default 4). Below the
+	// dirty high-water mark one runs; above it, all of them.
+	DestageConcurrency int
+	// DirtyHighWater is the fraction of the cache's fair share of the budget above which every
+	// destage worker runs (default 0.25).
+	DirtyHighWater float64
+	// MaxDestageRun is the most bytes one destage write coalesces (default 256 KiB).
+	MaxDestageRun int
+	// DestagePaused starts the cache with background destage paused, as PauseDestage does.
+	DestagePaused bool
+}
+
+func (o Options) withDefaults() Options {
+	if o.DestageConcurrency <= 0 {
+		o.DestageConcurrency = 4
+	}
+	if o.DirtyHighWater <= 0 || o.DirtyHighWater > 1 {
+		o.DirtyHighWater = 0.25
+	}
+	if o.MaxDestageRun < PageSize {
+		o.MaxDestageRun = 256 << 10
+	}
+	o.MaxDestageRun = o.MaxDestageRun / PageSize * PageSize
+	return o
+}
+
+// Stats is a snapshot of a cache's counters for metrics.
+type Stats struct {
+	DirtyBytes        int64 // data acknowledged but not yet below the cache
+	CachedBytes       int64 // memory held by pages, clean and dirty
+	ReadHits          int64 // pages read from the cache
+	ReadMisses        int64 // pages read from below
+	DestagedBytes     int64 // bytes written below by destage (background, Flush)
+	DestageErrors     int64 // failed destage writes; their pages stayed dirty
+	WriteThroughBytes int64 // bytes written straight below (write-through, FUA, large, budget full)
+}
+
+// Cache is a write-back cache over a lower device; it implements blockdev.Device. Writes are
+// acknowledged once in the cache and destaged in the background, oldest first, coalesced.
+// Flush destages every write acknowledged before it and then flushes the lower device.
+// It also carries the controls prepare and start need: SetWriteThrough, Invalidate and the
+// Hold/Release fence.
+type Cache struct {
+	lower     blockdev.Device
+	size      int64
+	pool      *Pool
+	opts      Options
+	maxCached int64 // pages; a larger write goes through
+	maxRun    int   // pages per destage write
+
+	fence   fence
+	shards  [nShards]shard
+	stripes stripes
+
+	seq          atomic.Uint64 // age of dirty data
+	resident     atomic.Int64  // pages in the maps (including fill placeholders)
+	clean        atomic.Int64  // pages in clean lists
+	dirtyPages   atomic.Int64
+	writeThrough atomic.Bool
+	closed       atomic.Bool
+	closeCh      chan struct{}
+	closeOnce    sync.Once
+
+	destaged, destageErrs, through atomic.Int64
+	evictRot                       atomic.Uint64
+
+	// Background destage.
+	bgMu           sync.Mutex
+	bgCond         sync.Cond // on bgMu: paused/running/dirty-above-high-water changed
+	paused         bool
+	stopping       bool
+	running        int          // background runs between claim and completion
+	helpersWaiting atomic.Int32 // workers other than 0 waiting for the high-water mark
+	kick           chan struct{}
+	idle           atomic.Bool // worker 0 is waiting for work
+	wg             sync.WaitGroup
+
+	// Run completions, for a Flush waiting on runs it did not start.
+	runMu    sync.Mutex
+	runCond  sync.Cond
+	runEpoch uint64
+
+	bufs sync.Pool // *[]byte of maxRun pages
+}
+
+var _ blockdev.Device = (*Cache)(nil)
+
+// New returns a cache over lower that takes its memory from pool (a pool of DefaultBudget of
+// its own if nil) and starts its background destage. Close stops it.
+func New(lower blockdev.Device, pool *Pool, opts Options) *Cache {
+	if pool == nil {
+		pool = NewPool(DefaultBudget)
+	}
+	opts = opts.withDefaults()
+	c := &Cache{
+		lower:   lower,
+		size:    lower.Size(),
+		pool:    pool,
+		opts:    opts,
+		maxRun:  opts.MaxDestageRun / PageSize,
+		closeCh: make(chan struct{}),
+		kick:    make(chan struct{}, 1),
+		paused:  opts.DestagePaused,
+	}
+	c.maxCached = min(256, max(pool.total/8, 1))
+	for i := range c.shards {
+		sh := &c.shards[i]
+		sh.pages = make(map[int64]*page)
+		sh.cond.L = &sh.mu
+	}
+	c.bgCond.L = &c.bgMu
+	c.runCond.L = &c.runMu
+	c.bufs.New = func() any {
+		b := make([]byte, c.maxRun*PageSize)
+		return &b
+	}
+	pool.register(c)
+	c.wg.Add(opts.DestageConcurrency)
+	for i := range opts.DestageConcurrency {
+		go c.worker(i)
+	}
+	return c
+}
+
+// Size returns the lower device's size.
+func (c *Cache) Size() int64 { return c.size }
+
+func (c *Cache) shard(idx int64) *shard { return &c.shards[idx%nShards] }
+
+// pageLen is the length of page idx: PageSize except for a short last page.
+func (c *Cache) pageLen(idx int64) int64 { return min(PageSize, c.size-idx*PageSize) }
+
+var errClosed = fmt.Errorf("cachelayer: cache closed: %w", syscall.ESHUTDOWN)
+
+// enter admits a request through the fence.
+func (c *Cache) enter() error {
+	if c.closed.Load() || !c.fence.enter(c.closeCh) {
+		return errClosed
+	}
+	return nil
+}
+
+// ReadAt fills p from the cache where it holds the pages and from below for the rest, each
+// run of missing pages in one lower read.
+func (c *Cache) ReadAt(p []byte, off int64) error {
+	if err := blockdev.CheckRange(c.size, off, int64(len(p))); err != nil {
+		return err
+	}
+	if err := c.enter(); err != nil {
+		return err
+	}
+	defer c.fence.exit()
+	miss := -1 // start in p of the pending run of missing pages
+	for pos := 0; pos < len(p); {
+		cur := off + int64(pos)
+		idx, in := cur/PageSize, cur%PageSize
+		n := int(min(int64(len(p)-pos), PageSize-in))
+		sh := c.shard(idx)
+		sh.mu.Lock()
+		if pg := sh.pages[idx]; pg != nil && !pg.loading {
+			copy(p[pos:pos+n], pg.data[in:])
+			sh.hits++
+			sh.mu.Unlock()
+			if miss >= 0 {
+				if err := c.readBelow(p[miss:pos], off+int64(miss)); err != nil {
+					return err
+				}
+				miss = -1
+			}
+		} else {
+			// Not cached: every acknowledged write to this page is below the cache now, so
+			// reading below at any later moment is correct.
+			sh.misses++
+			sh.mu.Unlock()
+			if miss < 0 {
+				miss = pos
+			}
+		}
+		pos += n
+	}
+	if miss >= 0 {
+		return c.readBelow(p[miss:], off+int64(miss))
+	}
+	return nil
+}
+
+func (c *Cache) readBelow(p []byte, off int64) error {
+	if err := c.lower.ReadAt(p, off); err != nil {
+		return fmt.Errorf("cachelayer: read [%d,+%d): %w", off, len(p), err)
+	}
+	return nil
+}
+
+// WriteAt caches p and returns (write-back), or writes it below before returning: with fua
+// (then p is on stable storage below), in write-through mode, when p is larger than a cache
+// write may be, or when the budget has no room for it.
+func (c *Cache) WriteAt(p []byte, off int64, fua bool) error {
+	if err := blockdev.CheckRange(c.size, off, int64(len(p))); err != nil {
+		return err
+	}
+	if len(p) == 0 {
+		return nil
+	}
+	first, last := off/PageSize, (off+int64(len(p))-1)/PageSize
+	n := last - first + 1
+	through := fua || c.writeThrough.Load() || n > c.maxCached
+	// Memory is reserved before admission so that a held fence never waits for a writer that
+	// waits for memory.
+	var reserved int64
+	if !through {
+		if c.pool.reserve(c, n) {
+			reserved = n
+		} else {
+			through = true
+		}
+	}
+	if err := c.enter(); err != nil {
+		c.pool.put(reserved)
+		return err
+	}
+	defer c.fence.exit()
+	if through {
+		return c.writeThroughAt(p, off, fua)
+	}
+	var used int64
+	err := c.writeCached(p, off, &used)
+	c.pool.put(reserved - used)
+	return err
+}
+
+func (c *Cache) writeCached(p []byte, off int64, used *int64) error {
+	for len(p) > 0 {
+		idx, in := off/PageSize, off%PageSize
+		n := min(int64(len(p)), PageSize-in)
+		if err := c.writePage(idx, in, p[:n], used); err != nil {
+			return err
+		}
+		p, off = p[n:], off+n
+	}
+	return nil
+}
+
+// writePage writes data at offset in of page idx, creating the page from the reservation if it
+// is not cached (reading it from below first if data does not cover it).
+func (c *Cache) writePage(idx, in int64, data []byte, used *int64) error {
+	sh := c.shard(idx)
+	sh.mu.Lock()
+	for {
+		pg := sh.pages[idx]
+		if pg == nil {
+			break
+		}
+		if pg.loading {
+			sh.cond.Wait()
+			continue
+		}
+		copy(pg.data[in:], data)
+		c.markWritten(sh, pg)
+		sh.mu.Unlock()
+		return nil
+	}
+	if int64(len(data)) == c.pageLen(idx) {
+		pg := c.pool.newPage(idx)
+		*used++
+		copy(pg.data[:], data)
+		sh.pages[idx] = pg
+		c.resident.Add(1)
+		c.markWritten(sh, pg)
+		sh.mu.Unlock()
+		return nil
+	}
+	sh.mu.Unlock()
+	return c.fillAndWrite(idx, in, data, used)
+}
+
+// fillAndWrite reads page idx from below into a placeholder and merges data into it. The stripe
+// keeps trims and write-through writes of the page from racing with the read.
+func (c *Cache) fillAndWrite(idx, in int64, data []byte, used *int64) error {
+	c.stripes.lock(idx, idx)
+	defer c.stripes.unlock(idx, idx)
+	sh := c.shard(idx)
+	sh.mu.Lock()
+	pg := sh.pages[idx]
+	if pg != nil {
+		// Another writer created it meanwhile; a loading page needs our stripe, so it is ready.
+		copy(pg.data[in:], data)
+		c.markWritten(sh, pg)
+		sh.mu.Unlock()
+		return nil
+	}
+	pg = c.pool.newPage(idx)
+	pg.loading = true
+	*used++
+	sh.pages[idx] = pg
+	c.resident.Add(1)
+	sh.mu.Unlock()
+
+	err := c.lower.ReadAt(pg.data[:c.pageLen(idx)], idx*PageSize)
+
+	sh.mu.Lock()
+	pg.loading = false
+	if err != nil {
+		delete(sh.pages, idx)
+		c.resident.Add(-1)
+		*used--
+		sh.cond.Broadcast()
+		sh.mu.Unlock()
+		c.pool.recycle(pg)
+		return fmt.Errorf("cachelayer: write: read page %d for merge: %w", idx, err)
+	}
+	copy(pg.data[in:], data)
+	c.markWritten(sh, pg)
+	sh.cond.Broadcast()
+	sh.mu.Unlock()
+	return nil
+}
+
+// markWritten records a write into pg's data. Called with the shard locked.
+func (c *Cache) markWritten(sh *shard, pg *page) {
+	pg.gen++
+	switch {
+	case !pg.dirty:
+		if pg.list == &sh.clean {
+			c.clean.Add(-1)
+		}
+		pg.dirty = true
+		pg.seq = c.seq.Add(1)
+		pg.moveTo(&sh.dirty)
+		sh.updateHead()
+		c.dirtyPages.Add(1)
+		if c.idle.Load() {
+			select {
+			case c.kick <- struct{}{}:
+			default:
+			}
+		}
+	case pg.destaging && !pg.redirty:
+		// The run in flight may carry older data; this write must be destaged after it.
+		pg.redirty = true
+		pg.redirtySeq = c.seq.Add(1)
+	}
+}
+
+// forResident calls fn, with the shard locked, for each cached page in [first, last) that is
+// not a fill placeholder. fn may drop the page. The caller holds the stripes of the range, so
+// no fill is in progress there.
+func (c *Cache) forResident(first, last int64, fn func(sh *shard, pg *page)) {
+	if last-first <= 2*c.resident.Load()+nShards {
+		for idx := first; idx < last; idx++ {
+			sh := c.shard(idx)
+			sh.mu.Lock()
+			if pg := sh.pages[idx]; pg != nil && !pg.loading {
+				fn(sh, pg)
+			}
+			sh.mu.Unlock()
+		}
+		return
+	}
+	for i := range c.shards {
+		sh := &c.shards[i]
+		sh.mu.Lock()
+		for idx, pg := range sh.pages {
+			if idx >= first && idx < last && !pg.loading {
+				fn(sh, pg)
+			}
+		}
+		sh.mu.Unlock()
+	}
+}
+
+// writeThroughAt writes p below before returning, keeping cached copies of its pages current.
+// The stripes order it against destage runs of those pages: an older run completes first, a
+// newer one starts after.
+func (c *Cache) writeThroughAt(p []byte, off int64, fua bool) error {
+	first, last := off/PageSize, (off+int64(len(p))-1)/PageSize
+	c.stripes.lock(first, last)
+	defer c.stripes.unlock(first, last)
+	end := off + int64(len(p))
+	c.forResident(first, last+1, func(sh *shard, pg *page) {
+		ps := pg.idx * PageSize
+		lo, hi := max(off, ps), min(end, ps+PageSize)
+		copy(pg.data[lo-ps:hi-ps], p[lo-off:hi-off])
+		pg.gen++ // a clean page stays clean: it is about to equal what is below
+	})
+	c.through.Add(int64(len(p)))
+	if err := c.lower.WriteAt(p, off, fua); err != nil {
+		// Below is now unknown; the cached copies hold the new data, so make them reach it.
+		c.forResident(first, last+1, func(sh *shard, pg *page) { c.markWritten(sh, pg) })
+		return fmt.Errorf("cachelayer: write through [%d,+%d): %w", off, len(p), err)
+	}
+	return nil
+}
+
+// Trim drops the cached pages of the range (zeroing the cached part of pages it covers
+// partly) and passes the trim down. Destage of older data for the range is ordered before it.
+func (c *Cache) Trim(off, length int64) error {
+	return c.rangeOp(off, length, func() error { return c.lower.Trim(off, length) })
+}
+
+// WriteZeroes is Trim's counterpart that guarantees zeroes, passed down with its flags.
+func (c *Cache) WriteZeroes(off, length int64, mayPunch bool, fua bool) error {
+	return c.rangeOp(off, length, func() error { return c.lower.WriteZeroes(off, length, mayPunch, fua) })
+}
+
+func (c *Cache) rangeOp(off, length int64, below func() error) error {
+	if err := blockdev.CheckRange(c.size, off, length); err != nil {
+		return err
+	}
+	if length == 0 {
+		return nil
+	}
+	if err := c.enter(); err != nil {
+		return err
+	}
+	defer c.fence.exit()
+	first, last := off/PageSize, (off+length-1)/PageSize
+	end := off + length
+	// Holding the stripes: no destage run of older data for the range is in flight or can start
+	// before the operation is below, and no fill can read the range meanwhile.
+	c.stripes.lock(first, last)
+	defer c.stripes.unlock(first, last)
+	c.forResident(first, last+1, func(sh *shard, pg *page) {
+		ps := pg.idx * PageSize
+		lo, hi := max(off, ps), min(end, ps+c.pageLen(pg.idx))
+		if lo == ps && hi == ps+c.pageLen(pg.idx) {
+			c.dropLocked(sh, pg)
+			return
+		}
+		clear(pg.data[lo-ps : hi-ps])
+		pg.gen++
+	})
+	if err := below(); err != nil {
+		c.forResident(first, last+1, func(sh *shard, pg *page) { c.markWritten(sh, pg) })
+		return fmt.Errorf("cachelayer: [%d,+%d): %w", off, length, err)
+	}
+	return nil
+}
+
+// dropLocked removes pg from the cache. Called with its shard locked and its stripe held.
+func (c *Cache) dropLocked(sh *shard, pg *page) {
+	delete(sh.pages, pg.idx)
+	if pg.list != nil {
+		if pg.list == &sh.clean {
+			c.clean.Add(-1)
+		}
+		pg.list.remove(pg)
+		sh.updateHead()
+	}
+	if pg.dirty {
+		c.dirtyPages.Add(-1)
+	}
+	c.resident.Add(-1)
+	c.pool.put(1)
+	if pg.destaging {
+		// A run has claimed it and waits for the stripe; it will see dropped and skip it.
+		pg.dropped = true
+		return
+	}
+	c.pool.recycle(pg)
+}
+
+// evictClean frees up to n clean pages, oldest clean first, and returns how many it freed.
+func (c *Cache) evictClean(n int64) int64 {
+	if c.clean.Load() == 0 {
+		return 0
+	}
+	var k int64
+	start := c.evictRot.Add(1)
+	for i := uint64(0); i < nShards && k < n; i++ {
+		sh := &c.shards[(start+i)%nShards]
+		sh.mu.Lock()
+		for k < n && sh.clean.head != nil {
+			pg := sh.clean.head
+			sh.clean.remove(pg)
+			delete(sh.pages, pg.idx)
+			c.pool.recycle(pg)
+			k++
+		}
+		sh.mu.Unlock()
+	}
+	c.clean.Add(-k)
+	c.resident.Add(-k)
+	c.pool.put(k)
+	return k
+}
+
+// Flush destages every write acknowledged before the call, from any caller, and then flushes
+// the lower device. On error it returns one wrapping syscall.EIO: pages that failed to destage
+// stay dirty, so a later Flush writes them again and cannot succeed without them.
+func (c *Cache) Flush() error {
+	if err := c.enter(); err != nil {
+		return err
+	}
+	defer c.fence.exit()
+	if err := c.destageUpTo(c.seq.Load()); err != nil {
+		return fmt.Errorf("cachelayer: flush: %w: %w", syscall.EIO, err)
+	}
+	if err := c.lower.Flush(); err != nil {
+		return fmt.Errorf("cachelayer: flush below: %w: %w", syscall.EIO, err)
+	}
+	return nil
+}
+
+// Invalidate drops every cached page, clean and dirty: writes not yet below the cache are
+// lost, by design (a FlashCopy target's cache at prepare). It waits for fills and destage
+// runs in flight, and is not subject to the fence.
+func (c *Cache) Invalidate() {
+	c.stripes.lock(0, nStripes-1)
+	defer c.stripes.unlock(0, nStripes-1)
+	for i := range c.shards {
+		sh := &c.shards[i]
+		sh.mu.Lock()
+		for _, pg := range sh.pages {
+			c.dropLocked(sh, pg)
+		}
+		sh.mu.Unlock()
+	}
+}
+
+// SetWriteThrough switches write-through mode. While on, every write reaches the lower device
+// (WriteAt) before it is acknowledged and cached copies stay as they were, clean or dirty.
+// Pages dirty from before are not written by the switch: prepare turns write-through on and
+// then calls Flush, so that no write can slip into the cache between the two.
+func (c *Cache) SetWriteThrough(on bool) { c.writeThrough.Store(on) }
+
+// WriteThrough reports whether write-through mode is on.
+func (c *Cache) WriteThrough() bool { return c.writeThrough.Load() }
+
+// Hold is the start fence. New requests of every kind (and background destage) wait at
+// admission from now on; Hold returns nil once every request admitted before it has finished,
+// including destage writes in flight, so nothing is in flight below the cache. If ctx ends
+// first it returns ctx.Err() with the cache still held; either way the caller must Release.
+// Holds nest: admission resumes at the last Release.
+func (c *Cache) Hold(ctx context.Context) error { return c.fence.hold(ctx) }
+
+// Release ends a Hold: waiting requests proceed. Without a Hold it does nothing.
+func (c *Cache) Release() {
+	c.fence.release()
+	c.wake()
+}
+
+// Held reports whether a Hold is in effect.
+func (c *Cache) Held() bool { return c.fence.isHeld() }
+
+// Stats returns the cache's counters.
+func (c *Cache) Stats() Stats {
+	s := Stats{
+		DirtyBytes:        c.dirtyPages.Load() * PageSize,
+		CachedBytes:       c.resident.Load() * PageSize,
+		DestagedBytes:     c.destaged.Load(),
+		DestageErrors:     c.destageErrs.Load(),
+		WriteThroughBytes: c.through.Load(),
+	}
+	for i := range c.shards {
+		sh := &c.shards[i]
+		sh.mu.Lock()
+		s.ReadHits += sh.hits
+		s.ReadMisses += sh.misses
+		sh.mu.Unlock()
+	}
+	return s
+}
+
+// Close flushes (the error, if any, is returned), stops background destage, drops the cache's
+// memory back to the pool and makes later requests fail with ESHUTDOWN. Dirty data that the
+// flush could not write is lost.
+func (c *Cache) Close() error {
+	var err error
+	c.closeOnce.Do(func() {
+		err = c.Flush()
+		c.closed.Store(true)
+		c.bgMu.Lock()
+		c.stopping = true
+		c.bgCond.Broadcast()
+		c.bgMu.Unlock()
+		close(c.closeCh)
+		c.wg.Wait()
+		c.Invalidate()
+		c.pool.unregister(c)
+	})
+	return err
+}
