@@ -18,7 +18,7 @@ import (
 	"fcnbd/internal/api"
 	"fcnbd/internal/catalog"
 	"fcnbd/internal/store"
-	"fcnbd/internal/volume"
+	"fcnbd/mappings/driver"
 	"fcnbd/nbd"
 )
 
@@ -42,6 +42,10 @@ func serveCommand() *cli.Command {
 				Usage: "NBD TCP address (\"\" disables it); NBD has no authentication: keep it on loopback"},
 			&cli.StringFlag{Name: "log-level", Value: "info", EnvVars: []string{"FCNBD_LOG_LEVEL"},
 				Usage: "trace, debug, info, warn or error"},
+			&cli.StringFlag{Name: "cache-size", Value: "256M", EnvVars: []string{"FCNBD_CACHE_SIZE"},
+				Usage: "write-back cache shared by all volumes (e.g. 256M, 1G)"},
+			&cli.DurationFlag{Name: "fence-timeout", Value: 5 * time.Second, EnvVars: []string{"FCNBD_FENCE_TIMEOUT"},
+				Usage: "how long a FlashCopy start may hold the sources' I/O before it is abandoned"},
 		},
 		Action: func(c *cli.Context) error {
 			if _, err := args(c, 0, 0, ""); err != nil {
@@ -51,12 +55,21 @@ func serveCommand() *cli.Command {
 			if err != nil || level == zerolog.NoLevel {
 				return fmt.Errorf("bad --log-level %q", c.String("log-level"))
 			}
+			cacheSize, err := parseSize(c.String("cache-size"))
+			if err != nil {
+				return fmt.Errorf("bad --cache-size: %w", err)
+			}
+			if c.Duration("fence-timeout") <= 0 {
+				return fmt.Errorf("bad --fence-timeout %s: must be positive", c.Duration("fence-timeout"))
+			}
 			return serve(c.Context, serveConfig{
-				dataDir: c.String("data-dir"),
-				socket:  socketPath(c),
-				nbdUnix: c.String("nbd-unix"),
-				nbdTCP:  c.String("nbd-tcp"),
-				log:     newLogger(level),
+				cacheSize:    cacheSize,
+				fenceTimeout: c.Duration("fence-timeout"),
+				dataDir:      c.String("data-dir"),
+				socket:       socketPath(c),
+				nbdUnix:      c.String("nbd-unix"),
+				nbdTCP:       c.String("nbd-tcp"),
+				log:          newLogger(level),
 			})
 		},
 	}
@@ -72,6 +85,8 @@ func newLogger(level zerolog.Level) zerolog.Logger {
 
 type serveConfig struct {
 	dataDir, socket, nbdUnix, nbdTCP string
+	cacheSize                        int64
+	fenceTimeout                     time.Duration
 	log                              zerolog.Logger
 }
 
@@ -94,7 +109,10 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 			err = fmt.Errorf("close catalogue: %w", cerr)
 		}
 	}()
-	vols, err := volume.Open(volume.Options{Catalog: cat, FS: store.Dir{Path: cfg.dataDir}, Logger: log})
+	vols, err := driver.Open(driver.Options{
+		Catalog: cat, FS: store.Dir{Path: cfg.dataDir}, Logger: log,
+		CacheSize: cfg.cacheSize, FenceTimeout: cfg.fenceTimeout,
+	})
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,274 @@
+// Package driver carries out the FlashCopy control plane's effects on the data path. It owns
+// the model of package mappings, applies each command to a clone, executes the effects the
+// clone returned in order (catalogue commits, cache modes, the start fence, the copy-on-write
+// engine's topology) and adopts the clone once its first effect succeeded; outcomes of
+// asynchronous effects (flushes, fences, engine events) are fed back as events the same way.
+//
+// Each volume's device stack is built here: availability gate → write-back cache → copy-on-
+// write engine → backing file.
+package driver
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"fcnbd/cachelayer"
+	"fcnbd/cow"
+	"fcnbd/internal/blockdev"
+	"fcnbd/internal/catalog"
+	"fcnbd/internal/fcerr"
+	"fcnbd/internal/store"
+	"fcnbd/internal/volume"
+	"fcnbd/mappings"
+	"fcnbd/nbd"
+)
+
+// Options configures a Driver.
+type Options struct {
+	Catalog *catalog.DB
+	FS      store.FS
+	Logger  zerolog.Logger
+	// CacheSize is the write-back cache budget shared by all volumes (default 256 MiB).
+	CacheSize int64
+	// FenceTimeout bounds the hold of a start (default 5 s).
+	FenceTimeout time.Duration
+	// Cache tunes each volume's cache (tests pause destage with it).
+	Cache cachelayer.Options
+	// ProgressInterval is how often engine progress is fed to the model (default 500 ms).
+	ProgressInterval time.Duration
+}
+
+// Driver is the FlashCopy control plane with its data path. It implements the control API's
+// Volumes and FlashCopy interfaces and the NBD server's Exports.
+type Driver struct {
+	opts    Options
+	log     zerolog.Logger
+	cat     *catalog.DB
+	eng     *cow.Engine
+	journal *journal
+	pool    *cachelayer.Pool
+	vols    *volume.Manager
+
+	stacksMu sync.Mutex
+	stacks   map[mappings.VolumeID]*stack
+
+	// mu serialises every change of the model and the execution of its effects.
+	mu      sync.Mutex
+	model   *mappings.Model
+	active  map[mappings.MappingID]bool // mappings the engine has
+	waiters map[mappings.MappingID][]chan error
+	fenceEr map[mappings.MappingID]error // why the last start of a mapping was abandoned
+	holds   map[mappings.GroupID]time.Duration
+	rates   map[mappings.MappingID]*throughput
+	applied map[mappings.MappingID][2]int     // copy and clean rate last given to the engine
+	held    map[mappings.VolumeID]bool        // sources the fence in progress holds
+
+	stop chan struct{}
+	wg   sync.WaitGroup
+}
+
+// stack is one volume's data path above the engine.
+type stack struct {
+	id     mappings.VolumeID
+	online atomic.Bool
+	cache  *cachelayer.Cache
+	d      *Driver
+}
+
+// Open loads the model and every volume, brings the data path in line with the model (chains,
+// background copy, cache modes, availability) and starts the driver's background work.
+func Open(opts Options) (*Driver, error) {
+	if opts.CacheSize <= 0 {
+		opts.CacheSize = cachelayer.DefaultBudget
+	}
+	if opts.FenceTimeout <= 0 {
+		opts.FenceTimeout = 5 * time.Second
+	}
+	if opts.ProgressInterval <= 0 {
+		opts.ProgressInterval = 500 * time.Millisecond
+	}
+	d := &Driver{
+		opts: opts, log: opts.Logger, cat: opts.Catalog,
+		journal: newJournal(opts.Catalog),
+		pool:    cachelayer.NewPool(opts.CacheSize),
+		stacks:  map[mappings.VolumeID]*stack{},
+		active:  map[mappings.MappingID]bool{},
+		waiters: map[mappings.MappingID][]chan error{},
+		fenceEr: map[mappings.MappingID]error{},
+		holds:   map[mappings.GroupID]time.Duration{},
+		rates:   map[mappings.MappingID]*throughput{},
+		applied: map[mappings.MappingID][2]int{},
+		held:    map[mappings.VolumeID]bool{},
+		stop:    make(chan struct{}),
+	}
+	d.eng = cow.New(d.journal, cow.Options{})
+
+	model := mappings.New()
+	if err := d.cat.View(func(tx *catalog.Tx) error {
+		if data := tx.Model(); data != nil {
+			if err := json.Unmarshal(data, model); err != nil {
+				return fmt.Errorf("FlashCopy model: %w: %v", catalog.ErrCorrupt, err)
+			}
+		}
+		for id, mp := range model.Mappings {
+			if mp.ChainSeq != 0 {
+				if err := d.journal.load(tx, int(id)); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	}); err != nil {
+		d.eng.Close()
+		return nil, err
+	}
+	d.model = model
+
+	vols, err := volume.Open(volume.Options{Catalog: opts.Catalog, FS: opts.FS, Stack: d.buildStack, Logger: opts.Logger})
+	if err != nil {
+		d.eng.Close()
+		return nil, err
+	}
+	d.vols = vols
+	if err := d.reopen(); err != nil {
+		d.vols.Close()
+		d.eng.Close()
+		return nil, err
+	}
+	d.wg.Add(2)
+	go d.engineEvents()
+	go d.progressLoop()
+	return d, nil
+}
+
+// Close stops background work, flushes and closes every volume and the engine.
+func (d *Driver) Close() error {
+	close(d.stop)
+	err := d.vols.Close()
+	if cerr := d.eng.Close(); err == nil {
+		err = cerr
+	}
+	d.wg.Wait()
+	return err
+}
+
+// buildStack is the volume manager's StackFunc: gate → cache → engine → file.
+func (d *Driver) buildStack(v catalog.Volume, f store.File) (blockdev.Device, error) {
+	id := mappings.VolumeID(v.ID)
+	if err := d.eng.AddVolume(int(id), v.Capacity, f); err != nil {
+		return nil, err
+	}
+	low, err := d.eng.Device(int(id))
+	if err != nil {
+		d.eng.RemoveVolume(int(id))
+		return nil, err
+	}
+	s := &stack{id: id, d: d, cache: cachelayer.New(low, d.pool, d.opts.Cache)}
+	s.online.Store(true)
+	d.stacksMu.Lock()
+	d.stacks[id] = s
+	d.stacksMu.Unlock()
+	return s, nil
+}
+
+func (d *Driver) stackOf(id mappings.VolumeID) *stack {
+	d.stacksMu.Lock()
+	defer d.stacksMu.Unlock()
+	return d.stacks[id]
+}
+
+// Cache returns the cache of volume ref (tests pause its destage through it).
+func (d *Driver) Cache(ref string) (*cachelayer.Cache, error) {
+	info, err := d.vols.Get(ref)
+	if err != nil {
+		return nil, err
+	}
+	s := d.stackOf(mappings.VolumeID(info.ID))
+	if s == nil {
+		return nil, fcerr.New(fcerr.NoSuchObject, "volume %s has no data path", ref)
+	}
+	return s.cache, nil
+}
+
+var errOffline = fmt.Errorf("volume is offline: %w", syscall.EIO)
+
+func (s *stack) check() error {
+	if !s.online.Load() {
+		return errOffline
+	}
+	return nil
+}
+
+func (s *stack) Size() int64 { return s.cache.Size() }
+
+func (s *stack) ReadAt(p []byte, off int64) error {
+	if err := s.check(); err != nil {
+		return err
+	}
+	return s.cache.ReadAt(p, off)
+}
+
+func (s *stack) WriteAt(p []byte, off int64, fua bool) error {
+	if err := s.check(); err != nil {
+		return err
+	}
+	return s.cache.WriteAt(p, off, fua)
+}
+
+func (s *stack) Flush() error {
+	if err := s.check(); err != nil {
+		return err
+	}
+	return s.cache.Flush()
+}
+
+func (s *stack) Trim(off, length int64) error {
+	if err := s.check(); err != nil {
+		return err
+	}
+	return s.cache.Trim(off, length)
+}
+
+func (s *stack) WriteZeroes(off, length int64, mayPunch, fua bool) error {
+	if err := s.check(); err != nil {
+		return err
+	}
+	return s.cache.WriteZeroes(off, length, mayPunch, fua)
+}
+
+// Close is called by the volume manager after a final Flush when the volume is deleted or the
+// daemon stops.
+func (s *stack) Close() error {
+	err := s.cache.Close()
+	if rerr := s.d.eng.RemoveVolume(int(s.id)); rerr != nil && !errors.Is(rerr, cow.ErrNoVolume) && err == nil {
+		err = rerr
+	}
+	s.d.stacksMu.Lock()
+	delete(s.d.stacks, s.id)
+	s.d.stacksMu.Unlock()
+	return err
+}
+
+// Lookup implements nbd.Exports.
+func (d *Driver) Lookup(name string) (nbd.Export, bool) { return d.vols.Lookup(name) }
+
+// List implements nbd.Exports.
+func (d *Driver) List() []nbd.Export { return d.vols.List() }
+
+// Flush flushes every volume (daemon shutdown).
+func (d *Driver) waitCtx(ctx context.Context, ch chan error) error {
+	select {
+	case err := <-ch:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}

@@ -1,0 +1,362 @@
+package driver
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	"fcnbd/bitmap"
+	"fcnbd/cow"
+	"fcnbd/internal/catalog"
+	"fcnbd/internal/fcerr"
+	"fcnbd/mappings"
+)
+
+// command applies fn to a clone of the model and carries out the effects it returns. A
+// refusal, or a failure of the first effect (the catalogue commit), changes nothing.
+func (d *Driver) command(fn func(m *mappings.Model) ([]mappings.Effect, error)) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	next := d.model.Clone()
+	effs, err := fn(next)
+	if err != nil {
+		return err
+	}
+	return d.apply(next, effs)
+}
+
+// eventLocked feeds ev to the state machine; d.mu is held. An event that no longer fits is
+// logged and dropped, as the model asks.
+func (d *Driver) eventLocked(ev mappings.Event) {
+	next := d.model.Clone()
+	effs, err := next.Apply(ev)
+	if err != nil {
+		d.log.Debug().Err(err).Str("event", fmt.Sprintf("%T", ev)).Msg("event ignored")
+		return
+	}
+	if err := d.apply(next, effs); err != nil {
+		d.log.Error().Err(err).Str("event", fmt.Sprintf("%T", ev)).Msg("event's effects failed")
+	}
+}
+
+func (d *Driver) event(ev mappings.Event) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.eventLocked(ev)
+}
+
+// apply carries out effs, computed on next, in order, and adopts next once the first effect
+// succeeded. d.mu is held.
+func (d *Driver) apply(next *mappings.Model, effs []mappings.Effect) error {
+	for i, e := range effs {
+		if err := d.do(next, e); err != nil {
+			if i == 0 {
+				return err
+			}
+			d.log.Error().Err(err).Stringer("effect", e).Msg("effect failed")
+		}
+		if i == 0 {
+			d.model = next
+		}
+	}
+	d.model = next
+	d.syncEngine()
+	d.settleWaiters()
+	return nil
+}
+
+func (d *Driver) do(next *mappings.Model, e mappings.Effect) error {
+	d.log.Debug().Stringer("effect", e).Msg("effect")
+	switch e := e.(type) {
+	case mappings.Persist:
+		return d.persist(next)
+	case mappings.CommitStart:
+		return d.commitStart(next, e)
+	case mappings.SetOnline:
+		if s := d.stackOf(e.Vol); s != nil {
+			s.online.Store(e.Online)
+		}
+	case mappings.SetWriteThrough:
+		if s := d.stackOf(e.Vol); s != nil {
+			s.cache.SetWriteThrough(e.On)
+		}
+	case mappings.InvalidateCache:
+		if s := d.stackOf(e.Vol); s != nil {
+			s.cache.Invalidate()
+		}
+	case mappings.FlushSource:
+		s := d.stackOf(e.Vol)
+		go func() {
+			// Write-through is already on (an earlier effect of the same list), so nothing can
+			// slip into the cache behind this flush.
+			var err error
+			if s == nil {
+				err = fmt.Errorf("volume %d has no data path", e.Vol)
+			} else {
+				err = s.cache.Flush()
+			}
+			if err != nil {
+				d.log.Error().Err(err).Int("fcmap", int(e.Map)).Msg("prepare: flushing the source failed; the mapping is stopped")
+				d.event(mappings.FlushFailed{Map: e.Map})
+				return
+			}
+			d.event(mappings.FlushDone{Map: e.Map})
+		}()
+	case mappings.Hold:
+		go d.fence(e.Fence)
+	case mappings.Release:
+		d.release(e.Vols)
+	case mappings.SplitOut:
+		if err := d.eng.Split(int(e.Map)); err != nil && !errors.Is(err, cow.ErrNoMapping) {
+			return fmt.Errorf("split fcmap %d: %w", e.Map, err)
+		}
+	case mappings.DropMapping:
+		d.journal.drop(int(e.Map))
+		if err := d.cat.Update(func(tx *catalog.Tx) error {
+			if err := tx.DeleteBitmap(uint64(e.Map), catalog.SplitBitmap); err != nil {
+				return err
+			}
+			return tx.DeleteBitmap(uint64(e.Map), catalog.DifferenceBitmap)
+		}); err != nil {
+			// Harmless: a later start of the same id can't happen (ids are not reused) and
+			// the next start of any mapping rewrites its own bitmap whole.
+			d.log.Warn().Err(err).Int("fcmap", int(e.Map)).Msg("could not delete the bitmaps of a deleted mapping")
+		}
+	case mappings.StopWorkers, mappings.Relink, mappings.StartBackgroundCopy, mappings.StartCleaning:
+		// The engine's topology and workers follow the adopted model in syncEngine.
+	default:
+		return fmt.Errorf("unknown effect %T", e)
+	}
+	return nil
+}
+
+func (d *Driver) persist(m *mappings.Model) error {
+	data, err := json.Marshal(m)
+	if err != nil {
+		return fcerr.New(fcerr.Internal, "encode the FlashCopy model: %v", err)
+	}
+	// failpoint: before-persist
+	if err := d.cat.Update(func(tx *catalog.Tx) error { return tx.PutModel(data) }); err != nil {
+		return fcerr.New(fcerr.MetadataUnwritable, "the catalogue could not be written: %v", err)
+	}
+	return nil
+}
+
+// commitStart is §6 step 3 for the mappings of e: the engine takes the targets into their
+// chains (with background copy still off), then one catalogue commit records the model and
+// every split bitmap. If the commit fails the engine forgets the mappings again; the sources
+// are still held, so no host I/O has seen the new chains.
+func (d *Driver) commitStart(next *mappings.Model, e mappings.CommitStart) error {
+	specs := make([]cow.MappingSpec, 0, len(e.Entries))
+	ids := make([]int, 0, len(e.Entries))
+	for _, en := range e.Entries {
+		size := next.Volumes[en.Source].Size
+		grain := int64(en.GrainKiB) << 10
+		bm := bitmap.New(size, grain)
+		// FromDifference is not used yet: the engine does not record difference bitmaps, so an
+		// incremental restart copies everything (correct, only slower).
+		if en.RestoreOf != mappings.NoMapping {
+			partner := d.journal.bitmap(int(en.RestoreOf), size, grain)
+			for g := partner.NextClear(0); g >= 0; g = partner.NextClear(g + 1) {
+				bm.Set(g)
+			}
+		}
+		specs = append(specs, cow.MappingSpec{
+			ID: int(en.Map), Source: int(en.Source), Target: int(en.Target), GrainSize: grain, Split: bm,
+		})
+		ids = append(ids, int(en.Map))
+		d.journal.install(int(en.Map), image(bm))
+	}
+	undoImages := func() {
+		for _, id := range ids {
+			d.journal.drop(id)
+		}
+	}
+	if err := d.eng.StartMappings(specs); err != nil {
+		undoImages()
+		return fcerr.New(fcerr.BadState, "the copy-on-write engine refused the start: %v", err)
+	}
+	data, err := json.Marshal(next)
+	if err != nil {
+		return fcerr.New(fcerr.Internal, "encode the FlashCopy model: %v", err)
+	}
+	// failpoint: start-before-commit
+	err = d.journal.commitImages(ids, func(tx *catalog.Tx) error { return tx.PutModel(data) })
+	if err != nil {
+		for _, id := range ids {
+			d.eng.StopMapping(id, true)
+			d.eng.RemoveMapping(id)
+		}
+		undoImages()
+		return fcerr.New(fcerr.MetadataUnwritable, "start: the catalogue could not be written: %v", err)
+	}
+	// failpoint: start-after-commit
+	for _, id := range ids {
+		d.active[mappings.MappingID(id)] = true
+		d.rates[mappings.MappingID(id)] = &throughput{}
+		d.resolve(mappings.MappingID(id), nil)
+	}
+	return nil
+}
+
+// fence is §6 steps 1–2 and hands over to the state machine for 3–4: hold every source at its
+// cache, wait (bounded) for everything admitted earlier to finish below the caches, then feed
+// FenceDrained, whose effects commit and release while the sources are still held.
+func (d *Driver) fence(f mappings.Fence) {
+	ctx, cancel := context.WithTimeout(context.Background(), d.opts.FenceTimeout)
+	defer cancel()
+	start := time.Now()
+	vols := append([]mappings.VolumeID(nil), f.Sources...)
+	sort.Slice(vols, func(i, j int) bool { return vols[i] < vols[j] })
+	vols = dedupe(vols)
+	held := map[mappings.VolumeID]bool{}
+	var err error
+	for _, v := range vols {
+		s := d.stackOf(v)
+		if s == nil {
+			err = fmt.Errorf("volume %d has no data path", v)
+			break
+		}
+		held[v] = true
+		if err = s.cache.Hold(ctx); err != nil {
+			break
+		}
+	}
+	drained := time.Now()
+
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.held = held
+	if err == nil {
+		d.eventLocked(mappings.FenceDrained{Fence: f, Now: drained.UTC()})
+		// If the commit failed, the model still has the start in progress: abandon it.
+		for _, id := range f.Maps {
+			if mp := d.model.Mappings[id]; mp != nil && mp.Fencing {
+				d.eventLocked(mappings.FenceTimeout{Fence: f})
+				break
+			}
+		}
+	} else {
+		ferr := fcerr.New(fcerr.FenceTimeout, "the start was abandoned: I/O in flight to the sources did not drain within %s (%v); the mappings stay prepared", d.opts.FenceTimeout, err)
+		for _, id := range f.Maps {
+			d.fenceEr[id] = ferr
+		}
+		d.eventLocked(mappings.FenceTimeout{Fence: f})
+	}
+	// Whatever the model said, nothing stays held.
+	var rest []mappings.VolumeID
+	for v := range d.held {
+		rest = append(rest, v)
+	}
+	d.release(rest)
+	hold := time.Since(start)
+	d.holds[f.Group] = hold
+	d.log.Info().Int("group", int(f.Group)).Dur("hold", hold).Dur("drain", drained.Sub(start)).
+		Bool("started", err == nil).Msg("start fence released")
+	d.settleWaiters()
+}
+
+// release ends the hold of the listed volumes that the current fence holds.
+func (d *Driver) release(vols []mappings.VolumeID) {
+	for _, v := range vols {
+		if !d.held[v] {
+			continue
+		}
+		delete(d.held, v)
+		if s := d.stackOf(v); s != nil {
+			s.cache.Release()
+		}
+	}
+}
+
+func dedupe(vs []mappings.VolumeID) []mappings.VolumeID {
+	out := vs[:0]
+	for i, v := range vs {
+		if i == 0 || v != vs[i-1] {
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
+// syncEngine brings the engine's mappings and rates in line with the adopted model: mappings
+// that left their chain in the model leave the engine; stopping ones clean; rates follow.
+func (d *Driver) syncEngine() {
+	for id := range d.active {
+		mp := d.model.Mappings[id]
+		p, err := d.eng.Progress(int(id))
+		if errors.Is(err, cow.ErrNoMapping) {
+			delete(d.active, id)
+			continue
+		}
+		if mp == nil || mp.ChainSeq == 0 {
+			if p.Phase != cow.Stopped {
+				finished := mp == nil || mp.State == mappings.IdleOrCopied
+				if !(finished && p.Percent == 100) {
+					d.eng.StopMapping(int(id), true)
+				}
+			}
+			if err := d.eng.RemoveMapping(int(id)); err != nil {
+				d.log.Error().Err(err).Int("fcmap", int(id)).Msg("engine: remove mapping")
+				continue
+			}
+			delete(d.active, id)
+			delete(d.applied, id)
+			d.journal.drop(int(id))
+			continue
+		}
+		copyRate, cleanRate := mp.CopyRate, mp.CleanRate
+		switch mp.State {
+		case mappings.Stopping:
+			if p.Phase == cow.Copying {
+				if _, err := d.eng.StopMapping(int(id), false); err != nil {
+					d.log.Error().Err(err).Int("fcmap", int(id)).Msg("engine: stop mapping")
+				}
+			}
+		case mappings.Suspended:
+			copyRate, cleanRate = 0, 0
+		}
+		want := [2]int{copyRate, cleanRate}
+		if d.applied[id] != want {
+			if err := d.eng.SetRates(int(id), copyRate, cleanRate); err == nil {
+				d.applied[id] = want
+			}
+		}
+	}
+}
+
+// addWaiter registers interest in the outcome of mapping id's start. d.mu is held.
+func (d *Driver) addWaiter(id mappings.MappingID) chan error {
+	ch := make(chan error, 1)
+	d.waiters[id] = append(d.waiters[id], ch)
+	delete(d.fenceEr, id)
+	return ch
+}
+
+func (d *Driver) resolve(id mappings.MappingID, err error) {
+	for _, ch := range d.waiters[id] {
+		ch <- err
+	}
+	delete(d.waiters, id)
+}
+
+// settleWaiters fails the waits of starts that can no longer happen. d.mu is held.
+func (d *Driver) settleWaiters() {
+	for id := range d.waiters {
+		mp := d.model.Mappings[id]
+		switch {
+		case mp == nil:
+			d.resolve(id, fcerr.New(fcerr.NoSuchObject, "the mapping was deleted before it started"))
+		case mp.State == mappings.Preparing && mp.StartAfterPrepare,
+			mp.State == mappings.Prepared && (mp.Fencing || mp.StartAfterPrepare):
+			// still on its way
+		case d.fenceEr[id] != nil:
+			d.resolve(id, d.fenceEr[id])
+		default:
+			d.resolve(id, fcerr.New(fcerr.BadState, "mapping %s did not start: it is %s", mp.Name, mp.State))
+		}
+	}
+}
