@@ -59,6 +59,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			rmvolumeCommand(),
 			attachCommand(),
 			detachCommand(),
+			mkfcmapCommand(), chfcmapCommand(), prestartfcmapCommand(), startfcmapCommand(), stopfcmapCommand(), rmfcmapCommand(), lsfcmapCommand(), lsfcmapprogressCommand(), lsfcmapdependentmapsCommand(), lsvdiskfcmapcopiesCommand(), lsvdiskdependentmapsCommand(), mkfcconsistgrpCommand(), chfcconsistgrpCommand(), prestartfcconsistgrpCommand(), startfcconsistgrpCommand(), stopfcconsistgrpCommand(), rmfcconsistgrpCommand(), lsfcconsistgrpCommand(), waitCommand(),
 		},
 		// Errors are printed once, by run, in the CMMVC form.
 		ExitErrHandler: func(*cli.Context, error) {},

@@ -71,6 +71,22 @@ func (d Dir) Open(name string) (File, error) {
 	return &osFile{f}, nil
 }
 
+// List returns the names of the regular files in the directory, sorted. It lets callers find
+// files no catalogued volume owns (volume.Lister).
+func (d Dir) List() ([]string, error) {
+	ents, err := os.ReadDir(d.Path)
+	if err != nil {
+		return nil, err
+	}
+	names := make([]string, 0, len(ents))
+	for _, e := range ents {
+		if e.Type().IsRegular() {
+			names = append(names, e.Name())
+		}
+	}
+	return names, nil
+}
+
 // Remove implements FS.
 func (d Dir) Remove(name string) error {
 	err := os.Remove(filepath.Join(d.Path, name))

@@ -417,4 +417,3 @@ func (d *Driver) volName(id mappings.VolumeID) string {
 	}
 	return ""
 }
-

@@ -68,8 +68,8 @@ type Driver struct {
 	fenceEr map[mappings.MappingID]error // why the last start of a mapping was abandoned
 	holds   map[mappings.GroupID]time.Duration
 	rates   map[mappings.MappingID]*throughput
-	applied map[mappings.MappingID][2]int     // copy and clean rate last given to the engine
-	held    map[mappings.VolumeID]bool        // sources the fence in progress holds
+	applied map[mappings.MappingID][2]int // copy and clean rate last given to the engine
+	held    map[mappings.VolumeID]bool    // sources the fence in progress holds
 
 	stop chan struct{}
 	wg   sync.WaitGroup

@@ -196,4 +196,3 @@ func (r *throughput) rate() int64 {
 	}
 	return 0
 }
-
