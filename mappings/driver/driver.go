@@ -71,8 +71,9 @@ type Driver struct {
 	applied map[mappings.MappingID][2]int // copy and clean rate last given to the engine
 	held    map[mappings.VolumeID]bool    // sources the fence in progress holds
 
-	stop chan struct{}
-	wg   sync.WaitGroup
+	stop    chan struct{}
+	closing atomic.Bool
+	wg      sync.WaitGroup
 }
 
 // stack is one volume's data path above the engine.
@@ -152,6 +153,7 @@ func Open(opts Options) (*Driver, error) {
 // Close stops background work, flushes and closes every volume and the engine.
 func (d *Driver) Close() error {
 	close(d.stop)
+	d.closing.Store(true)
 	err := d.vols.Close()
 	if cerr := d.eng.Close(); err == nil {
 		err = cerr
@@ -248,7 +250,10 @@ func (s *stack) WriteZeroes(off, length int64, mayPunch, fua bool) error {
 // daemon stops.
 func (s *stack) Close() error {
 	err := s.cache.Close()
-	if rerr := s.d.eng.RemoveVolume(int(s.id)); rerr != nil && !errors.Is(rerr, cow.ErrNoVolume) && err == nil {
+	rerr := s.d.eng.RemoveVolume(int(s.id))
+	// At shutdown, volumes still in chains stay registered until the engine closes.
+	inUse := errors.Is(rerr, cow.ErrVolumeInUse) && s.d.closing.Load()
+	if rerr != nil && !errors.Is(rerr, cow.ErrNoVolume) && !inUse && err == nil {
 		err = rerr
 	}
 	s.d.stacksMu.Lock()
