@@ -17,6 +17,7 @@ import (
 
 	"fcnbd/internal/api"
 	"fcnbd/internal/catalog"
+	"fcnbd/internal/metrics"
 	"fcnbd/internal/store"
 	"fcnbd/mappings/driver"
 	"fcnbd/nbd"
@@ -42,6 +43,8 @@ func serveCommand() *cli.Command {
 				Usage: "NBD TCP address (\"\" disables it); NBD has no authentication: keep it on loopback"},
 			&cli.StringFlag{Name: "log-level", Value: "info", EnvVars: []string{"FCNBD_LOG_LEVEL"},
 				Usage: "trace, debug, info, warn or error"},
+			&cli.StringFlag{Name: "metrics", EnvVars: []string{"FCNBD_METRICS"},
+				Usage: "serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9810); off by default"},
 			&cli.StringFlag{Name: "cache-size", Value: "256M", EnvVars: []string{"FCNBD_CACHE_SIZE"},
 				Usage: "write-back cache shared by all volumes (e.g. 256M, 1G)"},
 			&cli.DurationFlag{Name: "fence-timeout", Value: 5 * time.Second, EnvVars: []string{"FCNBD_FENCE_TIMEOUT"},
@@ -63,6 +66,7 @@ func serveCommand() *cli.Command {
 				return fmt.Errorf("bad --fence-timeout %s: must be positive", c.Duration("fence-timeout"))
 			}
 			return serve(c.Context, serveConfig{
+				metrics:      c.String("metrics"),
 				cacheSize:    cacheSize,
 				fenceTimeout: c.Duration("fence-timeout"),
 				dataDir:      c.String("data-dir"),
@@ -86,6 +90,7 @@ func newLogger(level zerolog.Level) zerolog.Logger {
 type serveConfig struct {
 	dataDir, socket, nbdUnix, nbdTCP string
 	cacheSize                        int64
+	metrics                          string
 	fenceTimeout                     time.Duration
 	log                              zerolog.Logger
 }
@@ -159,7 +164,22 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 
 	nbdSrv := nbd.NewServer(vols, nbd.Options{Logger: log})
 	httpSrv := &http.Server{Handler: api.NewHandler(vols, log), ReadHeaderTimeout: 10 * time.Second}
-	failed := make(chan error, len(nbdLs)+1)
+	failed := make(chan error, len(nbdLs)+2)
+	if cfg.metrics != "" {
+		ml, err := net.Listen("tcp", cfg.metrics)
+		if err != nil {
+			closeAll()
+			closeVolumes()
+			return fmt.Errorf("metrics: %w", err)
+		}
+		msrv := &http.Server{Handler: metrics.Handler(vols), ReadHeaderTimeout: 10 * time.Second}
+		defer msrv.Close()
+		go func() {
+			if err := msrv.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				failed <- fmt.Errorf("metrics: %w", err)
+			}
+		}()
+	}
 	for _, l := range nbdLs {
 		go func() {
 			if err := nbdSrv.Serve(l); err != nil {
