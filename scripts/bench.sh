@@ -64,6 +64,43 @@ for row in "${rows[@]}"; do
   done
 done
 
+# ---- FlashCopy rows (issue 4): the cost of copy-on-write and the background copy rate ----
+fc=(--socket "$dir/c.sock")
+region=$((bytes / 4))
+grains_in_region=$((region / 65536))
+fiofc() { # name rw bs depth extra...
+  local name=$1 rw=$2 bs=$3 depth=$4; shift 4
+  echo "bench: $name" >&2
+  fio --name="$name" --ioengine=nbd --uri="nbd+unix:///fcsrc?socket=$dir/fcnbd.sock" --rw="$rw" --bs="$bs" \
+    --iodepth="$depth" --size="$region" --norandommap --randrepeat=0 "$@" \
+    --output-format=json --output="$dir/results/fc.$name.json" >/dev/null
+}
+"$bin" "${fc[@]}" mkvolume -name fcsrc -size "$size" >/dev/null
+"$bin" "${fc[@]}" mkvolume -name fctgt -size "$size" >/dev/null
+"$bin" "${fc[@]}" mkvolume -name fcfull -size "$size" >/dev/null
+nbdcopy "$dir/nbdkit.img" "nbd+unix:///fcsrc?socket=$dir/fcnbd.sock"
+fiofc nomapping randwrite 4k 32 --time_based --runtime="$runtime" --ramp_time=2
+"$bin" "${fc[@]}" mkfcmap -source fcsrc -target fctgt -name bench_snap -copyrate 0 -grainsize 64 >/dev/null
+"$bin" "${fc[@]}" startfcmap -prep bench_snap
+# As many 4 KiB writes as the region has grains: about 63 % of them split a grain.
+fiofc firstsplit randwrite 4k 32 --number_ios="$grains_in_region"
+fiofc presplit write 1m 8
+fiofc allsplit randwrite 4k 32 --time_based --runtime="$runtime" --ramp_time=2
+"$bin" "${fc[@]}" lsfcmap -delim : bench_snap | grep -E '^(status|progress|split_on_write):' >&2
+
+# Background copy at rate 150 against dd copying the same backing file.
+"$bin" "${fc[@]}" mkfcmap -source fcsrc -target fcfull -name bench_full -copyrate 150 >/dev/null
+t0=$(date +%s.%N)
+"$bin" "${fc[@]}" startfcmap -prep bench_full
+"$bin" "${fc[@]}" wait -timeout 10m bench_full
+t1=$(date +%s.%N)
+srcfile=$(ls "$dir"/fcnbd/vol-*.img | head -1)
+sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+t2=$(date +%s.%N)
+dd if="$srcfile" of="$dir/dd.img" bs=1M conv=fsync status=none
+t3=$(date +%s.%N)
+echo "$t0 $t1 $t2 $t3 $bytes" > "$dir/results/fc.copy"
+
 python3 - "$dir/results" "$rounds" <<'PY'
 import json, os, statistics, sys
 res, rounds = sys.argv[1], int(sys.argv[2])
@@ -84,4 +121,19 @@ for row in rows:
         iops, mib, p99 = m[s]
         ratio = "" if s == "fcnbd" else f"{m['fcnbd'][0] / iops:.2f}x"
         print(f"{row:<14}{s:<10}{iops:>10.0f}{mib:>10.1f}{p99:>10.0f}{ratio:>12}")
+
+def fc(name):
+    j = json.load(open(os.path.join(res, f"fc.{name}.json")))["jobs"][0]["write"]
+    return j["iops"], j["clat_ns"]["percentile"].get("99.000000", 0) / 1000.0
+print()
+print("FlashCopy: 4 KiB random writes, iodepth 32, on a source with an active copy-rate-0 mapping")
+base = fc("nomapping")
+print(f"{'row':<44}{'IOPS':>10}{'p99 µs':>10}{'vs none':>10}")
+for name, label in [("nomapping", "no mapping"), ("firstsplit", "mapping, grains split for the first time"),
+                    ("allsplit", "mapping, all written grains split")]:
+    iops, p99 = fc(name)
+    print(f"{label:<44}{iops:>10.0f}{p99:>10.0f}{iops / base[0]:>9.2f}x")
+t0, t1, t2, t3, n = map(float, open(os.path.join(res, "fc.copy")).read().split())
+copy, dd = n / (t1 - t0) / 2**20, n / (t3 - t2) / 2**20
+print(f"background copy at rate 150: {copy:.0f} MiB/s; dd of the backing file: {dd:.0f} MiB/s; ratio {copy / dd:.2f}x")
 PY
