@@ -19,6 +19,7 @@ import (
 	"fcnbd/internal/catalog"
 	"fcnbd/internal/metrics"
 	"fcnbd/internal/store"
+	"fcnbd/internal/sysutil"
 	"fcnbd/mappings/driver"
 	"fcnbd/nbd"
 )
@@ -43,6 +44,8 @@ func serveCommand() *cli.Command {
 				Usage: "NBD TCP address (\"\" disables it); NBD has no authentication: keep it on loopback"},
 			&cli.StringFlag{Name: "log-level", Value: "info", EnvVars: []string{"FCNBD_LOG_LEVEL"},
 				Usage: "trace, debug, info, warn or error"},
+			&cli.BoolFlag{Name: "no-mlock", EnvVars: []string{"FCNBD_NO_MLOCK"},
+				Usage: "don't lock the daemon's memory with mlockall (for memory-heavy hosts)"},
 			&cli.StringFlag{Name: "metrics", EnvVars: []string{"FCNBD_METRICS"},
 				Usage: "serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9810); off by default"},
 			&cli.StringFlag{Name: "cache-size", Value: "256M", EnvVars: []string{"FCNBD_CACHE_SIZE"},
@@ -73,6 +76,7 @@ func serveCommand() *cli.Command {
 				socket:       socketPath(c),
 				nbdUnix:      c.String("nbd-unix"),
 				nbdTCP:       c.String("nbd-tcp"),
+				noMlock:      c.Bool("no-mlock"),
 				log:          newLogger(level),
 			})
 		},
@@ -92,6 +96,7 @@ type serveConfig struct {
 	cacheSize                        int64
 	metrics                          string
 	fenceTimeout                     time.Duration
+	noMlock                          bool
 	log                              zerolog.Logger
 }
 
@@ -101,6 +106,8 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 	log := cfg.log
 	ctx, stop := signal.NotifyContext(parent, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	// Before anything else: a host that mounts our volumes must not deadlock on us.
+	sysutil.Harden(log, sysutil.Options{NoMlock: cfg.noMlock})
 
 	if err := os.MkdirAll(cfg.dataDir, 0o700); err != nil {
 		return err
@@ -163,7 +170,7 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 	}
 
 	nbdSrv := nbd.NewServer(vols, nbd.Options{Logger: log})
-	httpSrv := &http.Server{Handler: api.NewHandler(vols, log), ReadHeaderTimeout: 10 * time.Second}
+	httpSrv := &http.Server{Handler: api.NewHandler(vols, log).WithFlashCopy(vols), ReadHeaderTimeout: 10 * time.Second}
 	failed := make(chan error, len(nbdLs)+2)
 	if cfg.metrics != "" {
 		ml, err := net.Listen("tcp", cfg.metrics)

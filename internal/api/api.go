@@ -10,7 +10,12 @@
 //	GET    /v1/volumes/{ref}         → 200 Volume     (ref: id if all digits, else name)
 //	DELETE /v1/volumes/{ref}?force=1 → 204
 //
-// Errors: {"code": "CMMVC…", "message": "…"} with 4xx for refusals, 500 for internal failures.
+// Errors: {"code": "CMMVC…", "message": "…"} with 4xx for refusals, 500 for internal failures:
+// 400 for a malformed or invalid request (bad JSON, unknown fields, wrong types, trailing data,
+// invalid names, sizes or queries), 404 for an unknown path or object, 405 (with Allow) for a
+// known path with the wrong method, 409 for a conflict, 413 for a body over MaxBody and 415 for
+// a body that is declared as something other than JSON. Every field is validated before
+// anything changes.
 package api
 
 import (
@@ -18,10 +23,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"mime"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -34,6 +42,19 @@ import (
 // MaxBody caps a request body.
 const MaxBody = 64 << 10
 
+// maxRefLen caps a volume reference in a path: an id has at most 20 digits, a name at most
+// volume.MaxNameLen characters.
+const maxRefLen = 20
+
+// statusError is a refusal whose HTTP status is not the one its code maps to.
+type statusError struct {
+	status int
+	err    *fcerr.Error
+}
+
+func (e *statusError) Error() string { return e.err.Error() }
+func (e *statusError) Unwrap() error { return e.err }
+
 // Volume is a volume as the API shows it.
 type Volume = volume.Info
 
@@ -41,6 +62,22 @@ type Volume = volume.Info
 type CreateVolume struct {
 	Name     *string `json:"name"`
 	Capacity *int64  `json:"capacity"`
+}
+
+// Validate returns the refusal for the first field that is missing or invalid: the name must
+// follow the naming rules (volume.ValidateName) and the capacity must be a positive multiple of
+// volume.BlockSize no larger than volume.MaxCapacity.
+func (c CreateVolume) Validate() error {
+	switch {
+	case c.Name == nil:
+		return fcerr.New(fcerr.MissingParameter, "the name of the volume is missing")
+	case c.Capacity == nil:
+		return fcerr.New(fcerr.MissingParameter, "the size of the volume is missing")
+	}
+	if err := volume.ValidateName(*c.Name); err != nil {
+		return err
+	}
+	return volume.ValidateCapacity(*c.Capacity)
 }
 
 // Error is the body of every non-2xx reply.
@@ -74,13 +111,58 @@ func NewHandler(vols Volumes, log zerolog.Logger) *Handler {
 	return h
 }
 
+// methods are those a route may be registered for; ServeHTTP tries them to tell a wrong
+// method (405) from an unknown path (404).
+var methods = []string{http.MethodGet, http.MethodPost, http.MethodPut, http.MethodPatch, http.MethodDelete}
+
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	// A handler that panics must not take the daemon down or leave the client without the
+	// error shape; net/http would log and drop the connection.
+	defer func() {
+		if p := recover(); p != nil {
+			h.log.Error().Interface("panic", p).Str("method", r.Method).Str("path", r.URL.Path).
+				Msg("control request panicked")
+			h.fail(w, r, fcerr.New(fcerr.Internal, "internal error"))
+		}
+	}()
 	// Unknown routes get the same error shape as everything else.
 	if _, pattern := h.mux.Handler(r); pattern == "" {
-		h.fail(w, r, fcerr.New(fcerr.BadValue, "no such request: %s %s", r.Method, r.URL.Path))
+		var allow []string
+		for _, m := range methods {
+			r2 := r.Clone(r.Context())
+			r2.Method = m
+			if _, p := h.mux.Handler(r2); p != "" {
+				allow = append(allow, m)
+			}
+		}
+		if len(allow) > 0 {
+			w.Header().Set("Allow", strings.Join(allow, ", "))
+			h.fail(w, r, &statusError{http.StatusMethodNotAllowed,
+				fcerr.New(fcerr.BadValue, "the method %s is not valid for %s (allowed: %s)", r.Method, r.URL.Path, strings.Join(allow, ", "))})
+			return
+		}
+		h.fail(w, r, &statusError{http.StatusNotFound,
+			fcerr.New(fcerr.BadValue, "no such request: %s %s", r.Method, r.URL.Path)})
 		return
 	}
 	h.mux.ServeHTTP(w, r)
+}
+
+// validRef returns a refusal unless ref can name a volume: an id (digits, fitting a uint64) or
+// a valid name. A ref that can't is reported as not existing (NoSuchName), as IBM does.
+func validRef(ref string) error {
+	if ref != "" && len(ref) <= maxRefLen && strings.Trim(ref, "0123456789") == "" {
+		if _, err := strconv.ParseUint(ref, 10, 64); err == nil {
+			return nil
+		}
+	} else if volume.ValidateName(ref) == nil {
+		return nil
+	}
+	shown := ref
+	if len(shown) > 80 {
+		shown = shown[:80] + "…"
+	}
+	return fcerr.New(fcerr.NoSuchName, "the object %q does not exist or the name does not meet the naming rules", shown)
 }
 
 func (h *Handler) createVolume(w http.ResponseWriter, r *http.Request) {
@@ -92,12 +174,8 @@ func (h *Handler) createVolume(w http.ResponseWriter, r *http.Request) {
 		h.fail(w, r, err)
 		return
 	}
-	switch {
-	case req.Name == nil:
-		h.fail(w, r, fcerr.New(fcerr.MissingParameter, "the name of the volume is missing"))
-		return
-	case req.Capacity == nil:
-		h.fail(w, r, fcerr.New(fcerr.MissingParameter, "the size of the volume is missing"))
+	if err := req.Validate(); err != nil {
+		h.fail(w, r, err)
 		return
 	}
 	v, err := h.vols.Create(*req.Name, *req.Capacity)
@@ -118,7 +196,12 @@ func (h *Handler) getVolume(w http.ResponseWriter, r *http.Request) {
 	if !h.noQuery(w, r) || !h.noBody(w, r) {
 		return
 	}
-	v, err := h.vols.Get(r.PathValue("ref"))
+	ref := r.PathValue("ref")
+	if err := validRef(ref); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	v, err := h.vols.Get(ref)
 	if err != nil {
 		h.fail(w, r, err)
 		return
@@ -138,7 +221,12 @@ func (h *Handler) deleteVolume(w http.ResponseWriter, r *http.Request) {
 		}
 		force = vs[0] == "1"
 	}
-	if err := h.vols.Delete(r.PathValue("ref"), force); err != nil {
+	ref := r.PathValue("ref")
+	if err := validRef(ref); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	if err := h.vols.Delete(ref, force); err != nil {
 		h.fail(w, r, err)
 		return
 	}
@@ -165,22 +253,42 @@ func (h *Handler) noBody(w http.ResponseWriter, r *http.Request) bool {
 // decode reads exactly one JSON object into v, refusing unknown fields, trailing data and
 // bodies over MaxBody.
 func decode(w http.ResponseWriter, r *http.Request, v any) error {
+	if ct := r.Header.Get("Content-Type"); ct != "" {
+		if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
+			return &statusError{http.StatusUnsupportedMediaType,
+				fcerr.New(fcerr.BadValue, "the request body must be application/json, not %q", ct)}
+		}
+	}
+	if r.ContentLength > MaxBody {
+		return tooLarge()
+	}
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, MaxBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
-			return fcerr.New(fcerr.BadValue, "the request body is larger than %d bytes", MaxBody)
+			return tooLarge()
+		}
+		if err == io.EOF {
+			return fcerr.New(fcerr.BadValue, "the request body is empty")
 		}
 		return fcerr.New(fcerr.BadValue, "the request body is not valid: %v", err)
 	}
-	if dec.More() {
-		return fcerr.New(fcerr.BadValue, "the request body has data after its JSON object")
-	}
+	// Anything after the object, even whitespace-separated, is refused; reading it to its end
+	// also catches a body over MaxBody whose excess follows a complete object.
 	if _, err := dec.Token(); err != io.EOF {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			return tooLarge()
+		}
 		return fcerr.New(fcerr.BadValue, "the request body has data after its JSON object")
 	}
 	return nil
+}
+
+func tooLarge() error {
+	return &statusError{http.StatusRequestEntityTooLarge,
+		fcerr.New(fcerr.BadValue, "the request body is larger than %d bytes", MaxBody)}
 }
 
 // status maps a refusal's code to an HTTP status.
@@ -203,7 +311,11 @@ func (h *Handler) fail(w http.ResponseWriter, r *http.Request, err error) {
 		h.log.Error().Err(err).Str("method", r.Method).Str("path", r.URL.Path).Msg("control request failed")
 		fe = fcerr.New(fcerr.Internal, "internal error: %v", err)
 	}
-	reply(w, status(fe.Code), Error{Code: fe.Code, Message: fe.Message})
+	code := status(fe.Code)
+	if se := (*statusError)(nil); errors.As(err, &se) {
+		code = se.status
+	}
+	reply(w, code, Error{Code: fe.Code, Message: fe.Message})
 }
 
 func reply(w http.ResponseWriter, code int, v any) {

@@ -108,10 +108,10 @@ func TestStrictRequests(t *testing.T) {
 		{"wrong type", "POST", "/v1/volumes", `{"name":"a","capacity":"4096"}`, 400, fcerr.BadValue},
 		{"trailing data", "POST", "/v1/volumes", `{"name":"a","capacity":4096} {}`, 400, fcerr.BadValue},
 		{"not json", "POST", "/v1/volumes", `name=a`, 400, fcerr.BadValue},
-		{"too big", "POST", "/v1/volumes", `{"name":"` + strings.Repeat("a", MaxBody) + `","capacity":4096}`, 400, fcerr.BadValue},
+		{"too big", "POST", "/v1/volumes", `{"name":"` + strings.Repeat("a", MaxBody) + `","capacity":4096}`, 413, fcerr.BadValue},
 		{"query on create", "POST", "/v1/volumes?x=1", `{"name":"a","capacity":4096}`, 400, fcerr.BadValue},
 		{"bad force", "DELETE", "/v1/volumes/a?force=yes", ``, 400, fcerr.BadValue},
-		{"unknown route", "GET", "/v1/nothing", ``, 400, fcerr.BadValue},
+		{"unknown route", "GET", "/v1/nothing", ``, 404, fcerr.BadValue},
 		{"body on get", "GET", "/v1/volumes", `{}`, 400, fcerr.BadValue},
 		{"ok", "POST", "/v1/volumes", `{"name":"a","capacity":4096}`, 201, ""},
 	}

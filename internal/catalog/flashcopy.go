@@ -41,7 +41,7 @@ func bitmapKey(mapID uint64, kind BitmapKind, chunk uint32) []byte {
 func (t *Tx) BitmapChunks(mapID uint64, kind BitmapKind, fn func(chunk uint32, data []byte) error) error {
 	c := t.tx.Bucket(bucketBitmaps).Cursor()
 	prefix := bitmapKey(mapID, kind, 0)[:9]
-	for k, v := c.Seek(prefix); k != nil && string(k[:min(len(k), 9)]) == string(prefix); k, v = c.Next() {
+	for k, v := c.Seek(prefix); len(k) >= 9 && string(k[:9]) == string(prefix); k, v = c.Next() {
 		if len(k) != 13 {
 			return fmt.Errorf("bitmap key of %d bytes: %w", len(k), ErrCorrupt)
 		}
@@ -63,7 +63,7 @@ func (t *Tx) DeleteBitmap(mapID uint64, kind BitmapKind) error {
 	prefix := bitmapKey(mapID, kind, 0)[:9]
 	var keys [][]byte
 	c := b.Cursor()
-	for k, _ := c.Seek(prefix); k != nil && len(k) >= 9 && string(k[:9]) == string(prefix); k, _ = c.Next() {
+	for k, _ := c.Seek(prefix); len(k) >= 9 && string(k[:9]) == string(prefix); k, _ = c.Next() {
 		keys = append(keys, append([]byte(nil), k...))
 	}
 	for _, k := range keys {

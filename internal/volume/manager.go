@@ -14,7 +14,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"regexp"
 	"slices"
 	"strconv"
@@ -168,14 +167,6 @@ func (m *Manager) removeOrphans(owned map[string]bool, next uint64) error {
 		var err error
 		if names, err = fs.List(); err != nil {
 			return fmt.Errorf("list backing files: %w", err)
-		}
-	case store.Dir:
-		ents, err := os.ReadDir(fs.Path)
-		if err != nil {
-			return fmt.Errorf("list backing files: %w", err)
-		}
-		for _, e := range ents {
-			names = append(names, e.Name())
 		}
 	default:
 		for id := uint64(0); id <= next; id++ {

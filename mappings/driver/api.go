@@ -50,14 +50,15 @@ func (d *Driver) Create(name string, size int64) (volume.Info, error) {
 // Delete removes a volume; refused while a mapping uses it, unless force, which first stops and
 // deletes those mappings.
 func (d *Driver) Delete(ref string, force bool) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	id, err := d.model.ResolveVolume(ref)
+	info, err := d.vols.Get(ref)
 	if err != nil {
 		return err
 	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	id := mappings.VolumeID(info.ID)
 	next := d.model.Clone()
-	effs, err := next.RemoveVolume(ref, force)
+	effs, err := next.RemoveVolume(strconv.Itoa(int(id)), force)
 	if err != nil {
 		return err
 	}

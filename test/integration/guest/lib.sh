@@ -7,7 +7,7 @@ set -euo pipefail
 : "${NBD_HOST:=10.0.2.100}" "${NBD_PORT:=10809}" "${NBD_EXPORT:=}" "${NBD_DEV:=/dev/nbd0}"
 : "${NBD_CONNS:=2}" "${MNT:=/mnt/vol}"
 
-step() { echo "GUEST-STEP: $*"; }
+step() { echo "GUEST-STEP: $* [t=$(cut -d" " -f1 /proc/uptime)s]"; }
 die() { echo "GUEST-FAIL: $*"; exit 1; }
 trap 'rc=$?; [ $rc = 0 ] || echo "GUEST-FAIL: line $LINENO: $BASH_COMMAND (exit $rc)"' ERR
 

@@ -1,0 +1,194 @@
+package main
+
+import (
+	"fmt"
+	"strconv"
+
+	"github.com/urfave/cli/v2"
+
+	"fcnbd/internal/api"
+	"fcnbd/internal/fcerr"
+)
+
+// The FlashCopy consistency group commands, with IBM's names and flags.
+
+func mkfcconsistgrpCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "mkfcconsistgrp",
+		Usage:     "create a FlashCopy consistency group",
+		UsageText: "fcnbd mkfcconsistgrp [-name NAME] [-autodelete]",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.StringFlag{Name: "name", Usage: "the group's name (default fccstgrp<id>)"},
+			&cli.BoolFlag{Name: "autodelete", Usage: "delete the group when its last mapping leaves"},
+		},
+		Action: func(c *cli.Context) error {
+			if _, err := args(c, 0, 0, ""); err != nil {
+				return err
+			}
+			id, err := client(c).MkConsistGrp(ctx(c), api.MkConsistGrp{Name: c.String("name"), Autodelete: c.Bool("autodelete")})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.App.Writer, "FlashCopy Consistency Group, id [%d], successfully created\n", id)
+			return nil
+		},
+	}
+}
+
+func chfcconsistgrpCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "chfcconsistgrp",
+		Usage:     "change a FlashCopy consistency group's name or autodelete",
+		UsageText: "fcnbd chfcconsistgrp [-name NAME] [-autodelete on|off] GROUP",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.StringFlag{Name: "name", Usage: "the new name"},
+			&cli.StringFlag{Name: "autodelete", Usage: "on or off: delete the group when its last mapping leaves"},
+		},
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 1, 1, "the consistency group (name or id)")
+			if err != nil {
+				return err
+			}
+			req := api.ChConsistGrp{Name: stringFlag(c, "name")}
+			if req.Autodelete, err = onOffFlag(c, "autodelete"); err != nil {
+				return err
+			}
+			if req == (api.ChConsistGrp{}) {
+				return fcerr.New(fcerr.MissingParameter, "nothing to change: give -name or -autodelete")
+			}
+			return client(c).ChConsistGrp(ctx(c), a[0], req)
+		},
+	}
+}
+
+func prestartfcconsistgrpCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "prestartfcconsistgrp",
+		Usage:     "prepare every mapping of a FlashCopy consistency group",
+		UsageText: "fcnbd prestartfcconsistgrp [-restore] GROUP",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.BoolFlag{Name: "restore", Usage: "allow preparing even though a target is the source of an active mapping"},
+		},
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 1, 1, "the consistency group (name or id)")
+			if err != nil {
+				return err
+			}
+			return client(c).PrestartConsistGrp(ctx(c), a[0], c.Bool("restore"))
+		},
+	}
+}
+
+func startfcconsistgrpCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "startfcconsistgrp",
+		Usage:     "start every mapping of a prepared FlashCopy consistency group at one instant",
+		UsageText: "fcnbd startfcconsistgrp [-prep] [-restore] GROUP",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.BoolFlag{Name: "prep", Usage: "prepare the group first"},
+			&cli.BoolFlag{Name: "restore", Usage: "allow starting even though a target is the source of an active mapping"},
+		},
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 1, 1, "the consistency group (name or id)")
+			if err != nil {
+				return err
+			}
+			return client(c).StartConsistGrp(ctx(c), a[0], c.Bool("prep"), c.Bool("restore"))
+		},
+	}
+}
+
+func stopfcconsistgrpCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "stopfcconsistgrp",
+		Usage:     "stop every mapping of a FlashCopy consistency group",
+		UsageText: "fcnbd stopfcconsistgrp [-force | -split] GROUP",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.BoolFlag{Name: "force", Usage: "stop at once, with the mappings that depend on the group's"},
+			&cli.BoolFlag{Name: "split", Usage: "(progress 100 only) the mappings leave the dependency chain at once"},
+		},
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 1, 1, "the consistency group (name or id)")
+			if err != nil {
+				return err
+			}
+			return client(c).StopConsistGrp(ctx(c), a[0], c.Bool("force"), c.Bool("split"))
+		},
+	}
+}
+
+func rmfcconsistgrpCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "rmfcconsistgrp",
+		Usage:     "delete a FlashCopy consistency group",
+		UsageText: "fcnbd rmfcconsistgrp [-force] GROUP",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.BoolFlag{Name: "force", Usage: "delete a group that has mappings; they become stand-alone"},
+		},
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 1, 1, "the consistency group (name or id)")
+			if err != nil {
+				return err
+			}
+			return client(c).RmConsistGrp(ctx(c), a[0], c.Bool("force"))
+		},
+	}
+}
+
+var (
+	consistGrpColumns = []string{"id", "name", "status", "start_time", "autodelete"}
+	consistGrpFields  = []string{"id", "name", "status", "start_time", "autodelete", "last_hold_ms"}
+)
+
+// consistGrpObject shows g; after its fields come the members, as IBM's detailed view lists
+// them: an FC_mapping_id and an FC_mapping_name line each.
+func consistGrpObject(g api.ConsistGrp) object {
+	hold := ""
+	if g.LastHold > 0 {
+		hold = strconv.FormatFloat(g.LastHold.Seconds()*1000, 'f', 3, 64)
+	}
+	fields := zipFields(consistGrpFields, []string{
+		strconv.Itoa(g.ID), g.Name, g.Status, ibmTime(g.StartTime), onOff(g.Autodelete), hold,
+	})
+	for _, m := range g.Members {
+		fields = append(fields, field{"FC_mapping_id", strconv.Itoa(m.ID)}, field{"FC_mapping_name", m.Name})
+	}
+	return object{fields: fields, json: g}
+}
+
+func lsfcconsistgrpCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "lsfcconsistgrp",
+		Usage:     "list FlashCopy consistency groups, or show one in detail with its mappings",
+		UsageText: "fcnbd lsfcconsistgrp [-delim C] [-nohdr] [-json] [-filtervalue attr=value] [GROUP]",
+		Flags:     append([]cli.Flag{socketFlag()}, fcViewFlags()...),
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 0, 1, "")
+			if err != nil {
+				return err
+			}
+			o, err := viewOptionsFrom(c)
+			if err != nil {
+				return err
+			}
+			if len(a) == 1 {
+				g, err := client(c).ConsistGrp(ctx(c), a[0])
+				if err != nil {
+					return err
+				}
+				return renderDetail(c.App.Writer, consistGrpObject(g), o)
+			}
+			gs, err := client(c).ConsistGrps(ctx(c))
+			if err != nil {
+				return err
+			}
+			return renderList(c.App.Writer, consistGrpColumns, consistGrpFields, mapObjects(gs, consistGrpObject), o)
+		},
+	}
+}

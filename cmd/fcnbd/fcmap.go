@@ -1,0 +1,446 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"fcnbd/internal/api"
+	"fcnbd/internal/fcerr"
+)
+
+// The FlashCopy mapping commands, with IBM's names and flags (docs/flashcopy.md §3). Values are
+// checked for form here; ranges and states are the daemon's to refuse.
+
+func mkfcmapCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "mkfcmap",
+		Usage: "create a FlashCopy mapping from a source volume to a target volume of the same size",
+		UsageText: "fcnbd mkfcmap -source VOLUME -target VOLUME [-name NAME] [-consistgrp GROUP] [-copyrate 0-150]\n" +
+			"       [-cleanrate 0-150] [-grainsize 64|256] [-autodelete] [-incremental]",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.StringFlag{Name: "source", Usage: "the source volume (name or id)"},
+			&cli.StringFlag{Name: "target", Usage: "the target volume (name or id)"},
+			&cli.StringFlag{Name: "name", Usage: "the mapping's name (default fcmap<id>)"},
+			&cli.StringFlag{Name: "consistgrp", Usage: "the consistency group to put the mapping in"},
+			&cli.StringFlag{Name: "copyrate", Usage: "background copy rate, 0 (none) to 150 (default 50)"},
+			&cli.StringFlag{Name: "cleanrate", Usage: "cleaning rate, 0 to 150 (default 50)"},
+			&cli.StringFlag{Name: "grainsize", Usage: "grain size in KiB, 64 or 256 (default 256)"},
+			&cli.BoolFlag{Name: "autodelete", Usage: "delete the mapping when its copy completes"},
+			&cli.BoolFlag{Name: "incremental", Usage: "keep a difference bitmap so a restart copies only what changed"},
+		},
+		Action: func(c *cli.Context) error {
+			if _, err := args(c, 0, 0, ""); err != nil {
+				return err
+			}
+			for _, f := range []string{"source", "target"} {
+				if c.String(f) == "" {
+					return fcerr.New(fcerr.MissingParameter, "-%s is missing", f)
+				}
+			}
+			req := api.MkFcmap{
+				Source:      c.String("source"),
+				Target:      c.String("target"),
+				Name:        c.String("name"),
+				ConsistGrp:  c.String("consistgrp"),
+				Autodelete:  c.Bool("autodelete"),
+				Incremental: c.Bool("incremental"),
+			}
+			var err error
+			if req.CopyRate, err = intFlag(c, "copyrate"); err != nil {
+				return err
+			}
+			if req.CleanRate, err = intFlag(c, "cleanrate"); err != nil {
+				return err
+			}
+			if req.GrainSize, err = intFlag(c, "grainsize"); err != nil {
+				return err
+			}
+			id, err := client(c).MkFcmap(ctx(c), req)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.App.Writer, "FlashCopy Mapping, id [%d], successfully created\n", id)
+			return nil
+		},
+	}
+}
+
+func chfcmapCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "chfcmap",
+		Usage:     "change a FlashCopy mapping's name, rates, autodelete or group",
+		UsageText: "fcnbd chfcmap [-name NAME] [-copyrate 0-150] [-cleanrate 0-150] [-autodelete on|off] [-consistgrp GROUP|0] MAPPING",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.StringFlag{Name: "name", Usage: "the new name"},
+			&cli.StringFlag{Name: "copyrate", Usage: "background copy rate, 0 to 150"},
+			&cli.StringFlag{Name: "cleanrate", Usage: "cleaning rate, 0 to 150"},
+			&cli.StringFlag{Name: "autodelete", Usage: "on or off: delete the mapping when its copy completes"},
+			&cli.StringFlag{Name: "consistgrp", Usage: "move the mapping to this group; 0 makes it stand-alone"},
+		},
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 1, 1, "the mapping (name or id)")
+			if err != nil {
+				return err
+			}
+			var req api.ChFcmap
+			req.Name = stringFlag(c, "name")
+			req.ConsistGrp = stringFlag(c, "consistgrp")
+			if req.CopyRate, err = intFlag(c, "copyrate"); err != nil {
+				return err
+			}
+			if req.CleanRate, err = intFlag(c, "cleanrate"); err != nil {
+				return err
+			}
+			if req.Autodelete, err = onOffFlag(c, "autodelete"); err != nil {
+				return err
+			}
+			if req == (api.ChFcmap{}) {
+				return fcerr.New(fcerr.MissingParameter, "nothing to change: give -name, -copyrate, -cleanrate, -autodelete or -consistgrp")
+			}
+			return client(c).ChFcmap(ctx(c), a[0], req)
+		},
+	}
+}
+
+func prestartfcmapCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "prestartfcmap",
+		Usage:     "prepare a FlashCopy mapping: flush the source, discard the target's cache",
+		UsageText: "fcnbd prestartfcmap [-restore] MAPPING",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.BoolFlag{Name: "restore", Usage: "allow preparing even though the target is the source of an active mapping"},
+		},
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 1, 1, "the mapping (name or id)")
+			if err != nil {
+				return err
+			}
+			return client(c).PrestartFcmap(ctx(c), a[0], c.Bool("restore"))
+		},
+	}
+}
+
+func startfcmapCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "startfcmap",
+		Usage:     "start a prepared FlashCopy mapping: take the point-in-time copy",
+		UsageText: "fcnbd startfcmap [-prep] [-restore] MAPPING",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.BoolFlag{Name: "prep", Usage: "prepare the mapping first"},
+			&cli.BoolFlag{Name: "restore", Usage: "allow starting even though the target is the source of an active mapping"},
+		},
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 1, 1, "the mapping (name or id)")
+			if err != nil {
+				return err
+			}
+			return client(c).StartFcmap(ctx(c), a[0], c.Bool("prep"), c.Bool("restore"))
+		},
+	}
+}
+
+func stopfcmapCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "stopfcmap",
+		Usage:     "stop a FlashCopy mapping",
+		UsageText: "fcnbd stopfcmap [-force | -split] MAPPING",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.BoolFlag{Name: "force", Usage: "stop at once, with the mappings that depend on this one"},
+			&cli.BoolFlag{Name: "split", Usage: "(progress 100 only) leave the dependency chain at once"},
+		},
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 1, 1, "the mapping (name or id)")
+			if err != nil {
+				return err
+			}
+			return client(c).StopFcmap(ctx(c), a[0], c.Bool("force"), c.Bool("split"))
+		},
+	}
+}
+
+func rmfcmapCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "rmfcmap",
+		Usage:     "delete a FlashCopy mapping",
+		UsageText: "fcnbd rmfcmap [-force] MAPPING",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.BoolFlag{Name: "force", Usage: "also delete a stopped mapping (the target comes back online as it is)"},
+		},
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 1, 1, "the mapping (name or id)")
+			if err != nil {
+				return err
+			}
+			return client(c).RmFcmap(ctx(c), a[0], c.Bool("force"))
+		},
+	}
+}
+
+var (
+	fcmapColumns = []string{"id", "name", "source_vdisk_id", "source_vdisk_name", "target_vdisk_id",
+		"target_vdisk_name", "group_id", "group_name", "status", "progress", "copy_rate", "clean_progress",
+		"clean_rate", "grain_size", "incremental", "difference", "autodelete", "start_time", "partner_FC_id",
+		"partner_FC_name", "restoring", "restore_progress", "dependent_mappings"}
+	// fcmapFields are every attribute, the detailed view's lines.
+	fcmapFields = slices.Concat(fcmapColumns, []string{"grains_copied", "split_on_write", "bytes_copied", "copy_throughput"})
+)
+
+func fcmapObject(m api.Fcmap) object {
+	groupID, partnerID := "", ""
+	if m.GroupID != 0 {
+		groupID = strconv.Itoa(m.GroupID)
+	}
+	if m.PartnerID != -1 {
+		partnerID = strconv.Itoa(m.PartnerID)
+	}
+	values := []string{
+		strconv.Itoa(m.ID), m.Name,
+		strconv.Itoa(m.SourceID), m.SourceName,
+		strconv.Itoa(m.TargetID), m.TargetName,
+		groupID, m.GroupName,
+		m.Status, strconv.Itoa(m.Progress),
+		strconv.Itoa(m.CopyRate), strconv.Itoa(m.CleanProgress), strconv.Itoa(m.CleanRate),
+		strconv.Itoa(m.GrainSize), onOff(m.Incremental), strconv.Itoa(m.Difference), onOff(m.Autodelete),
+		ibmTime(m.StartTime),
+		partnerID, m.PartnerName,
+		yesNo(m.Restoring), strconv.Itoa(m.RestoreProgress), strconv.Itoa(m.DependentMappings),
+		fmt.Sprint(m.GrainsCopied), fmt.Sprint(m.SplitOnWrite), fmt.Sprint(m.BytesCopied), fmt.Sprint(m.CopyThroughput),
+	}
+	return object{fields: zipFields(fcmapFields, values), json: m}
+}
+
+func lsfcmapCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "lsfcmap",
+		Usage:     "list FlashCopy mappings, or show one in detail",
+		UsageText: "fcnbd lsfcmap [-delim C] [-nohdr] [-json] [-filtervalue attr=value] [MAPPING]",
+		Flags:     append([]cli.Flag{socketFlag()}, fcViewFlags()...),
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 0, 1, "")
+			if err != nil {
+				return err
+			}
+			o, err := viewOptionsFrom(c)
+			if err != nil {
+				return err
+			}
+			if len(a) == 1 {
+				m, err := client(c).Fcmap(ctx(c), a[0])
+				if err != nil {
+					return err
+				}
+				return renderDetail(c.App.Writer, fcmapObject(m), o)
+			}
+			ms, err := client(c).Fcmaps(ctx(c))
+			if err != nil {
+				return err
+			}
+			return renderList(c.App.Writer, fcmapColumns, fcmapFields, mapObjects(ms, fcmapObject), o)
+		},
+	}
+}
+
+// fcmapProgress is what lsfcmapprogress shows, and prints with -json.
+type fcmapProgress struct {
+	ID       int `json:"id"`
+	Progress int `json:"progress"`
+}
+
+func lsfcmapprogressCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "lsfcmapprogress",
+		Usage:     "show the background copy progress of a FlashCopy mapping",
+		UsageText: "fcnbd lsfcmapprogress [-delim C] [-nohdr] [-json] MAPPING",
+		Flags:     append([]cli.Flag{socketFlag()}, fcViewFlags()...),
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 1, 1, "the mapping (name or id)")
+			if err != nil {
+				return err
+			}
+			o, err := viewOptionsFrom(c)
+			if err != nil {
+				return err
+			}
+			m, err := client(c).Fcmap(ctx(c), a[0])
+			if err != nil {
+				return err
+			}
+			cols := []string{"id", "progress"}
+			obj := object{fields: zipFields(cols, []string{strconv.Itoa(m.ID), strconv.Itoa(m.Progress)}),
+				json: fcmapProgress{m.ID, m.Progress}}
+			return renderList(c.App.Writer, cols, cols, []object{obj}, o)
+		},
+	}
+}
+
+// fcmapRef names a mapping as lsfcmapdependentmaps shows it.
+type fcmapRef struct {
+	ID   int    `json:"fc_id"`
+	Name string `json:"fc_name"`
+}
+
+func lsfcmapdependentmapsCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "lsfcmapdependentmaps",
+		Usage:     "list the FlashCopy mappings that depend on a mapping",
+		UsageText: "fcnbd lsfcmapdependentmaps [-delim C] [-nohdr] [-json] [-filtervalue attr=value] MAPPING",
+		Flags:     append([]cli.Flag{socketFlag()}, fcViewFlags()...),
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 1, 1, "the mapping (name or id)")
+			if err != nil {
+				return err
+			}
+			o, err := viewOptionsFrom(c)
+			if err != nil {
+				return err
+			}
+			ms, err := client(c).FcmapDependentMaps(ctx(c), a[0])
+			if err != nil {
+				return err
+			}
+			cols := []string{"fc_id", "fc_name"}
+			objs := mapObjects(ms, func(m api.Fcmap) object {
+				return object{fields: zipFields(cols, []string{strconv.Itoa(m.ID), m.Name}), json: fcmapRef{m.ID, m.Name}}
+			})
+			return renderList(c.App.Writer, cols, cols, objs, o)
+		},
+	}
+}
+
+var vdiskFcmapCopiesColumns = []string{"id", "name", "status", "progress", "difference", "start_time",
+	"target_vdisk_id", "target_vdisk_name", "group_id", "group_name"}
+
+func lsvdiskfcmapcopiesCommand() *cli.Command {
+	return volumeMapsCommand("lsvdiskfcmapcopies", "list the FlashCopy mappings whose targets hold a full copy of a volume",
+		vdiskFcmapCopiesColumns, (*api.Client).VdiskFcmapCopies)
+}
+
+func lsvdiskdependentmapsCommand() *cli.Command {
+	return volumeMapsCommand("lsvdiskdependentmaps", "list the FlashCopy mappings that depend on a volume",
+		[]string{"id", "name"}, (*api.Client).VdiskDependentMaps)
+}
+
+// volumeMapsCommand lists the mappings list returns for a volume, in columns (a subset of
+// lsfcmap's, so every lsfcmap attribute can be filtered on).
+func volumeMapsCommand(name, usage string, columns []string,
+	list func(*api.Client, context.Context, string) ([]api.Fcmap, error)) *cli.Command {
+	return &cli.Command{
+		Name:      name,
+		Usage:     usage,
+		UsageText: "fcnbd " + name + " [-delim C] [-nohdr] [-json] [-filtervalue attr=value] VOLUME",
+		Flags:     append([]cli.Flag{socketFlag()}, fcViewFlags()...),
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 1, 1, "the volume (name or id)")
+			if err != nil {
+				return err
+			}
+			o, err := viewOptionsFrom(c)
+			if err != nil {
+				return err
+			}
+			ms, err := list(client(c), ctx(c), a[0])
+			if err != nil {
+				return err
+			}
+			return renderList(c.App.Writer, columns, fcmapFields, mapObjects(ms, fcmapObject), o)
+		},
+	}
+}
+
+// fcViewFlags are the ls flags without -bytes, which FlashCopy objects have no use for.
+func fcViewFlags() []cli.Flag {
+	var fs []cli.Flag
+	for _, f := range viewFlags() {
+		if f.Names()[0] != "bytes" {
+			fs = append(fs, f)
+		}
+	}
+	return fs
+}
+
+func mapObjects[T any](xs []T, f func(T) object) []object {
+	objs := make([]object, len(xs))
+	for i, x := range xs {
+		objs[i] = f(x)
+	}
+	return objs
+}
+
+func zipFields(names, values []string) []field {
+	fs := make([]field, len(names))
+	for i, n := range names {
+		fs[i] = field{n, values[i]}
+	}
+	return fs
+}
+
+// ibmTime formats t as the IBM CLI does, YYMMDDHHMMSS in local time; "" for the zero time.
+func ibmTime(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.Local().Format("060102150405")
+}
+
+func onOff(b bool) string {
+	if b {
+		return "on"
+	}
+	return "off"
+}
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
+}
+
+// stringFlag returns the flag's value if it was given, else nil.
+func stringFlag(c *cli.Context, name string) *string {
+	if !c.IsSet(name) {
+		return nil
+	}
+	v := c.String(name)
+	return &v
+}
+
+// intFlag returns the flag's value if it was given, else nil; a value that is not a decimal
+// number is refused.
+func intFlag(c *cli.Context, name string) (*int, error) {
+	if !c.IsSet(name) {
+		return nil, nil
+	}
+	n, err := strconv.Atoi(c.String(name))
+	if err != nil {
+		return nil, fcerr.New(fcerr.BadValue, "the -%s value %q is not a number", name, c.String(name))
+	}
+	return &n, nil
+}
+
+// onOffFlag returns the on|off flag's value if it was given, else nil.
+func onOffFlag(c *cli.Context, name string) (*bool, error) {
+	if !c.IsSet(name) {
+		return nil, nil
+	}
+	switch v := c.String(name); v {
+	case "on":
+		b := true
+		return &b, nil
+	case "off":
+		b := false
+		return &b, nil
+	}
+	return nil, fcerr.New(fcerr.BadValue, "the -%s value %q is not valid: use on or off", name, c.String(name))
+}
