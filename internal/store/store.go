@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -59,7 +60,7 @@ func (d Dir) Create(name string, size int64) (File, error) {
 		f.Close()
 		return nil, err
 	}
-	return &osFile{f}, nil
+	return &osFile{f: f}, nil
 }
 
 // Open implements FS.
@@ -68,7 +69,7 @@ func (d Dir) Open(name string) (File, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &osFile{f}, nil
+	return &osFile{f: f}, nil
 }
 
 // List returns the names of the regular files in the directory, sorted. It lets callers find
@@ -108,7 +109,14 @@ func syncDir(path string) error {
 	return dir.Sync()
 }
 
-type osFile struct{ f *os.File }
+type osFile struct {
+	f *os.File
+	// syncErr is the first failed sync's error. Linux reports a writeback failure to one
+	// fsync and may then forget it, so a later fsync could "succeed" for data that never
+	// reached the disk: once a sync failed, every later one fails too, until the file is
+	// reopened (by a daemon restart, which re-reads the durable state).
+	syncErr atomic.Pointer[error]
+}
 
 func (o *osFile) ReadAt(p []byte, off int64) (int, error) {
 	n, err := o.f.ReadAt(p, off)
@@ -121,7 +129,17 @@ func (o *osFile) ReadAt(p []byte, off int64) (int, error) {
 func (o *osFile) WriteAt(p []byte, off int64) (int, error) { return o.f.WriteAt(p, off) }
 
 // Sync uses fdatasync: the size never changes after Create, so metadata sync is not needed.
-func (o *osFile) Sync() error { return unix.Fdatasync(int(o.f.Fd())) }
+func (o *osFile) Sync() error {
+	if p := o.syncErr.Load(); p != nil {
+		return *p
+	}
+	if err := unix.Fdatasync(int(o.f.Fd())); err != nil {
+		err = fmt.Errorf("fdatasync %s: %w (later syncs of this file fail too)", o.f.Name(), err)
+		o.syncErr.CompareAndSwap(nil, &err)
+		return *o.syncErr.Load()
+	}
+	return nil
+}
 
 func (o *osFile) Punch(off, length int64) error {
 	if length == 0 {
