@@ -136,19 +136,70 @@ func reserve(dir, volume string) (string, string, error) {
 }
 
 func attachNBD(ctx context.Context, rec *Record) error {
+	unlock, err := lockNBD(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	var busyErr error
 	for n := 0; ; n++ {
 		dev := fmt.Sprintf("/dev/nbd%d", n)
 		if _, err := os.Stat(dev); err != nil {
+			if busyErr != nil {
+				return busyErr
+			}
 			return fmt.Errorf("no free NBD device (tried /dev/nbd0 to /dev/nbd%d)", n-1)
 		}
-		if _, err := os.Stat(fmt.Sprintf("/sys/block/nbd%d/pid", n)); err == nil {
-			continue // in use
+		if nbdInUse(n) {
+			continue
 		}
 		if _, err := run(ctx, "nbd-client", "-unix", rec.Socket, dev, "-N", rec.Volume, "-b", "4096"); err != nil {
+			if nbdInUse(n) {
+				// Something other than fcnbd attach took the device meanwhile: try the next.
+				busyErr = err
+				continue
+			}
 			return err
 		}
 		rec.Device = dev
 		return nil
+	}
+}
+
+// nbdInUse reports whether the kernel has /dev/nbdN connected.
+func nbdInUse(n int) bool {
+	_, err := os.Stat(fmt.Sprintf("/sys/block/nbd%d/pid", n))
+	return err == nil
+}
+
+// NBDLockPath is locked (flock) while an attach picks a free /dev/nbdN and connects it, so that
+// concurrent attaches do not pick the same device (the kernel refuses the second: "nbd0 already
+// in use"). NBD devices belong to the machine, so the lock does too, whatever Options.Dir is.
+var NBDLockPath = "/run/fcnbd/nbd-attach.lock"
+
+func lockNBD(ctx context.Context) (func(), error) {
+	if err := os.MkdirAll(filepath.Dir(NBDLockPath), 0o755); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(NBDLockPath, os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil // closing the file releases the lock
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", NBDLockPath, err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
 	}
 }
 

@@ -64,17 +64,26 @@ func attach(t *testing.T, d *daemon, vol string) string {
 	if !strings.HasPrefix(dev, "/dev/") {
 		t.Fatalf("fcnbd attach printed %q, want a /dev/ path", dev)
 	}
+	attached[dev] = true
 	t.Cleanup(func() {
-		if _, err := os.Stat(dev); err == nil {
+		// Only what this test still holds: loop devices are reused, and detaching one that
+		// another test attached since would pull its disk away.
+		if attached[dev] {
 			d.run("detach", dev)
+			delete(attached, dev)
 		}
 	})
 	return dev
 }
 
+// attached records the devices a test attached and has not detached (tests in this file run
+// one at a time).
+var attached = map[string]bool{}
+
 func detach(t *testing.T, d *daemon, dev string) {
 	t.Helper()
 	d.cli("detach", dev)
+	delete(attached, dev)
 }
 
 func sum(b []byte) string {
