@@ -20,6 +20,11 @@ type Options struct {
 	DirtyHighWater float64
 	// MaxDestageRun is the most bytes one destage write coalesces (default 256 KiB).
 	MaxDestageRun int
+	// MaxCachedWrite is the largest write the cache takes (default 256 KiB, one destage run); a
+	// larger one goes through. Caching a large write costs two more copies of it (into pages,
+	// and out again at destage) and gains little: it is rarely rewritten before destage, and
+	// it is already a large lower write.
+	MaxCachedWrite int
 	// DestagePaused starts the cache with background destage paused, as PauseDestage does.
 	DestagePaused bool
 }
@@ -35,6 +40,10 @@ func (o Options) withDefaults() Options {
 		o.MaxDestageRun = 256 << 10
 	}
 	o.MaxDestageRun = o.MaxDestageRun / PageSize * PageSize
+	if o.MaxCachedWrite <= 0 {
+		o.MaxCachedWrite = 256 << 10
+	}
+	o.MaxCachedWrite = max(o.MaxCachedWrite/PageSize*PageSize, PageSize)
 	return o
 }
 
@@ -116,7 +125,7 @@ func New(lower blockdev.Device, pool *Pool, opts Options) *Cache {
 		kick:    make(chan struct{}, 1),
 		paused:  opts.DestagePaused,
 	}
-	c.maxCached = min(256, max(pool.total/8, 1))
+	c.maxCached = min(int64(opts.MaxCachedWrite/PageSize), max(pool.total/8, 1))
 	for i := range c.shards {
 		sh := &c.shards[i]
 		sh.pages = make(map[int64]*page)
@@ -164,6 +173,10 @@ func (c *Cache) ReadAt(p []byte, off int64) error {
 		return err
 	}
 	defer c.fence.exit()
+	if c.resident.Load() == 0 {
+		// Nothing cached: every write acknowledged so far is below.
+		return c.readBelow(p, off)
+	}
 	miss := -1 // start in p of the pending run of missing pages
 	for pos := 0; pos < len(p); {
 		cur := off + int64(pos)

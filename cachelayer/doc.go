@@ -18,5 +18,7 @@
 //     for runs others hold, then flushes below. Failed pages stay dirty: a later Flush retries.
 //   - Reads are served from cached pages; misses go below directly and are not cached.
 //   - The fence counts admitted requests and background runs; Hold waits for the count to drain.
-//   - Memory is reserved before admission; when none can be had, the write goes through.
+//   - Memory is reserved before admission; when none can be had, the write goes through. So
+//     does a write larger than MaxCachedWrite: caching it would only add two copies.
+//   - A read finds nothing to look up while no page is resident, and goes straight below.
 package cachelayer

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -42,6 +43,9 @@ type conn struct {
 	budget   byteBudget    // payload bytes held by READ and WRITE buffers
 	replies  chan reply
 	inflight sync.WaitGroup
+	// failed is set once a reply could not be written: the client is gone, so requests not
+	// yet started are dropped and replies are discarded.
+	failed atomic.Bool
 }
 
 // reply is a simple reply waiting for the writer.
@@ -147,6 +151,13 @@ func (c *conn) readLoop() {
 			return
 		}
 		c.slots <- struct{}{}
+		// Headers already buffered when the connection failed are not worth running: no reply
+		// can reach the client.
+		if c.failed.Load() {
+			<-c.slots
+			c.log.Debug().Msg("connection failed; dropping the requests not started")
+			return
+		}
 		if !c.dispatch(flags, typ, cookie, off, length) {
 			return
 		}
@@ -185,7 +196,7 @@ func (c *conn) dispatch(flags, typ uint16, cookie, off uint64, length uint32) bo
 	case cmdRead:
 		c.budget.acquire(int64(length))
 		buf := getBuf(int(length))
-		c.start(func() {
+		c.start(cookie, func() {
 			if err := c.dev.ReadAt(*buf, int64(off)); err != nil {
 				putBuf(buf)
 				c.budget.release(int64(length))
@@ -193,6 +204,9 @@ func (c *conn) dispatch(flags, typ uint16, cookie, off uint64, length uint32) bo
 				return
 			}
 			c.replies <- reply{cookie: cookie, data: buf}
+		}, func() {
+			putBuf(buf)
+			c.budget.release(int64(length))
 		})
 	case cmdWrite:
 		c.budget.acquire(int64(length))
@@ -204,27 +218,30 @@ func (c *conn) dispatch(flags, typ uint16, cookie, off uint64, length uint32) bo
 			c.logReadEnd(err)
 			return false
 		}
-		c.start(func() {
+		c.start(cookie, func() {
 			err := c.dev.WriteAt(*buf, int64(off), fua)
 			putBuf(buf)
 			c.budget.release(int64(length))
 			c.done(cookie, "write", err)
+		}, func() {
+			putBuf(buf)
+			c.budget.release(int64(length))
 		})
 	case cmdFlush:
-		c.start(func() { c.done(cookie, "flush", c.dev.Flush()) })
+		c.start(cookie, func() { c.done(cookie, "flush", c.dev.Flush()) }, nil)
 	case cmdTrim:
-		c.start(func() {
+		c.start(cookie, func() {
 			err := c.dev.Trim(int64(off), int64(length))
 			if err == nil && fua {
 				err = c.dev.Flush()
 			}
 			c.done(cookie, "trim", err)
-		})
+		}, nil)
 	case cmdWriteZeroes:
 		punch := flags&cmdFlagNoHole == 0
-		c.start(func() {
+		c.start(cookie, func() {
 			c.done(cookie, "write_zeroes", c.dev.WriteZeroes(int64(off), int64(length), punch, fua))
-		})
+		}, nil)
 	}
 	return true
 }
@@ -262,12 +279,21 @@ func (c *conn) validate(flags, typ uint16, off uint64, length uint32) uint32 {
 	return 0
 }
 
-// start runs f on its own goroutine; f must send exactly one reply.
-func (c *conn) start(f func()) {
+// start runs the request on its own goroutine; run must send exactly one reply. If the
+// connection has failed by the time the goroutine runs, run is skipped: release frees what the
+// request holds (if anything) and a reply, which the writer discards, frees its slot.
+func (c *conn) start(cookie uint64, run, release func()) {
 	c.inflight.Add(1)
 	go func() {
 		defer c.inflight.Done()
-		f()
+		if c.failed.Load() {
+			if release != nil {
+				release()
+			}
+			c.replies <- reply{cookie: cookie, errno: errShutdown}
+			return
+		}
+		run()
 	}()
 }
 
@@ -304,6 +330,7 @@ func (c *conn) writeLoop(done chan<- struct{}) {
 			b := iov
 			if _, err := b.WriteTo(c.nc); err != nil {
 				failed = true
+				c.failed.Store(true)
 				c.log.Debug().Err(err).Msg("write failed; closing")
 				c.nc.Close()
 			}

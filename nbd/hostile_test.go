@@ -550,3 +550,70 @@ func TestHostileConnectionFlood(t *testing.T) {
 	ts.waitConns(t, 0, 5*time.Second)
 	waitGoroutines(t, base, 20*time.Second)
 }
+
+// TestHostileWorkAfterHangUp: a client sends READ headers and hangs up without reading a
+// reply. Once the server's reply write fails, the requests already in its 64 KiB read buffer
+// (up to ~2340 headers, ~73 GiB of reads at 32 MiB each) must be dropped, not run: at most the
+// MaxInFlight already started may still reach the device.
+func TestHostileWorkAfterHangUp(t *testing.T) {
+	const readLen = 4 << 20
+	dev := memdev.New(64 << 20)
+	var reads atomic.Int64
+	dev.SetHook(func(op memdev.Op, off, length int64) error {
+		if op == memdev.OpRead && length == readLen {
+			reads.Add(1)
+		}
+		return nil
+	})
+	ts := startServer(t, StaticExports{{Name: "v", Device: dev}}, Options{MaxInFlightBytes: 8 << 20})
+	base := runtime.NumGoroutine()
+	c := ts.open(t, "v")
+	c.nc.(*net.TCPConn).SetReadBuffer(64 << 10)
+	var hdrs []byte
+	for i := range 4096 {
+		hdrs = append(hdrs, reqBytes(cmdRead, 0, uint64(i), uint64(i%16)*readLen, readLen, nil)...)
+	}
+	c.nc.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	c.nc.Write(hdrs) // stalls once the server stops reading
+	time.Sleep(200 * time.Millisecond)
+	before := reads.Load()
+	c.nc.Close()
+	ts.waitConns(t, 0, 60*time.Second)
+	waitGoroutines(t, base, 10*time.Second)
+	if after := reads.Load() - before; after > DefaultMaxInFlight {
+		t.Errorf("server ran %d READs of %d MiB after the client hung up (%d before)", after, readLen>>20, before)
+	}
+}
+
+// TestHostileRefusalsReported: refusals are logged at most once a second with the others
+// counted in also_refused; after a burst followed by quiet, the count must still reach the log
+// (3000 connections against MaxConnections 1000 refuse 2000, and the log must say 2000).
+func TestHostileRefusalsReported(t *testing.T) {
+	if testing.Short() {
+		t.Skip("skipped in -short: opens 3000 connections")
+	}
+	const maxConns, flood = 1000, 3000
+	exports, _ := newTestExports()
+	ts := startServer(t, exports, Options{MaxConnections: maxConns, HandshakeTimeout: 5 * time.Minute})
+	var conns []net.Conn
+	for range flood {
+		nc, err := net.Dial("tcp", ts.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, nc)
+	}
+	defer func() {
+		for _, nc := range conns {
+			nc.Close()
+		}
+	}()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) && ts.connCount() < maxConns {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(3 * time.Second) // well past the one-second log window
+	if got, want := loggedRefusals(t, ts.logs.String()), flood-maxConns; got != want {
+		t.Errorf("the log reports %d refusals, %d happened", got, want)
+	}
+}

@@ -79,10 +79,18 @@ type Server struct {
 	shutdown  bool
 	connWG    sync.WaitGroup // one per entry ever put in conns
 
+	// Refusals are logged at most once per refuseLogEvery; the others are counted and reported
+	// with the next line, or by refuseTimer when the window ends, so that a burst followed by
+	// quiet still adds up.
 	refuseMu      sync.Mutex
 	refuseLogged  time.Time
 	refusedSilent int
+	refuseLast    string      // remote of the latest refusal not logged
+	refuseTimer   *time.Timer // pending report of refusedSilent, nil if none
 }
+
+// refuseLogEvery is the least time between two log lines about refused connections.
+const refuseLogEvery = time.Second
 
 // NewServer returns a server for exports.
 func NewServer(exports Exports, opts Options) *Server {
@@ -190,20 +198,49 @@ func (s *Server) startConn(nc net.Conn) {
 	}()
 }
 
-// refuse closes a connection over MaxConnections, logging at most once a second.
+// refuse closes a connection over MaxConnections, logging at most once per refuseLogEvery.
 func (s *Server) refuse(nc net.Conn) {
 	remote := nc.RemoteAddr().String()
-	nc.Close()
+	defer nc.Close() // after the log line: a client that sees the close can find it logged
 	s.refuseMu.Lock()
 	defer s.refuseMu.Unlock()
-	if now := time.Now(); now.Sub(s.refuseLogged) >= time.Second {
-		s.log.Warn().Str("remote", remote).Int("max_connections", s.opts.MaxConnections).
-			Int("also_refused", s.refusedSilent).
-			Msg("connection refused: too many connections")
-		s.refuseLogged, s.refusedSilent = now, 0
+	now := time.Now()
+	if wait := refuseLogEvery - now.Sub(s.refuseLogged); wait > 0 {
+		s.refusedSilent++
+		s.refuseLast = remote
+		if s.refuseTimer == nil {
+			s.refuseTimer = time.AfterFunc(wait, s.reportRefusals)
+		}
 		return
 	}
-	s.refusedSilent++
+	s.logRefusal(remote, s.refusedSilent, now)
+}
+
+// logRefusal writes one refusal line for remote that also accounts for also others. Called
+// with refuseMu held.
+func (s *Server) logRefusal(remote string, also int, now time.Time) {
+	s.log.Warn().Str("remote", remote).Int("max_connections", s.opts.MaxConnections).
+		Int("also_refused", also).
+		Msg("connection refused: too many connections")
+	s.refuseLogged, s.refusedSilent, s.refuseLast = now, 0, ""
+	if s.refuseTimer != nil {
+		s.refuseTimer.Stop()
+		s.refuseTimer = nil
+	}
+}
+
+// reportRefusals logs the refusals counted since the last line: the latest one, with the
+// others as also_refused.
+func (s *Server) reportRefusals() {
+	s.refuseMu.Lock()
+	defer s.refuseMu.Unlock()
+	if s.refusedSilent > 0 {
+		s.logRefusal(s.refuseLast, s.refusedSilent-1, time.Now())
+	}
+	if s.refuseTimer != nil {
+		s.refuseTimer.Stop()
+		s.refuseTimer = nil
+	}
 }
 
 // Shutdown stops accepting, lets every request already read finish and be replied to, then
@@ -219,6 +256,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		c.stop()
 	}
 	s.mu.Unlock()
+	s.reportRefusals()
 
 	done := make(chan struct{})
 	go func() {
