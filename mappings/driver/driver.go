@@ -70,6 +70,7 @@ type Driver struct {
 	rates   map[mappings.MappingID]*throughput
 	applied map[mappings.MappingID][2]int // copy and clean rate last given to the engine
 	held    map[mappings.VolumeID]bool    // sources the fence in progress holds
+	started []mappings.MappingID          // committed by the effects being applied; resolved after them
 
 	stop    chan struct{}
 	closing atomic.Bool
@@ -153,8 +154,22 @@ func Open(opts Options) (*Driver, error) {
 // Close stops background work, flushes and closes every volume and the engine.
 func (d *Driver) Close() error {
 	close(d.stop)
+	// Destage every cache while every backing file is still open: the volume manager closes
+	// volumes one by one, and a destage that copies on write must find its targets open.
+	var errs []error
+	d.stacksMu.Lock()
+	stacks := make([]*stack, 0, len(d.stacks))
+	for _, s := range d.stacks {
+		stacks = append(stacks, s)
+	}
+	d.stacksMu.Unlock()
+	for _, s := range stacks {
+		if err := s.cache.Flush(); err != nil {
+			errs = append(errs, fmt.Errorf("flush volume %d: %w", s.id, err))
+		}
+	}
 	d.closing.Store(true)
-	err := d.vols.Close()
+	err := errors.Join(append(errs, d.vols.Close())...)
 	if cerr := d.eng.Close(); err == nil {
 		err = cerr
 	}
@@ -226,7 +241,8 @@ func (s *stack) WriteAt(p []byte, off int64, fua bool) error {
 }
 
 func (s *stack) Flush() error {
-	if err := s.check(); err != nil {
+	// The volume manager's final flush at shutdown reaches offline volumes too.
+	if err := s.check(); err != nil && !s.d.closing.Load() {
 		return err
 	}
 	return s.cache.Flush()

@@ -236,8 +236,12 @@ func TestPrepareFlushesAndDiscards(t *testing.T) {
 	if err := r.vol("src").Flush(); err != nil {
 		t.Fatal(err)
 	}
-	r.write("src", 0, pattern(0x02, 1<<20)) // P2 over P1, acknowledged, not flushed
-	r.write("tgt", 0, pattern(0x03, 1<<20)) // P3, never flushed
+	// P2 over P1 and P3 on the target, acknowledged, never flushed; in pieces small enough to
+	// be cached (larger writes go through the cache).
+	for off := int64(0); off < 1<<20; off += 64 << 10 {
+		r.write("src", off, pattern(0x02, 64<<10))
+		r.write("tgt", off, pattern(0x03, 64<<10))
+	}
 	if got := fileBytes(t, r.dir, 0, 0, 4096); bytes.Equal(got, pattern(0x02, 4096)) {
 		t.Fatal("test hook failed: P2 reached the store before prepare")
 	}

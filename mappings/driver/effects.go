@@ -64,6 +64,12 @@ func (d *Driver) apply(next *mappings.Model, effs []mappings.Effect) error {
 	}
 	d.model = next
 	d.syncEngine()
+	// A start's waiters hear of it only now that every effect of the start ran: the sources
+	// are released and the targets online (§6 step 4), so the caller sees what it started.
+	for _, id := range d.started {
+		d.resolve(id, nil)
+	}
+	d.started = d.started[:0]
 	d.settleWaiters()
 	return nil
 }
@@ -197,7 +203,7 @@ func (d *Driver) commitStart(next *mappings.Model, e mappings.CommitStart) error
 	for _, id := range ids {
 		d.active[mappings.MappingID(id)] = true
 		d.rates[mappings.MappingID(id)] = &throughput{}
-		d.resolve(mappings.MappingID(id), nil)
+		d.started = append(d.started, mappings.MappingID(id))
 	}
 	return nil
 }

@@ -1,0 +1,120 @@
+package driver
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"reflect"
+	"testing"
+
+	"fcnbd/internal/api"
+	"fcnbd/internal/catalog"
+	"fcnbd/internal/fcerr"
+)
+
+// TestRefusedCommandsChangeNothing: docs/architecture.md "a refused command changes nothing",
+// through the driver: the catalogue's model, the lsfcmap and lsfcconsistgrp views and the volume
+// list are the same after each refusal, and after a restart.
+func TestRefusedCommandsChangeNothing(t *testing.T) {
+	r := newRig(t, nil)
+	ctx := context.Background()
+	r.mkvol("src", "tgt", "tgt2")
+	if _, err := r.d.Create("small", volSize/2); err != nil {
+		t.Fatal(err)
+	}
+	r.write("src", 0, pattern(0x5a, 1<<20))
+	if _, err := r.d.MkFcmap(ctx, api.MkFcmap{Source: "src", Target: "tgt", Name: "idle", CopyRate: ip(0)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.d.MkFcmap(ctx, api.MkFcmap{Source: "src", Target: "tgt2", Name: "stp", CopyRate: ip(0)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.d.MkConsistGrp(ctx, api.MkConsistGrp{Name: "g"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.d.StartFcmap(ctx, "stp", true, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.d.StopFcmap(ctx, "stp", true, false); err != nil {
+		t.Fatal(err)
+	}
+	r.waitStatus("stp", "stopped")
+
+	type snapshot struct {
+		model  []byte
+		maps   []api.Fcmap
+		groups []api.ConsistGrp
+		vols   string
+	}
+	take := func() snapshot {
+		t.Helper()
+		var s snapshot
+		if err := r.cat.View(func(tx *catalog.Tx) error {
+			s.model = bytes.Clone(tx.Model())
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		s.maps, s.groups = r.d.Fcmaps(ctx), r.d.ConsistGrps(ctx)
+		vs, _ := json.Marshal(r.d.Volumes())
+		s.vols = string(vs)
+		return s
+	}
+	same := func(when string, a, b snapshot) {
+		t.Helper()
+		if !bytes.Equal(a.model, b.model) {
+			t.Fatalf("%s: the catalogue's model changed:\n%s\n%s", when, a.model, b.model)
+		}
+		if !reflect.DeepEqual(a.maps, b.maps) {
+			t.Fatalf("%s: lsfcmap changed:\n%+v\n%+v", when, a.maps, b.maps)
+		}
+		if !reflect.DeepEqual(a.groups, b.groups) {
+			t.Fatalf("%s: lsfcconsistgrp changed:\n%+v\n%+v", when, a.groups, b.groups)
+		}
+		if a.vols != b.vols {
+			t.Fatalf("%s: lsvdisk changed:\n%s\n%s", when, a.vols, b.vols)
+		}
+	}
+
+	refusals := []struct {
+		name string
+		code string
+		do   func() error
+	}{
+		{"start without prepare", fcerr.BadState, func() error { return r.d.StartFcmap(ctx, "idle", false, false) }},
+		{"stop of a stopped mapping", fcerr.AlreadyStopped, func() error { return r.d.StopFcmap(ctx, "stp", false, false) }},
+		{"stop -force of a stopped mapping", fcerr.AlreadyStopped, func() error { return r.d.StopFcmap(ctx, "stp", true, false) }},
+		{"stop -force -split", fcerr.ExclusiveFlags, func() error { return r.d.StopFcmap(ctx, "idle", true, true) }},
+		{"mkfcmap size mismatch", fcerr.SizeMismatch, func() error {
+			_, err := r.d.MkFcmap(ctx, api.MkFcmap{Source: "src", Target: "small", Name: "bad"})
+			return err
+		}},
+		{"mkfcmap onto a used target", fcerr.TargetInUse, func() error {
+			_, err := r.d.MkFcmap(ctx, api.MkFcmap{Source: "tgt2", Target: "tgt", Name: "bad"})
+			return err
+		}},
+		{"rmvolume of a mapped source", fcerr.VolumeMapped, func() error { return r.d.Delete("src", false) }},
+		{"rmvolume of a mapped target", fcerr.VolumeMapped, func() error { return r.d.Delete("tgt2", false) }},
+		{"rmfcmap of a stopped mapping without -force", fcerr.BadState, func() error { return r.d.RmFcmap(ctx, "stp", false) }},
+		{"start of an empty group", "", func() error { return r.d.StartConsistGrp(ctx, "g", false, false) }},
+		{"chfcmap bad rate", fcerr.BadValue, func() error { return r.d.ChFcmap(ctx, "idle", api.ChFcmap{CopyRate: ip(151)}) }},
+	}
+	base := take()
+	for _, c := range refusals {
+		err := c.do()
+		if err == nil {
+			t.Fatalf("%s: accepted", c.name)
+		}
+		if c.code != "" && fcerr.CodeOf(err) != c.code {
+			t.Fatalf("%s: %v, want %s", c.name, err, c.code)
+		}
+		same(c.name, base, take())
+	}
+	r.restart()
+	same("after restart", base, take())
+	r.expectEIO("tgt2")
+	r.expect("src", 0, pattern(0x5a, 1<<20))
+	if _, err := r.read("tgt", 0, 4096); err != nil {
+		t.Fatalf("idle target after the refusals: %v", err)
+	}
+}
