@@ -45,6 +45,7 @@ lint:
 
 bench: deps build
 	scripts/bench.sh
+	scripts/bench-fence.sh
 
 soak: deps build
 	FCNBD_SOAK=1 $(GO) test -count=1 -timeout 60m -run Soak ./test/integration/...
