@@ -49,7 +49,7 @@ func serveCommand() *cli.Command {
 			&cli.StringFlag{Name: "metrics", EnvVars: []string{"FCNBD_METRICS"},
 				Usage: "serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9810); off by default"},
 			&cli.StringFlag{Name: "cache-size", Value: "256M", EnvVars: []string{"FCNBD_CACHE_SIZE"},
-				Usage: "write-back cache shared by all volumes (e.g. 256M, 1G)"},
+				Usage: "write-back cache shared by all volumes (e.g. 256M, 1G); 0: write-through, no write is acknowledged before it is below the cache"},
 			&cli.DurationFlag{Name: "fence-timeout", Value: 5 * time.Second, EnvVars: []string{"FCNBD_FENCE_TIMEOUT"},
 				Usage: "how long a FlashCopy start may hold the sources' I/O before it is abandoned"},
 		},
@@ -123,7 +123,7 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 	}()
 	vols, err := driver.Open(driver.Options{
 		Catalog: cat, FS: store.Dir{Path: cfg.dataDir}, Logger: log,
-		CacheSize: cfg.cacheSize, FenceTimeout: cfg.fenceTimeout,
+		CacheSize: cfg.cacheSize, WriteThrough: cfg.cacheSize == 0, FenceTimeout: cfg.fenceTimeout,
 	})
 	if err != nil {
 		return err

@@ -38,6 +38,9 @@ type Options struct {
 	Logger  zerolog.Logger
 	// CacheSize is the write-back cache budget shared by all volumes (default 256 MiB).
 	CacheSize int64
+	// WriteThrough keeps every volume's cache in write-through mode at all times: no write is
+	// acknowledged before it is below the cache (copy-on-write is then paid by the host).
+	WriteThrough bool
 	// FenceTimeout bounds the hold of a start (default 5 s).
 	FenceTimeout time.Duration
 	// Cache tunes each volume's cache (tests pause destage with it).
@@ -190,6 +193,7 @@ func (d *Driver) buildStack(v catalog.Volume, f store.File) (blockdev.Device, er
 	}
 	s := &stack{id: id, d: d, cache: cachelayer.New(low, d.pool, d.opts.Cache)}
 	s.online.Store(true)
+	s.cache.SetWriteThrough(d.opts.WriteThrough)
 	d.stacksMu.Lock()
 	d.stacks[id] = s
 	d.stacksMu.Unlock()

@@ -283,3 +283,26 @@ func fileBytes(t *testing.T, dir string, vol int, off int64, n int) []byte {
 }
 
 func itoa(i int) string { return string(rune('0' + i)) }
+
+// TestWriteThroughOption: with Options.WriteThrough (serve --cache-size 0) every acknowledged
+// write is in the backing store, also after a start, which switches caches back to write-back.
+func TestWriteThroughOption(t *testing.T) {
+	r := newRig(t, func(o *Options) { o.WriteThrough = true; o.Cache = cachelayer.Options{DestagePaused: true} })
+	ctx := context.Background()
+	r.mkvol("src", "tgt")
+	r.write("src", 0, pattern(0x07, 8192))
+	if got := fileBytes(t, r.dir, 0, 0, 8192); !bytes.Equal(got, pattern(0x07, 8192)) {
+		t.Fatal("write acknowledged in write-through mode is not in the backing store")
+	}
+	if _, err := r.d.MkFcmap(ctx, api.MkFcmap{Source: "src", Target: "tgt", CopyRate: ip(0)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.d.StartFcmap(ctx, "0", true, false); err != nil {
+		t.Fatal(err)
+	}
+	r.write("src", 65536, pattern(0x08, 4096))
+	if got := fileBytes(t, r.dir, 0, 65536, 4096); !bytes.Equal(got, pattern(0x08, 4096)) {
+		t.Fatal("after a start, a write acknowledged in write-through mode is not in the backing store")
+	}
+	r.expect("tgt", 65536, pattern(0, 4096))
+}

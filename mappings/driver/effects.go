@@ -87,7 +87,7 @@ func (d *Driver) do(next *mappings.Model, e mappings.Effect) error {
 		}
 	case mappings.SetWriteThrough:
 		if s := d.stackOf(e.Vol); s != nil {
-			s.cache.SetWriteThrough(e.On)
+			s.cache.SetWriteThrough(e.On || d.opts.WriteThrough)
 		}
 	case mappings.InvalidateCache:
 		if s := d.stackOf(e.Vol); s != nil {
