@@ -246,6 +246,13 @@ func (c *Cache) WriteAt(p []byte, off int64, fua bool) error {
 		return err
 	}
 	defer c.fence.exit()
+	// Write-through may have been switched on since the check above; SetWriteThrough waits
+	// only for requests already admitted, so an admitted write must see the switch.
+	if !through && c.writeThrough.Load() {
+		through = true
+		c.pool.put(reserved)
+		reserved = 0
+	}
 	if through {
 		return c.writeThroughAt(p, off, fua)
 	}
@@ -548,7 +555,19 @@ func (c *Cache) Invalidate() {
 // (WriteAt) before it is acknowledged and cached copies stay as they were, clean or dirty.
 // Pages dirty from before are not written by the switch: prepare turns write-through on and
 // then calls Flush, so that no write can slip into the cache between the two.
-func (c *Cache) SetWriteThrough(on bool) { c.writeThrough.Store(on) }
+//
+// Switching it on returns only once every request admitted before the switch has finished, so
+// that a write which chose the cached path just before the switch is dirty in the cache by the
+// time the Flush that follows looks — never acknowledged after that Flush and left behind.
+func (c *Cache) SetWriteThrough(on bool) {
+	c.writeThrough.Store(on)
+	if on {
+		// failpoint: cache-writethrough-drain
+		c.fence.hold(context.Background())
+		c.fence.release()
+		c.wake()
+	}
+}
 
 // WriteThrough reports whether write-through mode is on.
 func (c *Cache) WriteThrough() bool { return c.writeThrough.Load() }
