@@ -54,17 +54,14 @@ func (d *Driver) Delete(ref string, force bool) error {
 	if err != nil {
 		return err
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
 	id := mappings.VolumeID(info.ID)
-	next := d.model.Clone()
-	effs, err := next.RemoveVolume(strconv.Itoa(int(id)), force)
-	if err != nil {
+	if err := d.command(func(m *mappings.Model) ([]mappings.Effect, error) {
+		return m.RemoveVolume(strconv.Itoa(int(id)), force)
+	}); err != nil {
 		return err
 	}
-	if err := d.apply(next, effs); err != nil {
-		return err
-	}
+	// Without d.mu: deleting waits for the volume's requests in progress, and one may be held
+	// by a start fence that needs d.mu to finish.
 	return d.vols.Delete(strconv.Itoa(int(id)), force)
 }
 
