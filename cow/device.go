@@ -192,6 +192,11 @@ func (d *device) write(o *op, off, length int64) error {
 	if length == 0 {
 		return nil
 	}
+	if len(v.diffs) > 0 {
+		if err := e.recordDifference(v, off, length); err != nil {
+			return err
+		}
+	}
 	if !v.linked() {
 		if err := o.apply(v, off, off, length); err != nil {
 			return err
@@ -327,14 +332,14 @@ func (e *Engine) writeGrain(v *volume, g int, o *op, base, off, length int64) er
 			e.fail(m, err)
 			return err
 		}
-		// failpoint: cow-after-fill-write
+		failpoint("cow-after-fill-write")
 		if err := e.commit.commit(v, []BitUpdate{{Mapping: m.id, Grains: []int{g}}}); err != nil {
 			if !errors.Is(err, ErrJournal) {
 				e.fail(m, err)
 			}
 			return err
 		}
-		// failpoint: cow-after-fill-commit
+		failpoint("cow-after-fill-commit")
 		e.setSplit(m, g, gLen, &m.splitOnWrite)
 	}
 
@@ -342,7 +347,7 @@ func (e *Engine) writeGrain(v *volume, g int, o *op, base, off, length int64) er
 	if err := o.apply(v, base, off, length); err != nil {
 		return err
 	}
-	// failpoint: cow-after-source-write
+	failpoint("cow-after-source-write")
 	if m != nil && !m.split.Test(g) && whole {
 		if err := e.commit.commit(v, []BitUpdate{{Mapping: m.id, Grains: []int{g}}}); err != nil {
 			return err
@@ -400,7 +405,7 @@ func (e *Engine) protect(v *volume, g int, view []byte, gOff int64, viewErr erro
 						parents = append(parents, d)
 						continue
 					}
-					// failpoint: cow-after-target-write
+					failpoint("cow-after-target-write")
 					round = append(round, pending{d, e.commit.submit(d, []BitUpdate{{Mapping: dm.id, Grains: []int{g}}})})
 				}
 			}

@@ -57,8 +57,9 @@ type MappingSpec struct {
 	ID, Source, Target int
 	GrainSize          int64
 	// Split is the initial split bitmap (the engine owns it from then on); nil means all
-	// clear. An incremental restart passes the grains that need no copy already set; a restore
-	// passes the grains the partner has not split.
+	// clear. An incremental restart passes the grains that need no copy already set. The
+	// engine adds, for a restore (Source reads through its chain to Target), every grain for
+	// which Source's view still comes from Target's own store.
 	Split     *bitmap.Bitmap
 	CopyRate  int
 	CleanRate int
@@ -121,6 +122,7 @@ type Engine struct {
 	topoMu   sync.Mutex
 	vols     map[int]*volume
 	maps     map[int]*mapping
+	diffs    map[int]*difference // incremental mappings' difference bitmaps, by mapping id
 	nextComp uint64
 
 	ctx    context.Context
@@ -147,6 +149,9 @@ type volume struct {
 	upstream   *volume
 	downstream []*volume
 	comp       uint64
+	// diffs are the difference bitmaps a write to this volume records in; changed with topoMu
+	// and this gate held exclusively (TrackDifference).
+	diffs []*difference
 }
 
 // linked reports whether any copy-on-write concern applies; the caller holds the gate.
@@ -197,6 +202,7 @@ func New(journal BitJournal, opts Options) *Engine {
 		bgSlots: make(chan struct{}, opts.BackgroundSlots),
 		vols:    map[int]*volume{},
 		maps:    map[int]*mapping{},
+		diffs:   map[int]*difference{},
 		ctx:     ctx,
 		cancel:  cancel,
 		events:  newEventQueue(),
@@ -371,16 +377,6 @@ func (e *Engine) StartMappings(specs []MappingSpec) error {
 				return fmt.Errorf("start mapping %d: %w: listed twice", s.ID, ErrBadSpec)
 			}
 		}
-		// Whatever reads through the target must keep reading the same data once the target
-		// reads through its source: only the restore case, where the seeded split bits cover
-		// every grain the partner has not split, passes this.
-		for _, d := range tgt.downstream {
-			for g := d.target.split.NextClear(0); g >= 0; g = d.target.split.NextClear(g + 1) {
-				if s.Split == nil || !s.Split.Test(g) {
-					return fmt.Errorf("start mapping %d: %w: volume %d reads through target %d", s.ID, ErrVolumeInUse, d.id, s.Target)
-				}
-			}
-		}
 		targets[s.Target] = true
 		roots = append(roots, src, tgt)
 	}
@@ -401,13 +397,24 @@ func (e *Engine) StartMappings(specs []MappingSpec) error {
 
 	unlock := lockGates(vols)
 	defer unlock()
-	var started []*mapping
-	for _, s := range specs {
+	// Whatever reads through a target must keep reading the same data once the target reads
+	// through its source (a restore, or the start of a mapping onto another one's source).
+	seeds := make([]*bitmap.Bitmap, len(specs))
+	for i, s := range specs {
 		src, tgt := e.vols[s.Source], e.vols[s.Target]
-		split := s.Split
-		if split == nil {
-			split = bitmap.New(tgt.size, s.GrainSize)
+		seeds[i] = s.Split
+		if seeds[i] == nil {
+			seeds[i] = bitmap.New(tgt.size, s.GrainSize)
 		}
+		sameView(src, tgt, seeds[i])
+		if err := e.preserveDownstream(tgt, seeds[i]); err != nil {
+			return fmt.Errorf("start mapping %d: %w", s.ID, err)
+		}
+	}
+	var started []*mapping
+	for i, s := range specs {
+		src, tgt := e.vols[s.Source], e.vols[s.Target]
+		split := seeds[i]
 		m := &mapping{
 			id: s.ID, source: src, target: tgt, split: split, grain: s.GrainSize,
 			lim:  rate.NewLimiter(0, int(s.GrainSize)),
@@ -436,6 +443,88 @@ func (e *Engine) StartMappings(specs []MappingSpec) error {
 	e.renumber(vols)
 	for _, m := range started {
 		e.startWorker(m, e.copyWorker)
+	}
+	return nil
+}
+
+// sameView sets in seed every grain for which src's view reads through its chain to tgt's
+// own store, so that tgt already holds src's data for it: a restore (src a target whose chain
+// leads to tgt) need not copy those. The caller holds the gates of both volumes' component.
+func sameView(src, tgt *volume, seed *bitmap.Bitmap) {
+	onChain := false
+	for v, i := src, 0; v != nil && i < maxDepth; v, i = v.upstream, i+1 {
+		if v == tgt {
+			onChain = true
+			break
+		}
+	}
+	if !onChain {
+		return
+	}
+	for g := range seed.Len() {
+		v := src
+		for range maxDepth {
+			if v == tgt {
+				seed.Set(g)
+				break
+			}
+			if m := v.target; m == nil || m.split.Test(g) {
+				break
+			}
+			v = v.upstream
+		}
+	}
+}
+
+// preserveDownstream runs before tgt becomes a target whose initial split bitmap is seed (nil:
+// all clear). Every volume reading through tgt keeps its image: for each grain it does not hold
+// and the start changes (seed clear), it gets tgt's current data (tgt is no target yet, so that
+// is its store) — written, synced and its split bit committed, one group commit per volume —
+// before the chain changes. A restore, whose seed covers every grain its partner has not split,
+// copies only the grains that the partner has split and another target of the same source
+// still reads through it. The caller holds the gates of tgt's component exclusively, so no
+// I/O or worker runs meanwhile. After an error nothing has changed that matters: the bits
+// committed are of grains the volumes now hold with the right data.
+func (e *Engine) preserveDownstream(tgt *volume, seed *bitmap.Bitmap) error {
+	for _, d := range tgt.downstream {
+		dm := d.target
+		if dm == nil || dm.failed.Load() {
+			continue
+		}
+		var gs []int
+		var copied int64
+		for g := dm.split.NextClear(0); g >= 0; g = dm.split.NextClear(g + 1) {
+			if seed != nil && seed.Test(g) {
+				continue
+			}
+			off, n := dm.split.Extent(g)
+			buf := getBuf(dm.grain)
+			data := (*buf)[:n]
+			err := readFull(tgt, data, off)
+			if err == nil {
+				err = writeFull(d, data, off)
+			}
+			putBuf(buf)
+			if err != nil {
+				return fmt.Errorf("preserve the image of volume %d: %w", d.id, err)
+			}
+			gs = append(gs, g)
+			copied += n
+		}
+		if len(gs) == 0 {
+			continue
+		}
+		failpoint("cow-after-preserve-write")
+		if err := e.commit.commit(d, []BitUpdate{{Mapping: dm.id, Grains: gs}}); err != nil {
+			return fmt.Errorf("preserve the image of volume %d: %w", d.id, err)
+		}
+		for _, g := range gs {
+			if dm.split.Set(g) {
+				dm.grainsCopied.Add(1)
+			}
+		}
+		dm.bytesCopied.Add(copied)
+		dm.poke()
 	}
 	return nil
 }

@@ -6,18 +6,41 @@ import (
 	"sync"
 )
 
-// BitUpdate is a set of split bits of one mapping that must become durable together.
+// BitKind says which of a mapping's bitmaps a BitUpdate sets bits in.
+type BitKind uint8
+
+const (
+	// SplitBits: the target holds its own copy of the grain (flashcopy.md §5).
+	SplitBits BitKind = iota
+	// DifferenceBits: the grain was written on the source or the target of an incremental
+	// mapping since its last start (flashcopy.md §5 "Incremental").
+	DifferenceBits
+)
+
+func (k BitKind) String() string {
+	if k == DifferenceBits {
+		return "difference"
+	}
+	return "split"
+}
+
+// BitUpdate is a set of bits of one bitmap of one mapping that must become durable together.
+// The zero Kind is SplitBits.
 type BitUpdate struct {
 	Mapping int
+	Kind    BitKind
 	Grains  []int
 }
 
-// BitJournal makes split bits durable. The engine calls SetBits only after the data those bits
-// vouch for is durable in the target's store, and lets the host write that depended on them go
-// ahead only after SetBits returned nil (docs/architecture.md rule 4).
+// BitJournal makes split and difference bits durable. The engine calls SetBits for split bits
+// only after the data those bits vouch for is durable in the target's store, and lets the host
+// write that depended on them go ahead only after SetBits returned nil (docs/architecture.md
+// rule 4). A difference bit is committed before the write it records reaches any store (rule
+// 5). Both kinds of one group commit arrive in one call.
 type BitJournal interface {
 	// SetBits makes every listed bit durable, in one atomic commit, before it returns. After an
-	// error none, some or all of them may be durable; the engine treats the grains as not split.
+	// error none, some or all of them may be durable; the engine treats the grains as not split
+	// and the difference bits as not recorded (the writes that needed them fail).
 	SetBits(updates []BitUpdate) error
 }
 
@@ -30,7 +53,7 @@ var ErrJournal = errors.New("cow: split bit journal failed")
 // and can be told to fail.
 type MemJournal struct {
 	mu      sync.Mutex
-	bits    map[int]map[int]bool
+	bits    map[BitKind]map[int]map[int]bool
 	commits int
 	// Fail, if set, is consulted on every SetBits; a non-nil result fails the commit.
 	Fail func(updates []BitUpdate) error
@@ -46,13 +69,16 @@ func (j *MemJournal) SetBits(updates []BitUpdate) error {
 		}
 	}
 	if j.bits == nil {
-		j.bits = map[int]map[int]bool{}
+		j.bits = map[BitKind]map[int]map[int]bool{}
 	}
 	for _, u := range updates {
-		m := j.bits[u.Mapping]
+		if j.bits[u.Kind] == nil {
+			j.bits[u.Kind] = map[int]map[int]bool{}
+		}
+		m := j.bits[u.Kind][u.Mapping]
 		if m == nil {
 			m = map[int]bool{}
-			j.bits[u.Mapping] = m
+			j.bits[u.Kind][u.Mapping] = m
 		}
 		for _, g := range u.Grains {
 			m[g] = true
@@ -62,11 +88,14 @@ func (j *MemJournal) SetBits(updates []BitUpdate) error {
 	return nil
 }
 
-// Durable reports whether mapping's bit for grain g was committed.
-func (j *MemJournal) Durable(mapping, g int) bool {
+// Durable reports whether mapping's split bit for grain g was committed.
+func (j *MemJournal) Durable(mapping, g int) bool { return j.DurableKind(SplitBits, mapping, g) }
+
+// DurableKind reports whether mapping's bit of kind for grain g was committed.
+func (j *MemJournal) DurableKind(kind BitKind, mapping, g int) bool {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	return j.bits[mapping][g]
+	return j.bits[kind][mapping][g]
 }
 
 // Commits is the number of successful SetBits calls (group commit makes it smaller than the
@@ -166,7 +195,7 @@ func (c *committer) run() {
 // the waiters released (only then may a host write reach a source).
 func (c *committer) commitBatch(batch []*commitReq) {
 	syncErr := c.syncFiles(batch)
-	// failpoint: cow-after-target-sync
+	failpoint("cow-after-target-sync")
 
 	var updates []BitUpdate
 	for _, r := range batch {
@@ -180,7 +209,7 @@ func (c *committer) commitBatch(batch []*commitReq) {
 			jerr = fmt.Errorf("%w: %w", ErrJournal, err)
 		}
 	}
-	// failpoint: cow-after-bit-commit
+	failpoint("cow-after-bit-commit")
 
 	for _, r := range batch {
 		switch {

@@ -98,36 +98,41 @@ func (e *Engine) unslot() {
 	runtime.Gosched()
 }
 
+// copyBatchBytes is how much a background copy batch covers: its grains are copied one by one
+// and then made durable together, with one target sync and one journal commit.
+const copyBatchBytes = 4 << 20
+
 // copyWorker is the background copy (lowest unsplit grain first, at the copy rate) and, once
 // every grain is split, the cleaning a copying mapping needs before it can complete.
 func (e *Engine) copyWorker(ctx context.Context, m *mapping) {
 	next := 0
+	batch := make([]int, 0, max(copyBatchBytes/m.grain, 1))
 	for !m.split.Full() {
-		g := m.split.NextClear(next)
-		if g < 0 {
+		batch = m.nextBatch(batch[:0], next)
+		if len(batch) == 0 {
 			next = 0
 			continue
 		}
-		_, n := m.split.Extent(g)
-		if !waitRate(ctx, m, int(n), func() int { return int(m.copyRate.Load()) }, m.split.Full) {
+		if !waitRate(ctx, m, m.batchBytes(batch), func() int { return int(m.copyRate.Load()) }, m.split.Full) {
 			return
 		}
 		if m.split.Full() {
 			break
 		}
-		g = m.split.NextClear(g) // the wait may have been long
-		if g < 0 {
+		// The wait may have been long: take the batch again from its first grain.
+		batch = m.nextBatch(batch[:0], batch[0])
+		if len(batch) == 0 {
 			continue
 		}
 		if !e.slot(ctx) {
 			return
 		}
-		ok := e.copyGrain(m, g)
+		ok := e.copyGrains(m, batch)
 		e.unslot()
 		if !ok {
 			return
 		}
-		next = g + 1
+		next = batch[len(batch)-1] + 1
 	}
 	// flashcopy.md §5: a copying mapping at 100 % that still has dependants cleans (at its clean
 	// rate; 0 means none) until nothing reads through its target.
@@ -137,41 +142,90 @@ func (e *Engine) copyWorker(ctx context.Context, m *mapping) {
 	e.events.push(Event{Kind: CopyComplete, Mapping: m.id})
 }
 
-// copyGrain fills grain g of m's target from its upstream view, with the copy-on-write order:
-// data durable, then the bit. It returns false if the mapping is no longer copying or failed.
-func (e *Engine) copyGrain(m *mapping, g int) bool {
+// nextBatch appends to batch the unsplit grains from grain from on, lowest first, up to
+// copyBatchBytes of them.
+func (m *mapping) nextBatch(batch []int, from int) []int {
+	var n int64
+	for g := m.split.NextClear(from); g >= 0 && (len(batch) == 0 || n < copyBatchBytes); g = m.split.NextClear(g + 1) {
+		_, l := m.split.Extent(g)
+		batch = append(batch, g)
+		n += l
+	}
+	return batch
+}
+
+func (m *mapping) batchBytes(batch []int) int {
+	var n int64
+	for _, g := range batch {
+		_, l := m.split.Extent(g)
+		n += l
+	}
+	return int(n)
+}
+
+// copyGrains fills the grains of batch in m's target from its upstream view, with the
+// copy-on-write order for the whole batch: every grain written, the target synced and all their
+// bits committed at once, and only then the bits published. Each grain is copied under its
+// exclusive lock, but the lock is not held until the bit is published: a host write to the grain
+// meanwhile finds the bit clear and copies the grain itself (the same data, since the upstream
+// view of an unsplit grain can only change after a copy-on-write into this target), which is
+// safe. The target's gate is held throughout, so the topology cannot change under the batch. It
+// returns false if the mapping is no longer copying or failed.
+func (e *Engine) copyGrains(m *mapping, batch []int) bool {
 	t := m.target
 	t.gate.RLock()
 	defer t.gate.RUnlock()
 	if t.target != m || m.getPhase() != Copying || m.failed.Load() {
 		return false
 	}
+	buf := getBuf(m.grain)
+	defer putBuf(buf)
+	copied := batch[:0]
+	for _, g := range batch {
+		done, err := e.copyOne(m, g, *buf)
+		if err != nil {
+			e.fail(m, err)
+			return false
+		}
+		if done {
+			copied = append(copied, g)
+		}
+	}
+	if len(copied) == 0 {
+		return true
+	}
+	failpoint("cow-after-copy-write")
+	if err := e.commit.commit(t, []BitUpdate{{Mapping: m.id, Grains: copied}}); err != nil {
+		e.fail(m, err)
+		return false
+	}
+	for _, g := range copied {
+		_, n := m.split.Extent(g)
+		e.setSplit(m, g, n, &m.grainsCopied)
+	}
+	return true
+}
+
+// copyOne copies grain g into m's target under the grain's exclusive lock, unless it is split
+// already; done reports whether it copied.
+func (e *Engine) copyOne(m *mapping, g int, buf []byte) (done bool, err error) {
+	t := m.target
 	k := lockKey{t.comp, g}
 	l := e.locks.acquire(k, true)
 	defer e.locks.release(k, l, true)
 	if m.split.Test(g) {
-		return true
+		return false, nil
 	}
 	off, n := m.split.Extent(g)
-	buf := getBuf(m.grain)
-	defer putBuf(buf)
-	data := (*buf)[:n]
+	data := buf[:n]
 	// The target's downstream need nothing: its view of g does not change.
 	if err := e.readView(t.upstream, g, data, off); err != nil {
-		e.fail(m, err)
-		return false
+		return false, err
 	}
 	if err := writeFull(t, data, off); err != nil {
-		e.fail(m, err)
-		return false
+		return false, err
 	}
-	// failpoint: cow-after-copy-write
-	if err := e.commit.commit(t, []BitUpdate{{Mapping: m.id, Grains: []int{g}}}); err != nil {
-		e.fail(m, err)
-		return false
-	}
-	e.setSplit(m, g, n, &m.grainsCopied)
-	return true
+	return true, nil
 }
 
 // cleanWorker runs while m is stopping: clean at the clean rate (0 means 50), then take the
@@ -295,7 +349,7 @@ func (e *Engine) cleanGrain(m *mapping, d *volume, g int) bool {
 		e.fail(dm, err)
 		return true
 	}
-	// failpoint: cow-after-clean-write
+	failpoint("cow-after-clean-write")
 	if err := e.commit.commit(d, []BitUpdate{{Mapping: dm.id, Grains: []int{g}}}); err != nil {
 		e.fail(dm, err)
 		return true

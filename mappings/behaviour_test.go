@@ -230,8 +230,14 @@ func TestRestore(t *testing.T) {
 	f.apply(FlushDone{Map: r})
 	effs := f.apply(FenceDrained{Fence: f.holdOf(f.ok(f.m.Start(ref(r), false, false))), Now: t0})
 	wantEffects(t, effs[:1], "CommitStart g0 m1(v1->v0 restore-of m0) [v0 via v1]")
+	// The grains needing no copy are the data path's to count (another target of the source
+	// may hold some that m0 never split): the model never counts more than it reports.
+	if p := f.m.Mappings[r].Progress(); p != 0 {
+		t.Errorf("restore starts at %d %% in the model before any report, want 0", p)
+	}
+	f.apply(SplitProgress{Map: r, Split: 2})
 	if p := f.m.Mappings[r].Progress(); p != 50 {
-		t.Errorf("restore starts at %d %%, want 50 (grains m0 never split)", p)
+		t.Errorf("restore at %d %% after the report, want 50 (grains m0 never split)", p)
 	}
 	wantIDs(t, "DependentMappings(m)", f.m.DependentMappings(m))
 	wantIDs(t, "DependentMappings(r)", f.m.DependentMappings(r))
@@ -375,5 +381,28 @@ func TestReopen(t *testing.T) {
 		"InvalidateCache v3", "StartBackgroundCopy m0 rate 50", "FlushSource m1 v2")
 	if !reflect.DeepEqual(before, f.m) {
 		t.Errorf("Reopen changed the model")
+	}
+}
+
+// TestStopDistrustsNeighbours: a mapping stopped below 100 % leaves its target with whatever
+// its store holds, so an incremental mapping with that volume as source or target no longer
+// trusts its difference record; one on other volumes still does.
+func TestStopDistrustsNeighbours(t *testing.T) {
+	f := newFx(t, 6)
+	inc := f.mk(0, 1, incremental) // v0 -> v1
+	far := f.mk(4, 5, incremental)
+	for _, id := range []MappingID{inc, far} {
+		f.start(id)
+		f.apply(CopyComplete{Map: id})
+	}
+	x := f.mk(2, 0, copyRate(0)) // onto inc's source
+	f.start(x)
+	f.ok(f.m.Stop(ref(x), true, false))
+	f.wantState(x, Stopped)
+	if f.m.Mappings[inc].DiffTrusted {
+		t.Errorf("m%d still trusts its difference record after its source was left stopped", inc)
+	}
+	if !f.m.Mappings[far].DiffTrusted {
+		t.Errorf("m%d lost its difference record for a stop elsewhere", far)
 	}
 }

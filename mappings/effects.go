@@ -68,8 +68,11 @@ type Release struct{ Vols []VolumeID }
 // StartEntry is one mapping of a CommitStart: how to seed its split bitmap.
 //
 // split := none; then if FromDifference: every grain not in the difference bitmap counts as
-// split; then if RestoreOf != NoMapping: every grain that RestoreOf has not split counts as
-// split. If ResetDifference, clear the difference bitmap afterwards (recording goes on).
+// split; then if RestoreOf != NoMapping: every grain for which Source's view still reads
+// through to Target's own data counts as split (with RestoreOf the only target of Target,
+// the grains RestoreOf has not split). If ResetDifference, clear the difference bitmap
+// afterwards (recording goes on). The model's Split after the commit counts only the
+// FromDifference grains; the data path's progress reports bring it up to date.
 type StartEntry struct {
 	Map             MappingID
 	Source, Target  VolumeID

@@ -263,8 +263,11 @@ func (tx *txn) fenceDrained(f Fence, now time.Time) {
 			mp.DiffGrains = 0
 		}
 		if p := partner[mp.ID]; p != nil {
+			// The grains that need no copy are known only to the data path (those the
+			// target still reads through to the source, which another target of the
+			// source may hold instead of the partner): leave the count to its progress
+			// reports, never above the truth, so the restore can't complete before it has.
 			e.RestoreOf = p.ID
-			split = max(split, mp.Grains-p.Split)
 		}
 		c.Entries = append(c.Entries, e)
 		mp.State = Copying

@@ -228,6 +228,14 @@ func (tx *txn) toIdle(mp *Mapping) {
 func (tx *txn) toStopped(mp *Mapping) {
 	if mp.inChain() {
 		mp.DiffTrusted = false
+		// The target's data becomes whatever its store holds, unlike the view it showed:
+		// every incremental mapping with that volume as source or target can no longer
+		// tell which grains differ.
+		for _, x := range tx.m.Mappings {
+			if x != mp && x.Incremental && (x.Source == mp.Target || x.Target == mp.Target) {
+				x.DiffTrusted = false
+			}
+		}
 	}
 	tx.leave(mp)
 	mp.State = Stopped

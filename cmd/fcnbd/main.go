@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 
 	"github.com/urfave/cli/v2"
 
@@ -52,15 +53,18 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		ErrWriter:       stderr,
 		Flags:           []cli.Flag{globalSocketFlag()},
 		HideHelpCommand: true,
-		Commands: []*cli.Command{
-			serveCommand(),
-			mkvolumeCommand(),
-			lsvolumeCommand(),
-			rmvolumeCommand(),
-			attachCommand(),
-			detachCommand(),
-			mkfcmapCommand(), chfcmapCommand(), prestartfcmapCommand(), startfcmapCommand(), stopfcmapCommand(), rmfcmapCommand(), lsfcmapCommand(), lsfcmapprogressCommand(), lsfcmapdependentmapsCommand(), lsvdiskfcmapcopiesCommand(), lsvdiskdependentmapsCommand(), mkfcconsistgrpCommand(), chfcconsistgrpCommand(), prestartfcconsistgrpCommand(), startfcconsistgrpCommand(), stopfcconsistgrpCommand(), rmfcconsistgrpCommand(), lsfcconsistgrpCommand(), waitCommand(),
-		},
+		Commands: slices.Concat(
+			[]*cli.Command{
+				serveCommand(), mkvolumeCommand(), lsvolumeCommand(), rmvolumeCommand(),
+				attachCommand(), detachCommand(),
+				mkfcmapCommand(), chfcmapCommand(), lsfcmapCommand(), lsfcmapprogressCommand(),
+				lsfcmapdependentmapsCommand(), lsvdiskfcmapcopiesCommand(), lsvdiskdependentmapsCommand(),
+				mkfcconsistgrpCommand(), chfcconsistgrpCommand(), lsfcconsistgrpCommand(),
+				waitCommand(), recoverfcmapCommand(),
+			},
+			fcmapLifecycle.commands(),
+			consistGrpLifecycle.commands(),
+		),
 		// Errors are printed once, by run, in the CMMVC form.
 		ExitErrHandler: func(*cli.Context, error) {},
 	}

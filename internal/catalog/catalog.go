@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"path/filepath"
 	"time"
 
@@ -61,12 +62,26 @@ type Volume struct {
 type DB struct {
 	bolt *bolt.DB
 	path string
+	opts Options
+}
+
+// Options tunes OpenWith. The zero value is what Open uses.
+type Options struct {
+	// CommitHook, if set, runs every read-write transaction (Update): it calls commit to run
+	// and commit the transaction and returns its result, or returns an error without calling
+	// it, and then nothing is written, as if the disk had refused the commit. Tests use it to
+	// make the metadata store fail (and recover) and to hold commits off while they copy the
+	// file to simulate a crash; production leaves it nil.
+	CommitHook func(commit func() error) error
 }
 
 // Open opens (creating if needed) dir/catalog.db and checks it: the page structure, the format
 // version and every record. An unreadable or inconsistent catalogue is an error wrapping
 // ErrCorrupt; nothing is repaired silently.
-func Open(dir string) (*DB, error) {
+func Open(dir string) (*DB, error) { return OpenWith(dir, Options{}) }
+
+// OpenWith is Open with opts. The hook does not see the transactions of the open itself.
+func OpenWith(dir string, opts Options) (*DB, error) {
 	path := filepath.Join(dir, FileName)
 	b, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
 	switch {
@@ -87,6 +102,7 @@ func Open(dir string) (*DB, error) {
 		b.Close()
 		return nil, err
 	}
+	db.opts = opts
 	return db, nil
 }
 
@@ -175,7 +191,21 @@ func (db *DB) View(fn func(*Tx) error) error {
 // written in fn becomes durable together, or (on any error, or a crash before Update returns)
 // none does.
 func (db *DB) Update(fn func(*Tx) error) error {
-	return db.bolt.Update(func(tx *bolt.Tx) error { return fn(&Tx{tx: tx}) })
+	commit := func() error { return db.bolt.Update(func(tx *bolt.Tx) error { return fn(&Tx{tx: tx}) }) }
+	if db.opts.CommitHook != nil {
+		return db.opts.CommitHook(commit)
+	}
+	return commit()
+}
+
+// CopyTo writes a consistent copy of the catalogue as of its last commit to w: a valid
+// catalogue file. Every commit is synced before Update returns, so between commits this is
+// also what a crash would leave on disk.
+func (db *DB) CopyTo(w io.Writer) error {
+	return db.bolt.View(func(tx *bolt.Tx) error {
+		_, err := tx.WriteTo(w)
+		return err
+	})
 }
 
 // PeekID returns the id that NextID(seq) would hand out, without taking it.

@@ -2,6 +2,7 @@ package store
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"path/filepath"
 	"slices"
@@ -44,5 +45,47 @@ func TestDirListAndRoundTrip(t *testing.T) {
 	}
 	if names, _ := d.List(); len(names) != 0 {
 		t.Fatalf("List after Remove = %v", names)
+	}
+}
+
+// failSyncOnce fails its first Sync and lets later ones through, as Linux may after a
+// writeback error.
+type failSyncOnce struct {
+	File
+	n int
+}
+
+func (f *failSyncOnce) Sync() error {
+	f.n++
+	if f.n == 1 {
+		return errors.New("injected writeback error")
+	}
+	return nil
+}
+
+// TestStickySync: after one failed Sync every later Sync fails, though the store below would
+// report success.
+func TestStickySync(t *testing.T) {
+	d := Dir{Path: t.TempDir()}
+	raw, err := d.Create("f", 4096)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	inner := &failSyncOnce{File: raw}
+	f := StickySync(inner)
+	if StickySync(f) != f {
+		t.Fatal("StickySync of a sticky file wraps it again")
+	}
+	if err := f.Sync(); err == nil {
+		t.Fatal("first sync: want the injected error")
+	}
+	for i := range 3 {
+		if err := f.Sync(); err == nil {
+			t.Fatalf("sync %d after a failure succeeded", i+2)
+		}
+	}
+	if inner.n != 1 {
+		t.Fatalf("the store below saw %d syncs, want 1 (later syncs must not reach it)", inner.n)
 	}
 }

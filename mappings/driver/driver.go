@@ -47,6 +47,9 @@ type Options struct {
 	Cache cachelayer.Options
 	// ProgressInterval is how often engine progress is fed to the model (default 500 ms).
 	ProgressInterval time.Duration
+	// MetadataRetry is how often the catalogue is retried while mappings are suspended
+	// because it could not be written (default 2 s).
+	MetadataRetry time.Duration
 }
 
 // Driver is the FlashCopy control plane with its data path. It implements the control API's
@@ -64,16 +67,19 @@ type Driver struct {
 	stacks   map[mappings.VolumeID]*stack
 
 	// mu serialises every change of the model and the execution of its effects.
-	mu      sync.Mutex
-	model   *mappings.Model
-	active  map[mappings.MappingID]bool // mappings the engine has
-	waiters map[mappings.MappingID][]chan error
-	fenceEr map[mappings.MappingID]error // why the last start of a mapping was abandoned
-	holds   map[mappings.GroupID]time.Duration
-	rates   map[mappings.MappingID]*throughput
-	applied map[mappings.MappingID][2]int // copy and clean rate last given to the engine
-	held    map[mappings.VolumeID]bool    // sources the fence in progress holds
-	started []mappings.MappingID          // committed by the effects being applied; resolved after them
+	mu       sync.Mutex
+	model    *mappings.Model
+	active   map[mappings.MappingID]bool // mappings the engine has
+	waiters  map[mappings.MappingID][]chan error
+	fenceEr  map[mappings.MappingID]error // why the last start of a mapping was abandoned
+	holds    map[mappings.GroupID]time.Duration
+	rates    map[mappings.MappingID]*throughput
+	applied  map[mappings.MappingID][2]int // copy and clean rate last given to the engine
+	held     map[mappings.VolumeID]bool    // sources the fence in progress holds
+	started  []mappings.MappingID          // committed by the effects being applied; resolved after them
+	diffs    map[mappings.MappingID]bool   // incremental mappings whose difference the engine records
+	deferred []mappings.Event              // events whose commit failed, fed again on recovery (metadata.go)
+	metaKick chan struct{}
 
 	stop    chan struct{}
 	closing atomic.Bool
@@ -100,23 +106,29 @@ func Open(opts Options) (*Driver, error) {
 	if opts.ProgressInterval <= 0 {
 		opts.ProgressInterval = 500 * time.Millisecond
 	}
+	if opts.MetadataRetry <= 0 {
+		opts.MetadataRetry = defaultMetadataRetry
+	}
 	d := &Driver{
 		opts: opts, log: opts.Logger, cat: opts.Catalog,
-		journal: newJournal(opts.Catalog),
-		pool:    cachelayer.NewPool(opts.CacheSize),
-		stacks:  map[mappings.VolumeID]*stack{},
-		active:  map[mappings.MappingID]bool{},
-		waiters: map[mappings.MappingID][]chan error{},
-		fenceEr: map[mappings.MappingID]error{},
-		holds:   map[mappings.GroupID]time.Duration{},
-		rates:   map[mappings.MappingID]*throughput{},
-		applied: map[mappings.MappingID][2]int{},
-		held:    map[mappings.VolumeID]bool{},
-		stop:    make(chan struct{}),
+		journal:  newJournal(opts.Catalog),
+		pool:     cachelayer.NewPool(opts.CacheSize),
+		stacks:   map[mappings.VolumeID]*stack{},
+		active:   map[mappings.MappingID]bool{},
+		waiters:  map[mappings.MappingID][]chan error{},
+		fenceEr:  map[mappings.MappingID]error{},
+		holds:    map[mappings.GroupID]time.Duration{},
+		rates:    map[mappings.MappingID]*throughput{},
+		applied:  map[mappings.MappingID][2]int{},
+		held:     map[mappings.VolumeID]bool{},
+		stop:     make(chan struct{}),
+		metaKick: make(chan struct{}, 1),
+		diffs:    map[mappings.MappingID]bool{},
 	}
-	d.eng = cow.New(d.journal, cow.Options{})
+	d.eng = cow.New(watchedJournal{d.journal, d}, cow.Options{})
 
 	model := mappings.New()
+	var diffLost []mappings.MappingID
 	if err := d.cat.View(func(tx *catalog.Tx) error {
 		if data := tx.Model(); data != nil {
 			if err := json.Unmarshal(data, model); err != nil {
@@ -127,6 +139,14 @@ func Open(opts Options) (*Driver, error) {
 			if mp.ChainSeq != 0 {
 				if err := d.journal.load(tx, int(id)); err != nil {
 					return err
+				}
+			}
+			if mp.Incremental {
+				// An unreadable difference record only costs a full copy at the next start.
+				if err := d.journal.loadKind(tx, diffKey(int(id))); err != nil {
+					d.log.Warn().Err(err).Int("fcmap", int(id)).Msg("difference bitmap unreadable: the next start copies everything")
+					d.journal.installKind(diffKey(int(id)), chunks{})
+					diffLost = append(diffLost, id)
 				}
 			}
 		}
@@ -143,14 +163,15 @@ func Open(opts Options) (*Driver, error) {
 		return nil, err
 	}
 	d.vols = vols
-	if err := d.reopen(); err != nil {
+	if err := d.reopen(diffLost); err != nil {
 		d.vols.Close()
 		d.eng.Close()
 		return nil, err
 	}
-	d.wg.Add(2)
+	d.wg.Add(3)
 	go d.engineEvents()
 	go d.progressLoop()
+	go d.recoveryLoop()
 	return d, nil
 }
 
@@ -183,6 +204,7 @@ func (d *Driver) Close() error {
 // buildStack is the volume manager's StackFunc: gate → cache → engine → file.
 func (d *Driver) buildStack(v catalog.Volume, f store.File) (blockdev.Device, error) {
 	id := mappings.VolumeID(v.ID)
+	f = store.StickySync(f) // a failed FLUSH is never followed by a successful one
 	if err := d.eng.AddVolume(int(id), v.Capacity, f); err != nil {
 		return nil, err
 	}

@@ -30,6 +30,8 @@ type rig struct {
 	d   *Driver
 	fs  store.FS
 	opt Options
+	// catOpts opens the catalogue (fault and crash tests set a commit hook).
+	catOpts catalog.Options
 }
 
 func newRig(t *testing.T, mod func(*Options)) *rig {
@@ -48,7 +50,7 @@ func newRig(t *testing.T, mod func(*Options)) *rig {
 
 func (r *rig) open() {
 	r.t.Helper()
-	cat, err := catalog.Open(r.dir)
+	cat, err := catalog.OpenWith(r.dir, r.catOpts)
 	if err != nil {
 		r.t.Fatal(err)
 	}

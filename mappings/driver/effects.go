@@ -39,6 +39,7 @@ func (d *Driver) eventLocked(ev mappings.Event) {
 	}
 	if err := d.apply(next, effs); err != nil {
 		d.log.Error().Err(err).Str("event", fmt.Sprintf("%T", ev)).Msg("event's effects failed")
+		d.eventFailedLocked(ev, err)
 	}
 }
 
@@ -64,6 +65,7 @@ func (d *Driver) apply(next *mappings.Model, effs []mappings.Effect) error {
 	}
 	d.model = next
 	d.syncEngine()
+	d.syncDiffs()
 	// A start's waiters hear of it only now that every effect of the start ran: the sources
 	// are released and the targets online (§6 step 4), so the caller sees what it started.
 	for _, id := range d.started {
@@ -120,7 +122,12 @@ func (d *Driver) do(next *mappings.Model, e mappings.Effect) error {
 			return fmt.Errorf("split fcmap %d: %w", e.Map, err)
 		}
 	case mappings.DropMapping:
+		failpoint("delete-before-drop-bitmaps")
+		// No write records for the mapping once this returns; only then may its image go.
+		d.eng.UntrackDifference(int(e.Map))
+		delete(d.diffs, e.Map)
 		d.journal.drop(int(e.Map))
+		d.journal.dropKind(diffKey(int(e.Map)))
 		if err := d.cat.Update(func(tx *catalog.Tx) error {
 			if err := tx.DeleteBitmap(uint64(e.Map), catalog.SplitBitmap); err != nil {
 				return err
@@ -144,10 +151,11 @@ func (d *Driver) persist(m *mappings.Model) error {
 	if err != nil {
 		return fcerr.New(fcerr.Internal, "encode the FlashCopy model: %v", err)
 	}
-	// failpoint: before-persist
+	failpoint("before-persist")
 	if err := d.cat.Update(func(tx *catalog.Tx) error { return tx.PutModel(data) }); err != nil {
 		return fcerr.New(fcerr.MetadataUnwritable, "the catalogue could not be written: %v", err)
 	}
+	failpoint("after-persist")
 	return nil
 }
 
@@ -162,14 +170,16 @@ func (d *Driver) commitStart(next *mappings.Model, e mappings.CommitStart) error
 		size := next.Volumes[en.Source].Size
 		grain := int64(en.GrainKiB) << 10
 		bm := bitmap.New(size, grain)
-		// FromDifference is not used yet: the engine does not record difference bitmaps, so an
-		// incremental restart copies everything (correct, only slower).
-		if en.RestoreOf != mappings.NoMapping {
-			partner := d.journal.bitmap(int(en.RestoreOf), size, grain)
-			for g := partner.NextClear(0); g >= 0; g = partner.NextClear(g + 1) {
+		if en.FromDifference {
+			// Every grain written on neither volume since the last start holds the same
+			// data on both (the model trusts the record only after a complete copy).
+			diff := d.journal.bitmapKind(diffKey(int(en.Map)), size, grain)
+			for g := diff.NextClear(0); g >= 0; g = diff.NextClear(g + 1) {
 				bm.Set(g)
 			}
 		}
+		// RestoreOf: the engine adds the grains the restore's source still reads through to
+		// its target (those the partner, or another target of the same source, never split).
 		specs = append(specs, cow.MappingSpec{
 			ID: int(en.Map), Source: int(en.Source), Target: int(en.Target), GrainSize: grain, Split: bm,
 		})
@@ -185,12 +195,17 @@ func (d *Driver) commitStart(next *mappings.Model, e mappings.CommitStart) error
 		undoImages()
 		return fcerr.New(fcerr.BadState, "the copy-on-write engine refused the start: %v", err)
 	}
+	for _, s := range specs {
+		d.journal.merge(s.ID, s.Split)
+	}
 	data, err := json.Marshal(next)
 	if err != nil {
 		return fcerr.New(fcerr.Internal, "encode the FlashCopy model: %v", err)
 	}
-	// failpoint: start-before-commit
-	err = d.journal.commitImages(ids, func(tx *catalog.Tx) error { return tx.PutModel(data) })
+	imgs := d.startDifferences(next, e, specs)
+	imgs.splits = ids
+	failpoint("start-before-commit")
+	diffs, err := d.journal.commitStart(imgs, func(tx *catalog.Tx) error { return tx.PutModel(data) })
 	if err != nil {
 		for _, id := range ids {
 			d.eng.StopMapping(id, true)
@@ -199,13 +214,128 @@ func (d *Driver) commitStart(next *mappings.Model, e mappings.CommitStart) error
 		undoImages()
 		return fcerr.New(fcerr.MetadataUnwritable, "start: the catalogue could not be written: %v", err)
 	}
-	// failpoint: start-after-commit
+	failpoint("start-after-commit")
+	d.adoptDifferences(next, e, diffs)
 	for _, id := range ids {
 		d.active[mappings.MappingID(id)] = true
 		d.rates[mappings.MappingID(id)] = &throughput{}
 		d.started = append(d.started, mappings.MappingID(id))
 	}
 	return nil
+}
+
+// startDifferences is what a start does to difference bitmaps, for the start commit: an
+// incremental mapping that starts has its bitmap cleared (ResetDifference); any other
+// incremental mapping with the target of a starting mapping as its source or target gets a bit
+// for every grain whose view that start changes (those not seeded as split), since the grain
+// may now differ between its two volumes.
+func (d *Driver) startDifferences(next *mappings.Model, e mappings.CommitStart, specs []cow.MappingSpec) startImages {
+	imgs := startImages{diffs: map[int]func(*bitmap.Bitmap) *bitmap.Bitmap{}, geom: map[int][2]int64{}}
+	reset := map[mappings.MappingID]bool{}
+	for _, en := range e.Entries {
+		if en.ResetDifference && d.diffs[en.Map] {
+			reset[en.Map] = true
+			imgs.diffs[int(en.Map)] = func(old *bitmap.Bitmap) *bitmap.Bitmap {
+				return bitmap.New(old.VolumeSize(), old.GrainSize())
+			}
+		}
+	}
+	for i, en := range e.Entries {
+		seed := specs[i].Split
+		for id, mp := range next.Mappings {
+			if id == en.Map || reset[id] || !d.diffs[id] || (mp.Source != en.Target && mp.Target != en.Target) {
+				continue
+			}
+			prev := imgs.diffs[int(id)]
+			imgs.diffs[int(id)] = func(old *bitmap.Bitmap) *bitmap.Bitmap {
+				if prev != nil {
+					old = prev(old)
+				}
+				if old.GrainSize() != seed.GrainSize() {
+					old.Fill() // another grain size: every grain may differ
+					return old
+				}
+				for g := seed.NextClear(0); g >= 0; g = seed.NextClear(g + 1) {
+					old.Set(g)
+				}
+				return old
+			}
+		}
+	}
+	for id := range imgs.diffs {
+		mp := next.Mappings[mappings.MappingID(id)]
+		imgs.geom[id] = [2]int64{next.Volumes[mp.Source].Size, int64(mp.GrainKiB) << 10}
+	}
+	return imgs
+}
+
+// adoptDifferences gives the engine the difference bitmaps the start commit wrote: fresh ones
+// for the mappings that started, the added bits for the others.
+func (d *Driver) adoptDifferences(next *mappings.Model, e mappings.CommitStart, diffs map[int]*bitmap.Bitmap) {
+	starting := map[int]bool{}
+	for _, en := range e.Entries {
+		starting[int(en.Map)] = true
+	}
+	for id, bm := range diffs {
+		mp := next.Mappings[mappings.MappingID(id)]
+		var err error
+		if starting[id] {
+			err = d.eng.TrackDifference(id, int(mp.Source), int(mp.Target), bm)
+		} else {
+			err = d.eng.AddDifference(id, bm)
+		}
+		if err != nil {
+			d.log.Error().Err(err).Int("fcmap", id).Msg("engine: difference bitmap after a start")
+		}
+	}
+}
+
+// syncDiffs makes the engine record differences for every incremental mapping of the model
+// (created since the last call, or loaded at open); deleted ones are dropped by DropMapping.
+func (d *Driver) syncDiffs() {
+	for id, mp := range d.model.Mappings {
+		if !mp.Incremental || d.diffs[id] {
+			continue
+		}
+		size, grain := d.model.Volumes[mp.Source].Size, int64(mp.GrainKiB)<<10
+		if !d.journal.has(diffKey(int(id))) {
+			d.journal.installKind(diffKey(int(id)), chunks{})
+		}
+		bm := d.journal.bitmapKind(diffKey(int(id)), size, grain)
+		if err := d.eng.TrackDifference(int(id), int(mp.Source), int(mp.Target), bm); err != nil {
+			d.log.Error().Err(err).Int("fcmap", int(id)).Msg("engine: track the difference bitmap")
+			continue
+		}
+		d.diffs[id] = true
+	}
+}
+
+// beforeStartCommit feeds, just before FenceDrained, what the model's seeding decisions need
+// to match the data path exactly: each incremental member's difference count as it is now
+// (the sources are held and the targets offline, so it stays), and DiffLost for a member whose
+// volume is the target of another member (that start changes grains its record does not show).
+func (d *Driver) beforeStartCommit(f mappings.Fence) {
+	targets := map[mappings.VolumeID]mappings.MappingID{}
+	for _, id := range f.Maps {
+		if mp := d.model.Mappings[id]; mp != nil {
+			targets[mp.Target] = id
+		}
+	}
+	for _, id := range f.Maps {
+		mp := d.model.Mappings[id]
+		if mp == nil || !mp.Incremental {
+			continue
+		}
+		x, crossS := targets[mp.Source]
+		y, crossT := targets[mp.Target]
+		if !d.diffs[id] || (crossS && x != id) || (crossT && y != id) {
+			d.eventLocked(mappings.DiffLost{Map: id})
+			continue
+		}
+		if n, err := d.eng.DifferenceCount(int(id)); err == nil {
+			d.eventLocked(mappings.DiffCount{Map: id, Grains: int64(n)})
+		}
+	}
 }
 
 // fence is §6 steps 1–2 and hands over to the state machine for 3–4: hold every source at its
@@ -237,6 +367,7 @@ func (d *Driver) fence(f mappings.Fence) {
 	defer d.mu.Unlock()
 	d.held = held
 	if err == nil {
+		d.beforeStartCommit(f)
 		d.eventLocked(mappings.FenceDrained{Fence: f, Now: drained.UTC()})
 		// If the commit failed, the model still has the start in progress: abandon it.
 		for _, id := range f.Maps {
@@ -305,6 +436,7 @@ func (d *Driver) syncEngine() {
 					d.eng.StopMapping(int(id), true)
 				}
 			}
+			failpoint("before-engine-remove")
 			if err := d.eng.RemoveMapping(int(id)); err != nil {
 				d.log.Error().Err(err).Int("fcmap", int(id)).Msg("engine: remove mapping")
 				continue

@@ -12,38 +12,60 @@ import (
 // chunkBits is how many grains one stored bitmap chunk covers (4 KiB of bits).
 const chunkBits = 4096 * 8
 
-// journal makes split bits durable in the catalogue for the copy-on-write engine
-// (cow.BitJournal). It keeps the durable image of every active mapping's split bitmap in
-// chunks, so that a commit of new bits writes only the chunks they fall in, and so that a
-// failed commit leaves the image as it was on disk.
+// imgKey names one bitmap of one mapping: its split bitmap (while active) or its difference
+// bitmap (incremental mappings, from creation to deletion).
+type imgKey struct {
+	id   int
+	kind catalog.BitmapKind
+}
+
+func splitKey(id int) imgKey { return imgKey{id, catalog.SplitBitmap} }
+func diffKey(id int) imgKey  { return imgKey{id, catalog.DifferenceBitmap} }
+
+// chunks is a bitmap as stored: chunk number → chunkBits/8 bytes; absent chunks are all clear.
+type chunks = map[uint32][]byte
+
+// journal makes split and difference bits durable in the catalogue for the copy-on-write
+// engine (cow.BitJournal). It keeps the durable image of every bitmap in chunks, so that a
+// commit of new bits writes only the chunks they fall in, and so that a failed commit leaves
+// the image as it was on disk.
 type journal struct {
 	db *catalog.DB
 
 	mu     sync.Mutex
-	images map[int]map[uint32][]byte // mapping → chunk → bits
+	images map[imgKey]chunks
 }
 
 func newJournal(db *catalog.DB) *journal {
-	return &journal{db: db, images: map[int]map[uint32][]byte{}}
+	return &journal{db: db, images: map[imgKey]chunks{}}
 }
 
-// SetBits implements cow.BitJournal: every bit of updates is durable when it returns nil, and
-// none is recorded (in memory or on disk) when it returns an error.
+func kindOf(k cow.BitKind) catalog.BitmapKind {
+	if k == cow.DifferenceBits {
+		return catalog.DifferenceBitmap
+	}
+	return catalog.SplitBitmap
+}
+
+// SetBits implements cow.BitJournal: every bit of updates (split and difference bits alike)
+// is durable when it returns nil, and none is recorded (in memory or on disk) when it returns
+// an error.
 func (j *journal) SetBits(updates []cow.BitUpdate) error {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	type ck struct {
-		m int
+		k imgKey
 		c uint32
 	}
 	changed := map[ck][]byte{}
 	for _, u := range updates {
-		img := j.images[u.Mapping]
+		key := imgKey{u.Mapping, kindOf(u.Kind)}
+		img := j.images[key]
 		if img == nil {
-			return fmt.Errorf("split bits for mapping %d, which has no bitmap", u.Mapping)
+			return fmt.Errorf("%v bits for mapping %d, which has no such bitmap", u.Kind, u.Mapping)
 		}
 		for _, g := range u.Grains {
-			k := ck{u.Mapping, uint32(g / chunkBits)}
+			k := ck{key, uint32(g / chunkBits)}
 			buf, ok := changed[k]
 			if !ok {
 				buf = make([]byte, chunkBits/8)
@@ -54,52 +76,85 @@ func (j *journal) SetBits(updates []cow.BitUpdate) error {
 			buf[bit/8] |= 1 << (bit % 8)
 		}
 	}
-	// failpoint: journal-before-commit
+	failpoint("journal-before-commit")
 	err := j.db.Update(func(tx *catalog.Tx) error {
 		for k, buf := range changed {
-			if err := tx.PutBitmapChunk(uint64(k.m), catalog.SplitBitmap, k.c, buf); err != nil {
+			if err := tx.PutBitmapChunk(uint64(k.k.id), k.k.kind, k.c, buf); err != nil {
 				return err
 			}
 		}
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("commit split bits: %w", err)
+		return fmt.Errorf("commit bitmap bits: %w", err)
 	}
-	// failpoint: journal-after-commit
+	failpoint("journal-after-commit")
 	for k, buf := range changed {
-		j.images[k.m][k.c] = buf
+		j.images[k.k][k.c] = buf
 	}
 	return nil
 }
 
-// commitImages runs fn and writes the current images of ids as their whole stored bitmaps, in
-// one catalogue commit (the start commit). Bits committed by SetBits meanwhile are never lost:
-// the journal is locked for the whole commit.
-func (j *journal) commitImages(ids []int, fn func(tx *catalog.Tx) error) error {
+// startImages is what a start commit writes besides the model: the split images of the
+// mappings starting (installed before, whole), and new difference images computed from the
+// current ones under the journal's lock (so that no bit committed meanwhile is lost).
+type startImages struct {
+	splits []int
+	diffs  map[int]func(old *bitmap.Bitmap) *bitmap.Bitmap
+	geom   map[int][2]int64 // mapping → volume size, grain (for diffs)
+}
+
+// commitStart runs fn and writes the images of s in one catalogue commit (the start commit).
+// It returns the difference bitmaps it wrote, installed as the durable images once the commit
+// succeeded; after an error nothing changed.
+func (j *journal) commitStart(s startImages, fn func(tx *catalog.Tx) error) (map[int]*bitmap.Bitmap, error) {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	return j.db.Update(func(tx *catalog.Tx) error {
+	diffs := map[int]*bitmap.Bitmap{}
+	for id, f := range s.diffs {
+		geo := s.geom[id]
+		diffs[id] = f(bitmapOf(j.images[diffKey(id)], geo[0], geo[1]))
+	}
+	err := j.db.Update(func(tx *catalog.Tx) error {
 		if err := fn(tx); err != nil {
 			return err
 		}
-		for _, id := range ids {
-			if err := tx.DeleteBitmap(uint64(id), catalog.SplitBitmap); err != nil {
+		for _, id := range s.splits {
+			if err := writeImage(tx, splitKey(id), j.images[splitKey(id)]); err != nil {
 				return err
 			}
-			for c, buf := range j.images[id] {
-				if err := tx.PutBitmapChunk(uint64(id), catalog.SplitBitmap, c, buf); err != nil {
-					return err
-				}
+		}
+		for id, bm := range diffs {
+			if err := writeImage(tx, diffKey(id), image(bm)); err != nil {
+				return err
 			}
 		}
 		return nil
 	})
+	if err != nil {
+		return nil, err
+	}
+	for id, bm := range diffs {
+		j.images[diffKey(id)] = image(bm)
+	}
+	return diffs, nil
+}
+
+func writeImage(tx *catalog.Tx, k imgKey, img chunks) error {
+	if err := tx.DeleteBitmap(uint64(k.id), k.kind); err != nil {
+		return err
+	}
+	for c, buf := range img {
+		if err := tx.PutBitmapChunk(uint64(k.id), k.kind, c, buf); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // image returns bm as a chunked image.
-func image(bm *bitmap.Bitmap) map[uint32][]byte {
-	img := map[uint32][]byte{}
+func image(bm *bitmap.Bitmap) chunks {
+	img := chunks{}
 	for g := bm.NextSet(0); g >= 0; g = bm.NextSet(g + 1) {
 		c := uint32(g / chunkBits)
 		buf := img[c]
@@ -113,27 +168,10 @@ func image(bm *bitmap.Bitmap) map[uint32][]byte {
 	return img
 }
 
-// install records img as mapping id's durable image (after the commit that wrote it).
-func (j *journal) install(id int, img map[uint32][]byte) {
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	j.images[id] = img
-}
-
-// drop forgets mapping id's image.
-func (j *journal) drop(id int) {
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	delete(j.images, id)
-}
-
-// bitmap returns mapping id's durable split bitmap for a volume of size and grain, or all
-// clear if it has none.
-func (j *journal) bitmap(id int, size, grain int64) *bitmap.Bitmap {
-	j.mu.Lock()
-	defer j.mu.Unlock()
+// bitmapOf returns img as a bitmap of a volume of size and grain.
+func bitmapOf(img chunks, size, grain int64) *bitmap.Bitmap {
 	bm := bitmap.New(size, grain)
-	for c, buf := range j.images[id] {
+	for c, buf := range img {
 		for i, b := range buf {
 			for bit := 0; b != 0; bit++ {
 				if b&1 != 0 {
@@ -148,12 +186,66 @@ func (j *journal) bitmap(id int, size, grain int64) *bitmap.Bitmap {
 	return bm
 }
 
+// install records img as mapping id's durable split image (after the commit that wrote it).
+func (j *journal) install(id int, img chunks) { j.installKind(splitKey(id), img) }
+
+func (j *journal) installKind(k imgKey, img chunks) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.images[k] = img
+}
+
+// merge adds the bits of bm to mapping id's split image (the engine's seed of a start, which
+// it may have completed; bits committed meanwhile stay).
+func (j *journal) merge(id int, bm *bitmap.Bitmap) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	img := j.images[splitKey(id)]
+	for c, buf := range image(bm) {
+		old := img[c]
+		for i := range old {
+			buf[i] |= old[i]
+		}
+		img[c] = buf
+	}
+}
+
+// has reports whether the journal holds bitmap k.
+func (j *journal) has(k imgKey) bool {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.images[k] != nil
+}
+
+// drop forgets mapping id's split image.
+func (j *journal) drop(id int) { j.dropKind(splitKey(id)) }
+
+func (j *journal) dropKind(k imgKey) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	delete(j.images, k)
+}
+
+// bitmap returns mapping id's durable split bitmap for a volume of size and grain, or all
+// clear if it has none.
+func (j *journal) bitmap(id int, size, grain int64) *bitmap.Bitmap {
+	return j.bitmapKind(splitKey(id), size, grain)
+}
+
+func (j *journal) bitmapKind(k imgKey, size, grain int64) *bitmap.Bitmap {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return bitmapOf(j.images[k], size, grain)
+}
+
 // load reads mapping id's stored split bitmap into the journal.
-func (j *journal) load(tx *catalog.Tx, id int) error {
-	img := map[uint32][]byte{}
-	err := tx.BitmapChunks(uint64(id), catalog.SplitBitmap, func(c uint32, data []byte) error {
+func (j *journal) load(tx *catalog.Tx, id int) error { return j.loadKind(tx, splitKey(id)) }
+
+func (j *journal) loadKind(tx *catalog.Tx, k imgKey) error {
+	img := chunks{}
+	err := tx.BitmapChunks(uint64(k.id), k.kind, func(c uint32, data []byte) error {
 		if len(data) != chunkBits/8 {
-			return fmt.Errorf("mapping %d split bitmap chunk %d: %d bytes: %w", id, c, len(data), catalog.ErrCorrupt)
+			return fmt.Errorf("mapping %d bitmap %q chunk %d: %d bytes: %w", k.id, k.kind, c, len(data), catalog.ErrCorrupt)
 		}
 		img[c] = append([]byte(nil), data...)
 		return nil
@@ -161,6 +253,6 @@ func (j *journal) load(tx *catalog.Tx, id int) error {
 	if err != nil {
 		return err
 	}
-	j.install(id, img)
+	j.installKind(k, img)
 	return nil
 }

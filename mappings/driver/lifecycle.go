@@ -15,7 +15,7 @@ import (
 // model knows and the manager has are reconciled, active mappings re-enter the engine's chains
 // with their durable split bitmaps (oldest first, so every chain is rebuilt in order), and the
 // model's Reopen effects set availability, cache modes, workers and redo interrupted prepares.
-func (d *Driver) reopen() error {
+func (d *Driver) reopen(diffLost []mappings.MappingID) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 
@@ -86,6 +86,11 @@ func (d *Driver) reopen() error {
 		}
 	}
 	d.syncEngine()
+	d.syncDiffs()
+	for _, id := range diffLost {
+		d.eventLocked(mappings.DiffLost{Map: id})
+	}
+	d.feedDiffCounts()
 	if len(active) > 0 {
 		d.log.Info().Int("mappings", len(active)).Msg("active FlashCopy mappings resumed")
 	}
@@ -116,10 +121,6 @@ func (d *Driver) engineEvents() {
 		switch ev.Kind {
 		case cow.CopyComplete:
 			d.eventLocked(mappings.CopyComplete{Map: id})
-			if mp := d.model.Mappings[id]; mp != nil && mp.Incremental {
-				// Difference recording is not implemented yet: the next start copies all.
-				d.eventLocked(mappings.DiffLost{Map: id})
-			}
 		case cow.CleanComplete:
 			if p, err := d.eng.Progress(ev.Mapping); err == nil {
 				d.eventLocked(mappings.SplitProgress{Map: id, Split: int64(p.Split)})
@@ -164,7 +165,22 @@ func (d *Driver) progressLoop() {
 				d.eventLocked(mappings.CleanProgress{Map: id, Percent: p.CleanPercent})
 			}
 		}
+		d.feedDiffCounts()
 		d.mu.Unlock()
+	}
+}
+
+// feedDiffCounts brings every incremental mapping's difference count in the model (lsfcmap's
+// difference) up to date with the engine. d.mu is held.
+func (d *Driver) feedDiffCounts() {
+	for id := range d.diffs {
+		mp := d.model.Mappings[id]
+		if mp == nil {
+			continue
+		}
+		if n, err := d.eng.DifferenceCount(int(id)); err == nil && int64(n) != mp.DiffGrains {
+			d.eventLocked(mappings.DiffCount{Map: id, Grains: int64(n)})
+		}
 	}
 }
 

@@ -34,6 +34,8 @@ type oslot struct {
 	name, src, tgt string
 	group          string // "" for a stand-alone mapping
 	exists         bool
+	incremental    bool // mkfcmap -incremental: restarts copy only the differing grains
+	restore        bool // started with -restore (it copies a target back onto its source)
 }
 
 type oracle struct {
@@ -153,18 +155,26 @@ func (o *oracle) setup() {
 	if _, err := o.r.d.MkConsistGrp(o.ctx, api.MkConsistGrp{Name: "g"}); err != nil {
 		o.t.Fatal(err)
 	}
-	add := func(name, src, tgt, group string) {
-		o.slots = append(o.slots, &oslot{name: name, src: src, tgt: tgt, group: group})
+	add := func(name, src, tgt, group string, flags ...string) {
+		s := &oslot{name: name, src: src, tgt: tgt, group: group}
+		for _, f := range flags {
+			s.incremental = s.incremental || f == "incremental"
+			s.restore = s.restore || f == "restore"
+		}
+		o.slots = append(o.slots, s)
 	}
-	add("m1", "s", "t1", "")
+	add("m1", "s", "t1", "", "incremental")
 	add("m2", "s", "t2", "")
-	add("m3", "s", "t3", "")
+	add("m3", "s", "t3", "", "incremental")
 	add("m4", "s", "t4", "")
-	add("ab", "a", "b", "")
+	add("ab", "a", "b", "", "incremental")
 	add("bc", "b", "c", "")
 	add("cd", "c", "d", "")
-	add("gx", "x", "xt", "g")
+	add("gx", "x", "xt", "g", "incremental")
 	add("gy", "y", "yt", "g")
+	// Restores: t1 back onto s (partner m1, with m2–m4 other targets of s), and b onto a.
+	add("r1", "t1", "s", "", "incremental", "restore")
+	add("rb", "b", "a", "", "restore")
 	// Some data everywhere before anything starts.
 	for _, v := range o.vols {
 		o.hostIO(v, 4)
@@ -181,11 +191,11 @@ func (o *oracle) rate() int {
 func (o *oracle) create(s *oslot) {
 	rate, clean := o.rate(), 100+o.rng.IntN(51)
 	if _, err := o.r.d.MkFcmap(o.ctx, api.MkFcmap{Source: s.src, Target: s.tgt, Name: s.name, ConsistGrp: s.group,
-		CopyRate: ip(rate), CleanRate: ip(clean), GrainSize: ip(64)}); err != nil {
+		CopyRate: ip(rate), CleanRate: ip(clean), GrainSize: ip(64), Incremental: s.incremental}); err != nil {
 		o.fatalf("mkfcmap %s: %v", s.name, err)
 	}
 	s.exists = true
-	o.note("mkfcmap %s %s→%s rate %d clean %d", s.name, s.src, s.tgt, rate, clean)
+	o.note("mkfcmap %s %s→%s rate %d clean %d incremental %v", s.name, s.src, s.tgt, rate, clean, s.incremental)
 }
 
 // refused reports whether err is a refusal the oracle's random commands may legitimately get.
@@ -237,18 +247,18 @@ func (o *oracle) start(s *oslot) {
 		o.note("startfcconsistgrp -prep %s", s.group)
 		err = o.r.d.StartConsistGrp(o.ctx, s.group, true, false)
 	} else if o.rng.IntN(3) == 0 {
-		o.note("prestartfcmap %s; startfcmap %s", s.name, s.name)
-		err = o.r.d.PrestartFcmap(o.ctx, s.name, false)
+		o.note("prestartfcmap %s restore=%v; startfcmap %s", s.name, s.restore, s.name)
+		err = o.r.d.PrestartFcmap(o.ctx, s.name, s.restore)
 		if err == nil {
 			o.waitNot(s.name, "preparing")
-			err = o.r.d.StartFcmap(o.ctx, s.name, false, false)
+			err = o.r.d.StartFcmap(o.ctx, s.name, false, s.restore)
 		}
 	} else {
-		o.note("startfcmap -prep %s", s.name)
-		err = o.r.d.StartFcmap(o.ctx, s.name, true, false)
+		o.note("startfcmap -prep %s restore=%v", s.name, s.restore)
+		err = o.r.d.StartFcmap(o.ctx, s.name, true, s.restore)
 	}
 	if err != nil {
-		if !refused(err, fcerr.BadState, fcerr.AlreadyCopying, fcerr.NeedsRestore) {
+		if !refused(err, fcerr.BadState, fcerr.AlreadyCopying, fcerr.NeedsRestore, fcerr.DuplicateRestore) {
 			o.fatalf("start %s: %v", s.name, err)
 		}
 		o.note("  refused: %v", err)
@@ -257,6 +267,14 @@ func (o *oracle) start(s *oslot) {
 		return
 	}
 	o.stats["start"]++
+	for _, m := range members {
+		if m.restore {
+			o.stats["restore start"]++
+		}
+		if f := o.maps()[m.name]; m.incremental && f.Progress > 0 {
+			o.stats["incremental restart, some grains skipped"]++
+		}
+	}
 	for _, m := range members {
 		if src := o.data[m.src]; src != nil {
 			o.data[m.tgt] = bytes.Clone(src)
