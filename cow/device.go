@@ -395,13 +395,20 @@ func (e *Engine) protect(v *volume, g int, view []byte, gOff int64, viewErr erro
 				seen[d] = true
 				switch {
 				case dm.failed.Load():
+					if ferr := dm.failure(); ferr != nil {
+						return ferr
+					}
 					parents = append(parents, d)
 				case viewErr != nil:
-					e.fail(dm, viewErr)
+					if ferr := e.fail(dm, viewErr); ferr != nil {
+						return ferr
+					}
 					parents = append(parents, d)
 				default:
 					if err := writeFull(d, view, gOff); err != nil {
-						e.fail(dm, err)
+						if ferr := e.fail(dm, err); ferr != nil {
+							return ferr
+						}
 						parents = append(parents, d)
 						continue
 					}
@@ -419,7 +426,9 @@ func (e *Engine) protect(v *volume, g int, view []byte, gOff int64, viewErr erro
 			case errors.Is(err, ErrJournal):
 				jerr = err
 			default:
-				e.fail(p.d.target, err)
+				if ferr := e.fail(p.d.target, err); ferr != nil {
+					jerr = ferr
+				}
 				next = append(next, p.d)
 			}
 		}

@@ -8,6 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"golang.org/x/time/rate"
 
@@ -164,12 +165,16 @@ type mapping struct {
 	split          *bitmap.Bitmap
 	grain          int64
 
-	phase     atomic.Int32
-	failed    atomic.Bool
-	copyRate  atomic.Int32
-	cleanRate atomic.Int32
-	lim       *rate.Limiter
-	wake      chan struct{} // rate changed, or the bitmap became full
+	phase  atomic.Int32
+	failed atomic.Bool
+	// failOnce runs the first fail; failMarked says the failure is durable in the journal
+	// (FailureJournal), so the chain may change without a crash undoing the stop.
+	failOnce   sync.Once
+	failMarked atomic.Bool
+	copyRate   atomic.Int32
+	cleanRate  atomic.Int32
+	lim        *rate.Limiter
+	wake       chan struct{} // rate changed, or the bitmap became full
 
 	mu     sync.Mutex // guards cancel
 	cancel context.CancelFunc
@@ -773,22 +778,59 @@ func (e *Engine) Progress(id int) (Progress, error) {
 // fail stops m after a failed grain copy: from now on nothing is copied into its target (its
 // dependants are protected directly), and a background goroutine takes it out of the chain and
 // reports IOError. Safe to call with a gate and a grain lock held.
-func (e *Engine) fail(m *mapping, err error) {
-	if !m.failed.CompareAndSwap(false, true) {
-		return
-	}
-	if e.ctx.Err() != nil {
-		return // closing: nobody is left to hear it
-	}
-	e.wg.Go(func() {
-		e.topoMu.Lock()
-		var deps []int
-		if m.getPhase() != Stopped {
-			e.topoChange([]*volume{m.target}, func() { deps = e.forceUnlink(m) })
+//
+// Before anything relies on the stop — a host write going ahead without copying into the
+// target, the target leaving its chain — the failure is made durable (FailureJournal): were it
+// not, a crash could bring the mapping back as copying, its target reading through a source
+// that has moved on. fail returns an error wrapping ErrJournal while that record is missing;
+// the write that needed the copy must then fail.
+func (e *Engine) fail(m *mapping, err error) error {
+	m.failOnce.Do(func() {
+		closing := e.ctx.Err() != nil
+		if closing || e.markFailed(m.id) == nil {
+			m.failMarked.Store(true)
 		}
-		e.topoMu.Unlock()
-		e.events.push(Event{Kind: IOError, Mapping: m.id, Err: err, Dependants: deps})
+		m.failed.Store(true)
+		if closing {
+			return // nobody is left to hear it
+		}
+		e.wg.Go(func() {
+			failpoint("cow-fail-before-unlink")
+			for !m.failMarked.Load() {
+				select {
+				case <-e.ctx.Done():
+					return
+				case <-time.After(time.Second):
+				}
+				if e.markFailed(m.id) == nil {
+					m.failMarked.Store(true)
+				}
+			}
+			e.topoMu.Lock()
+			var deps []int
+			if m.getPhase() != Stopped {
+				e.topoChange([]*volume{m.target}, func() { deps = e.forceUnlink(m) })
+			}
+			e.topoMu.Unlock()
+			e.events.push(Event{Kind: IOError, Mapping: m.id, Err: err, Dependants: deps})
+		})
 	})
+	return m.failure()
+}
+
+// failure is nil unless m failed and the failure is not yet durable.
+func (m *mapping) failure() error {
+	if m.failed.Load() && !m.failMarked.Load() {
+		return fmt.Errorf("mapping %d: the stop after a failed grain copy could not be recorded: %w (%w)", m.id, ErrJournal, syscall.EIO)
+	}
+	return nil
+}
+
+func (e *Engine) markFailed(id int) error {
+	if fj, ok := e.journal.(FailureJournal); ok {
+		return fj.MarkFailed(id)
+	}
+	return nil
 }
 
 // eventQueue is an unbounded queue feeding a channel, so no engine path blocks on a slow reader.

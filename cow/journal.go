@@ -44,6 +44,14 @@ type BitJournal interface {
 	SetBits(updates []BitUpdate) error
 }
 
+// FailureJournal is implemented by a BitJournal that can record, durably, that a mapping was
+// stopped by a failed grain copy. The engine records it before the host write that triggered
+// the copy goes ahead and before the target leaves its chain; on restart the control plane
+// finds the record and stops the mapping instead of resuming it.
+type FailureJournal interface {
+	MarkFailed(mapping int) error
+}
+
 // ErrJournal marks errors from the BitJournal: the mapping's metadata is unavailable
 // (flashcopy.md §3 "Bitmap offline"), which the control plane turns into suspended. The host
 // write that needed the bit fails with EIO and nothing is assumed about the grain.

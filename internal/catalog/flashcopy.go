@@ -29,6 +29,9 @@ type BitmapKind byte
 const (
 	SplitBitmap      BitmapKind = 's'
 	DifferenceBitmap BitmapKind = 'd'
+	// FailureRecord is one chunk (0) saying the mapping was stopped by a failed grain copy;
+	// it is written before anything relies on the stop, and removed when the mapping starts.
+	FailureRecord BitmapKind = 'f'
 )
 
 func bitmapKey(mapID uint64, kind BitmapKind, chunk uint32) []byte {

@@ -350,6 +350,16 @@ func crashWorkload(t *testing.T, d *Driver, or *crashOracle, rng *rand.Rand, cra
 	for i := 0; i < 48 && !crashed.Load(); i++ {
 		write([]string{"a", "b", "ta"}[rng.IntN(3)], rng.IntN(slots), 2)
 	}
+	// Background copy (mb) must have copied a grain before the stop, whatever the machine's
+	// load: the background-copy crash points fire only then.
+	for deadline := time.Now().Add(5 * time.Second); !crashed.Load() && time.Now().Before(deadline); {
+		f, err := d.Fcmap(ctx, "mb")
+		must(err)
+		if f.GrainsCopied > 0 || f.Progress == 100 {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 	if !phase("stop") {
 		return
 	}

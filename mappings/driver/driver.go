@@ -192,11 +192,14 @@ func (d *Driver) Close() error {
 			errs = append(errs, fmt.Errorf("flush volume %d: %w", s.id, err))
 		}
 	}
+	// Then stop the engine's background copy and cleaning (and its committer) before any file
+	// closes: a grain copy must never meet a closed file. What was flushed above is durable;
+	// the volume manager's own final flush and close below find nothing left to do.
 	d.closing.Store(true)
-	err := errors.Join(append(errs, d.vols.Close())...)
-	if cerr := d.eng.Close(); err == nil {
-		err = cerr
+	if err := d.eng.Close(); err != nil {
+		errs = append(errs, err)
 	}
+	err := errors.Join(append(errs, d.vols.Close())...)
 	d.wg.Wait()
 	return err
 }
@@ -267,8 +270,11 @@ func (s *stack) WriteAt(p []byte, off int64, fua bool) error {
 }
 
 func (s *stack) Flush() error {
-	// The volume manager's final flush at shutdown reaches offline volumes too.
-	if err := s.check(); err != nil && !s.d.closing.Load() {
+	// At shutdown the driver has flushed every cache already, before the engine closed.
+	if s.d.closing.Load() {
+		return nil
+	}
+	if err := s.check(); err != nil {
 		return err
 	}
 	return s.cache.Flush()
@@ -292,6 +298,11 @@ func (s *stack) WriteZeroes(off, length int64, mayPunch, fua bool) error {
 // daemon stops.
 func (s *stack) Close() error {
 	err := s.cache.Close()
+	if s.d.closing.Load() {
+		// Flushed by Driver.Close while the engine was still open; what Close's own flush
+		// says of the closed engine (ESHUTDOWN) is not news.
+		err = nil
+	}
 	rerr := s.d.eng.RemoveVolume(int(s.id))
 	// At shutdown, volumes still in chains stay registered until the engine closes.
 	inUse := errors.Is(rerr, cow.ErrVolumeInUse) && s.d.closing.Load()

@@ -129,10 +129,12 @@ func (d *Driver) do(next *mappings.Model, e mappings.Effect) error {
 		d.journal.drop(int(e.Map))
 		d.journal.dropKind(diffKey(int(e.Map)))
 		if err := d.cat.Update(func(tx *catalog.Tx) error {
-			if err := tx.DeleteBitmap(uint64(e.Map), catalog.SplitBitmap); err != nil {
-				return err
+			for _, k := range []catalog.BitmapKind{catalog.SplitBitmap, catalog.DifferenceBitmap, catalog.FailureRecord} {
+				if err := tx.DeleteBitmap(uint64(e.Map), k); err != nil {
+					return err
+				}
 			}
-			return tx.DeleteBitmap(uint64(e.Map), catalog.DifferenceBitmap)
+			return nil
 		}); err != nil {
 			// Harmless: a later start of the same id can't happen (ids are not reused) and
 			// the next start of any mapping rewrites its own bitmap whole.

@@ -250,8 +250,10 @@ func TestFaultMetadata(t *testing.T) {
 }
 
 // TestFaultMetadataDuringIOError: a grain copy fails while the catalogue can't record the
-// stop either: the mapping is suspended (nothing shows the unlinked target), and once the
-// catalogue is back the kept I/O error stops it, target offline, source online.
+// stop either: the host write that needed the copy fails (going ahead would let a crash bring
+// the target back reading data from after its start), the mapping is suspended, and once the
+// catalogue is back the failure is recorded and stops it: target offline, source online and
+// unchanged by the failed write.
 func TestFaultMetadataDuringIOError(t *testing.T) {
 	sw := errorfs.NewSwitch(errorfs.And(errorfs.OnFile(volFile(1)), errorfs.OnOp(errorfs.OpWrite)))
 	fr := newFaultRig(t, sw, nil)
@@ -261,8 +263,8 @@ func TestFaultMetadataDuringIOError(t *testing.T) {
 	r.start("m")
 	sw.On()
 	fr.metaDown.Store(true)
-	if err := r.writeFUA("src", 4096, pattern(0x61, 4096)); err != nil {
-		t.Fatalf("host write whose copy failed: %v, want success", err)
+	if err := r.writeFUA("src", 4096, pattern(0x61, 4096)); !isEIO(err) {
+		t.Fatalf("host write whose copy failed and whose failure can't be recorded: %v, want EIO", err)
 	}
 	r.waitStatus("m", "suspended")
 	r.expectEIO("tgt")
@@ -274,7 +276,11 @@ func TestFaultMetadataDuringIOError(t *testing.T) {
 	}
 	r.waitStatus("m", "stopped")
 	r.expectEIO("tgt")
-	r.expect("src", 4096, pattern(0x61, 4096))
+	r.expect("src", 4096, pattern(0, 4096))
+	if err := r.writeFUA("src", 4096, pattern(0x62, 4096)); err != nil {
+		t.Fatalf("host write once the mapping is stopped: %v", err)
+	}
+	r.expect("src", 4096, pattern(0x62, 4096))
 }
 
 // TestFaultSyncSticky: a failed sync of a volume's file fails the FLUSH (and FUA write) that

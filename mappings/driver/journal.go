@@ -123,6 +123,9 @@ func (j *journal) commitStart(s startImages, fn func(tx *catalog.Tx) error) (map
 			if err := writeImage(tx, splitKey(id), j.images[splitKey(id)]); err != nil {
 				return err
 			}
+			if err := tx.DeleteBitmap(uint64(id), catalog.FailureRecord); err != nil {
+				return err
+			}
 		}
 		for id, bm := range diffs {
 			if err := writeImage(tx, diffKey(id), image(bm)); err != nil {
@@ -255,4 +258,27 @@ func (j *journal) loadKind(tx *catalog.Tx, k imgKey) error {
 	}
 	j.installKind(k, img)
 	return nil
+}
+
+// MarkFailed implements cow.FailureJournal: it records, durably, that mapping id was stopped by
+// a failed grain copy, so that a restart stops it rather than resuming it.
+func (j *journal) MarkFailed(id int) error {
+	// failpoint: journal-before-mark-failed
+	err := j.db.Update(func(tx *catalog.Tx) error {
+		return tx.PutBitmapChunk(uint64(id), catalog.FailureRecord, 0, []byte{1})
+	})
+	if err != nil {
+		return fmt.Errorf("record the failure of mapping %d: %w", id, err)
+	}
+	return nil
+}
+
+// failed reports whether mapping id has a failure record.
+func failedRecord(tx *catalog.Tx, id int) (bool, error) {
+	found := false
+	err := tx.BitmapChunks(uint64(id), catalog.FailureRecord, func(uint32, []byte) error {
+		found = true
+		return nil
+	})
+	return found, err
 }

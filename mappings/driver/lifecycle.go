@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"fcnbd/cow"
+	"fcnbd/internal/catalog"
 	"fcnbd/internal/fcerr"
 	"fcnbd/mappings"
 )
@@ -79,6 +80,27 @@ func (d *Driver) reopen(diffLost []mappings.MappingID) error {
 			d.active[mp.ID] = true
 			d.rates[mp.ID] = &throughput{}
 		}
+	}
+	// A mapping whose grain copy failed, and whose stop did not reach the catalogue before the
+	// daemon died, stops now: its target may lack grains its source has since overwritten.
+	var failed []mappings.MappingID
+	if err := d.cat.View(func(tx *catalog.Tx) error {
+		for _, mp := range active {
+			f, err := failedRecord(tx, int(mp.ID))
+			if err != nil {
+				return err
+			}
+			if f {
+				failed = append(failed, mp.ID)
+			}
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	for _, id := range failed {
+		d.log.Warn().Int("fcmap", int(id)).Msg("a grain copy had failed before the restart: the mapping is stopped")
+		d.eventLocked(mappings.IOError{Map: id})
 	}
 	for _, e := range d.model.Reopen() {
 		if err := d.do(d.model, e); err != nil {

@@ -57,6 +57,18 @@ func (w watchedJournal) SetBits(updates []cow.BitUpdate) error {
 	return fmt.Errorf("%w (bitmap offline): %w", syscall.EIO, err)
 }
 
+// MarkFailed records a failed grain copy (cow.FailureJournal); if the catalogue can't take it,
+// the mapping's metadata is offline like a failed bit commit: the engine fails the host write
+// that needed the copy, and the mapping is suspended until the record can be written.
+func (w watchedJournal) MarkFailed(id int) error {
+	err := w.journal.MarkFailed(id)
+	if err == nil {
+		return nil
+	}
+	go w.d.bitmapOffline([]mappings.MappingID{mappings.MappingID(id)}, err)
+	return fmt.Errorf("%w (bitmap offline): %w", syscall.EIO, err)
+}
+
 func (d *Driver) bitmapOffline(ids []mappings.MappingID, why error) {
 	if d.closing.Load() {
 		return

@@ -192,6 +192,12 @@ func (o *oracle) create(s *oslot) {
 	rate, clean := o.rate(), 100+o.rng.IntN(51)
 	if _, err := o.r.d.MkFcmap(o.ctx, api.MkFcmap{Source: s.src, Target: s.tgt, Name: s.name, ConsistGrp: s.group,
 		CopyRate: ip(rate), CleanRate: ip(clean), GrainSize: ip(64), Incremental: s.incremental}); err != nil {
+		if s.group != "" && refused(err, fcerr.BadState) {
+			// A group's membership can't change while its other members are active.
+			o.note("mkfcmap %s refused: %v", s.name, err)
+			o.stats["mkfcmap refused"]++
+			return
+		}
 		o.fatalf("mkfcmap %s: %v", s.name, err)
 	}
 	s.exists = true
