@@ -6,18 +6,30 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"fcnbd/internal/blockdev"
 )
 
 // Options tune a Cache. The zero value gives the defaults.
 type Options struct {
-	// DestageConcurrency bounds the background destage writes in flight (default 4). Below the
-	// dirty high-water mark one runs; above it, all of them.
+	// DestageConcurrency bounds the background destage writes in flight (default 4). Between
+	// the dirty low- and high-water marks one runs; above the high-water mark, all of them.
 	DestageConcurrency int
+	// DirtyLowWater is the fraction of the cache's fair share of the budget above which
+	// background destage starts (default 0.7). Below it, dirty data waits for MaxDirtyAge, a
+	// Flush, a FUA write or a Hold's prepare: data rewritten meanwhile costs no lower write,
+	// and neighbours written meanwhile are destaged in one.
+	DirtyLowWater float64
 	// DirtyHighWater is the fraction of the cache's fair share of the budget above which every
-	// destage worker runs (default 0.25).
+	// destage worker runs (default 0.85; at least DirtyLowWater).
 	DirtyHighWater float64
+	// MaxDirtyAge is how long data may stay dirty below the low-water mark before background
+	// destage writes it anyway (default 3s).
+	MaxDirtyAge time.Duration
+	// EagerDestage starts background destage as soon as anything is dirty, ignoring
+	// DirtyLowWater and MaxDirtyAge: for tests that need destage in flight.
+	EagerDestage bool
 	// MaxDestageRun is the most bytes one destage write coalesces (default 256 KiB).
 	MaxDestageRun int
 	// MaxCachedWrite is the largest write the cache takes (default 256 KiB, one destage run); a
@@ -33,8 +45,15 @@ func (o Options) withDefaults() Options {
 	if o.DestageConcurrency <= 0 {
 		o.DestageConcurrency = 4
 	}
+	if o.DirtyLowWater <= 0 || o.DirtyLowWater > 1 {
+		o.DirtyLowWater = 0.7
+	}
 	if o.DirtyHighWater <= 0 || o.DirtyHighWater > 1 {
-		o.DirtyHighWater = 0.25
+		o.DirtyHighWater = 0.85
+	}
+	o.DirtyHighWater = max(o.DirtyHighWater, o.DirtyLowWater)
+	if o.MaxDirtyAge <= 0 {
+		o.MaxDirtyAge = 3 * time.Second
 	}
 	if o.MaxDestageRun < PageSize {
 		o.MaxDestageRun = 256 << 10
@@ -96,6 +115,7 @@ type Cache struct {
 	helpersWaiting atomic.Int32 // workers other than 0 waiting for the high-water mark
 	kick           chan struct{}
 	idle           atomic.Bool // worker 0 is waiting for work
+	marks          []ageMark   // worker 0's: the write sequence over the last MaxDirtyAge
 	wg             sync.WaitGroup
 
 	// Run completions, for a Flush waiting on runs it did not start.
@@ -163,8 +183,9 @@ func (c *Cache) enter() error {
 	return nil
 }
 
-// ReadAt fills p from the cache where it holds the pages and from below for the rest, each
-// run of missing pages in one lower read.
+// ReadAt fills p from the cache where it holds the pages and from below for the rest. A read
+// of up to maxSpanRead reads the span of its missing pages below in one call (readSpan); a
+// larger one reads each run of missing pages in one call.
 func (c *Cache) ReadAt(p []byte, off int64) error {
 	if err := blockdev.CheckRange(c.size, off, int64(len(p))); err != nil {
 		return err
@@ -177,31 +198,25 @@ func (c *Cache) ReadAt(p []byte, off int64) error {
 		// Nothing cached: every write acknowledged so far is below.
 		return c.readBelow(p, off)
 	}
+	if len(p) <= maxSpanRead {
+		return c.readSpan(p, off)
+	}
 	miss := -1 // start in p of the pending run of missing pages
 	for pos := 0; pos < len(p); {
 		cur := off + int64(pos)
 		idx, in := cur/PageSize, cur%PageSize
 		n := int(min(int64(len(p)-pos), PageSize-in))
-		sh := c.shard(idx)
-		sh.mu.Lock()
-		if pg := sh.pages[idx]; pg != nil && !pg.loading {
-			copy(p[pos:pos+n], pg.data[in:])
-			sh.hits++
-			sh.mu.Unlock()
+		if c.copyCached(p[pos:pos+n], idx, in) {
 			if miss >= 0 {
 				if err := c.readBelow(p[miss:pos], off+int64(miss)); err != nil {
 					return err
 				}
 				miss = -1
 			}
-		} else {
+		} else if miss < 0 {
 			// Not cached: every acknowledged write to this page is below the cache now, so
 			// reading below at any later moment is correct.
-			sh.misses++
-			sh.mu.Unlock()
-			if miss < 0 {
-				miss = pos
-			}
+			miss = pos
 		}
 		pos += n
 	}
@@ -210,6 +225,83 @@ func (c *Cache) ReadAt(p []byte, off int64) error {
 	}
 	return nil
 }
+
+// maxSpanRead is the largest read readSpan handles (its page set lives on the stack).
+const maxSpanRead = 4 << 20
+
+// copyCached copies into q the bytes of page idx from offset in, if the page is cached, and
+// reports whether it was.
+func (c *Cache) copyCached(q []byte, idx, in int64) bool {
+	sh := c.shard(idx)
+	sh.mu.Lock()
+	if pg := sh.pages[idx]; pg != nil && !pg.loading {
+		copy(q, pg.data[in:])
+		sh.hits++
+		sh.mu.Unlock()
+		return true
+	}
+	sh.misses++
+	sh.mu.Unlock()
+	return false
+}
+
+// readSpan copies the cached pages of the read into p, then reads the span from its first
+// missing page to its last below in one call, however many cached pages lie between: one
+// lower read instead of one per run of missing pages. Cached pages inside the span are copied
+// again over what that read returned, the cache being the newer; one cached when the read
+// began but gone by then (evicted after a destage that may have finished after the lower
+// read) is read below again on its own, which is correct once it is not cached.
+func (c *Cache) readSpan(p []byte, off int64) error {
+	var hit spanSet                // pages cached at the start, by index from the first
+	lo, hi := int64(-1), int64(-1) // [lo, hi) in p: the span of missing pages
+	for pos := int64(0); pos < int64(len(p)); {
+		cur := off + pos
+		idx, in := cur/PageSize, cur%PageSize
+		n := min(int64(len(p))-pos, PageSize-in)
+		if c.copyCached(p[pos:pos+n], idx, in) {
+			hit.add(idx - off/PageSize)
+		} else {
+			if lo < 0 {
+				lo = pos
+			}
+			hi = pos + n
+		}
+		pos += n
+	}
+	if lo < 0 {
+		return nil
+	}
+	if err := c.readBelow(p[lo:hi], off+lo); err != nil {
+		return err
+	}
+	reread := int64(-1) // start in p of a pending run of pages to read again
+	for pos := lo; pos < hi; {
+		cur := off + pos
+		idx, in := cur/PageSize, cur%PageSize
+		n := min(hi-pos, PageSize-in)
+		if !hit.has(idx-off/PageSize) || c.copyCached(p[pos:pos+n], idx, in) {
+			if reread >= 0 {
+				if err := c.readBelow(p[reread:pos], off+reread); err != nil {
+					return err
+				}
+				reread = -1
+			}
+		} else if reread < 0 {
+			reread = pos
+		}
+		pos += n
+	}
+	if reread >= 0 {
+		return c.readBelow(p[reread:hi], off+reread)
+	}
+	return nil
+}
+
+// spanSet is a set of the pages of a read, by index from its first.
+type spanSet [maxSpanRead/PageSize/64 + 1]uint64 // an unaligned read spans one page more
+
+func (s *spanSet) add(i int64)      { s[i/64] |= 1 << (i % 64) }
+func (s *spanSet) has(i int64) bool { return s[i/64]&(1<<(i%64)) != 0 }
 
 func (c *Cache) readBelow(p []byte, off int64) error {
 	if err := c.lower.ReadAt(p, off); err != nil {
@@ -361,8 +453,7 @@ func (c *Cache) markWritten(sh *shard, pg *page) {
 		pg.seq = c.seq.Add(1)
 		pg.moveTo(&sh.dirty)
 		sh.updateHead()
-		c.dirtyPages.Add(1)
-		if c.idle.Load() {
+		if n := c.dirtyPages.Add(1); c.idle.Load() && (n == 1 || c.opts.EagerDestage || n > c.lowWater()) {
 			select {
 			case c.kick <- struct{}{}:
 			default:

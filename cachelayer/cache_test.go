@@ -148,7 +148,7 @@ func TestFUA(t *testing.T) {
 }
 
 func TestFlushFailure(t *testing.T) {
-	c, d := newTestCache(t, MiB, nil, Options{DestagePaused: true})
+	c, d := newTestCache(t, MiB, nil, Options{DestagePaused: true, EagerDestage: true})
 	if err := c.WriteAt(fill(8192, 7), 4096, false); err != nil {
 		t.Fatal(err)
 	}
@@ -194,7 +194,7 @@ func TestWriteDuringDestage(t *testing.T) {
 		}
 		return nil
 	})
-	c := New(d, nil, Options{})
+	c := New(d, nil, Options{EagerDestage: true})
 	t.Cleanup(func() { _ = c.Close() })
 	if err := c.WriteAt(fill(4096, 1), 0, false); err != nil {
 		t.Fatal(err)
@@ -320,7 +320,7 @@ func TestTrimAndZeroesOrdering(t *testing.T) {
 					}
 					return nil
 				})
-				c := New(d, nil, Options{DestagePaused: true})
+				c := New(d, nil, Options{DestagePaused: true, EagerDestage: true})
 				t.Cleanup(func() { _ = c.Close() })
 				if err := c.WriteAt(fill(4*4096, 1), 0, false); err != nil {
 					t.Fatal(err)
@@ -360,7 +360,7 @@ func TestTrimAndZeroesOrdering(t *testing.T) {
 
 func TestBudget(t *testing.T) {
 	pool := NewPool(64 * 4096)
-	c, d := newTestCache(t, 4*MiB, pool, Options{DestagePaused: true})
+	c, d := newTestCache(t, 4*MiB, pool, Options{DestagePaused: true, EagerDestage: true})
 	ref := make([]byte, 4*MiB)
 	rng := rand.New(rand.NewPCG(1, 2))
 	for i := range 1000 {
@@ -477,7 +477,7 @@ func TestHoldContextWithHungLower(t *testing.T) {
 		}
 		return nil
 	})
-	c := New(d, nil, Options{})
+	c := New(d, nil, Options{EagerDestage: true})
 	t.Cleanup(func() { _ = c.Close() })
 	hung := make(chan error, 1)
 	go func() { hung <- c.WriteAt(fill(4096, 1), 0, true) }()
@@ -522,7 +522,7 @@ func TestHoldFence(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			const writers = 16
-			c, d := newTestCache(t, 4*MiB, nil, Options{})
+			c, d := newTestCache(t, 4*MiB, nil, Options{EagerDestage: true})
 			c.SetWriteThrough(wt)
 			var acked [writers]atomic32
 			stop := make(chan struct{})

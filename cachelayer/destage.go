@@ -7,9 +7,11 @@ import (
 	"time"
 )
 
-// Background destage: worker 0 runs whenever anything is dirty; the other workers join while
-// the dirty data is above the high-water mark. Each worker is admitted through the fence for
-// each run, so a Hold waits for the runs in flight and stops new ones.
+// Background destage is lazy, the classic write-back policy: worker 0 runs while the dirty data
+// is above the low-water mark or some of it is older than MaxDirtyAge; the other workers join
+// while it is above the high-water mark. Data rewritten before it is due costs no lower write.
+// Each worker is admitted through the fence for each run, so a Hold waits for the runs in
+// flight and stops new ones.
 
 // PauseDestage stops background destage and returns once no background run is in flight.
 // Flush, FUA and write-through still write below. For tests that need data to stay dirty.
@@ -41,6 +43,68 @@ func (c *Cache) wake() {
 // highWater is the dirty page count above which every worker destages.
 func (c *Cache) highWater() int64 {
 	return int64(float64(c.pool.share()) * c.opts.DirtyHighWater)
+}
+
+// lowWater is the dirty page count above which worker 0 destages whatever the age.
+func (c *Cache) lowWater() int64 {
+	return int64(float64(c.pool.share()) * c.opts.DirtyLowWater)
+}
+
+// ageMark records the write sequence at a moment: pages dirty with a sequence up to seq have
+// been dirty since at least then.
+type ageMark struct {
+	at  time.Time
+	seq uint64
+}
+
+// ageTick is how often worker 0 marks the sequence while data is dirty: data is destaged
+// between MaxDirtyAge and MaxDirtyAge+ageTick after it was written.
+func (c *Cache) ageTick() time.Duration { return c.opts.MaxDirtyAge / 4 }
+
+// markAge adds a mark if the newest is at least an ageTick old, drops the marks made redundant
+// by a newer one that is already old enough, and returns the highest sequence now older than
+// MaxDirtyAge (0 if none). Only worker 0 calls it.
+func (c *Cache) markAge(now time.Time) uint64 {
+	if n := len(c.marks); n == 0 || now.Sub(c.marks[n-1].at) >= c.ageTick() {
+		c.marks = append(c.marks, ageMark{now, c.seq.Load()})
+	}
+	limit := now.Add(-c.opts.MaxDirtyAge)
+	i := 0
+	for i+1 < len(c.marks) && !c.marks[i+1].at.After(limit) {
+		i++
+	}
+	c.marks = c.marks[:copy(c.marks, c.marks[i:])]
+	if c.marks[0].at.After(limit) {
+		return 0
+	}
+	return c.marks[0].seq
+}
+
+// oldestDirty is the sequence of the oldest unclaimed dirty page, 0 if there is none.
+func (c *Cache) oldestDirty() uint64 {
+	var oldest uint64
+	for i := range c.shards {
+		if s := c.shards[i].headSeq.Load(); s != 0 && (oldest == 0 || s < oldest) {
+			oldest = s
+		}
+	}
+	return oldest
+}
+
+// due reports whether worker 0 has work: dirty data above the low-water mark, or older than
+// MaxDirtyAge. Only worker 0 calls it.
+func (c *Cache) due() bool {
+	n := c.dirtyPages.Load()
+	if n == 0 {
+		c.marks = c.marks[:0]
+		return false
+	}
+	if c.opts.EagerDestage || n > c.lowWater() {
+		return true
+	}
+	aged := c.markAge(time.Now())
+	oldest := c.oldestDirty()
+	return oldest != 0 && oldest <= aged
 }
 
 func (c *Cache) worker(i int) {
@@ -119,19 +183,30 @@ func (c *Cache) waitWork(i int) bool {
 		if stopping {
 			return false
 		}
-		if !paused && c.dirtyPages.Load() > 0 {
+		if !paused && c.due() {
 			return true
 		}
 		// A writer stores the dirty count, then loads idle; we store idle, then load the count:
-		// one of us sees the other, so no kick is lost.
+		// one of us sees the other, so no kick is lost. Writers kick when the count crosses the
+		// low-water mark and when it leaves zero, which starts the age ticks.
 		c.idle.Store(true)
-		if !paused && c.dirtyPages.Load() > 0 {
+		if !paused && c.due() {
 			c.idle.Store(false)
 			return true
 		}
+		var tick *time.Timer
+		var tickC <-chan time.Time
+		if !paused && c.dirtyPages.Load() > 0 {
+			tick = time.NewTimer(c.ageTick())
+			tickC = tick.C
+		}
 		select {
 		case <-c.kick:
+		case <-tickC:
 		case <-c.closeCh:
+		}
+		if tick != nil {
+			tick.Stop()
 		}
 		c.idle.Store(false)
 	}

@@ -12,11 +12,16 @@
 //     before shard locks, in ascending order; shard locks are never held across lower I/O.
 //   - A write copies into the page and marks it dirty with a sequence number; a write landing
 //     on a page whose destage is in flight marks it re-dirtied, so the run leaves it dirty.
-//   - Destage claims the oldest dirty page and its dirty neighbours, snapshots them under the
-//     stripes, writes them in one lower write and settles each page (clean, or dirty again).
+//   - Destage is lazy: it starts when dirty data passes a low-water mark of the cache's share or
+//     is older than MaxDirtyAge (all workers run above a high-water mark), so rewrites are
+//     absorbed and neighbours coalesce. A run claims the oldest dirty page and its dirty
+//     neighbours, snapshots them under the stripes, writes them in one lower write and settles
+//     each page (clean and still cached, or dirty again).
 //   - Flush destages every page whose age is not newer than the sequence at its start, waiting
 //     for runs others hold, then flushes below. Failed pages stay dirty: a later Flush retries.
-//   - Reads are served from cached pages; misses go below directly and are not cached.
+//   - Reads are served from cached pages; misses go below directly and are not cached. A read
+//     whose misses interleave with cached pages reads the span of its misses below in one call
+//     and copies the cached pages over it.
 //   - The fence counts admitted requests and background runs; Hold waits for the count to drain.
 //   - Memory is reserved before admission; when none can be had, the write goes through. So
 //     does a write larger than MaxCachedWrite: caching it would only add two copies.

@@ -41,7 +41,7 @@ func TestRandomized(t *testing.T) {
 		return nil
 	})
 	pool := NewPool(128 * PageSize)
-	c := New(d, pool, Options{MaxDestageRun: 16 * PageSize})
+	c := New(d, pool, Options{MaxDestageRun: 16 * PageSize, EagerDestage: true})
 	t.Cleanup(func() { _ = c.Close() })
 
 	ref := make([]byte, size)

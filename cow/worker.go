@@ -98,9 +98,19 @@ func (e *Engine) unslot() {
 	runtime.Gosched()
 }
 
-// copyBatchBytes is how much a background copy batch covers: its grains are copied one by one
-// and then made durable together, with one target sync and one journal commit.
-const copyBatchBytes = 4 << 20
+// copyBatchBytes is the most a background copy batch covers: its grains are copied one by one
+// and then made durable together, with one target sync and one journal commit. A batch is also
+// kept to about copyBatchTime's worth at the copy rate, so that a slow copy still progresses
+// grain by grain.
+const (
+	copyBatchBytes = 4 << 20
+	copyBatchTime  = 64 * time.Millisecond
+)
+
+// batchLimit is the byte size of a copy batch at rate r.
+func batchLimit(r int) int64 {
+	return min(copyBatchBytes, RateBytes(r)*int64(copyBatchTime)/int64(time.Second))
+}
 
 // copyWorker is the background copy (lowest unsplit grain first, at the copy rate) and, once
 // every grain is split, the cleaning a copying mapping needs before it can complete.
@@ -108,7 +118,7 @@ func (e *Engine) copyWorker(ctx context.Context, m *mapping) {
 	next := 0
 	batch := make([]int, 0, max(copyBatchBytes/m.grain, 1))
 	for !m.split.Full() {
-		batch = m.nextBatch(batch[:0], next)
+		batch = m.nextBatch(batch[:0], next, batchLimit(int(m.copyRate.Load())))
 		if len(batch) == 0 {
 			next = 0
 			continue
@@ -120,7 +130,7 @@ func (e *Engine) copyWorker(ctx context.Context, m *mapping) {
 			break
 		}
 		// The wait may have been long: take the batch again from its first grain.
-		batch = m.nextBatch(batch[:0], batch[0])
+		batch = m.nextBatch(batch[:0], batch[0], batchLimit(int(m.copyRate.Load())))
 		if len(batch) == 0 {
 			continue
 		}
@@ -142,11 +152,11 @@ func (e *Engine) copyWorker(ctx context.Context, m *mapping) {
 	e.events.push(Event{Kind: CopyComplete, Mapping: m.id})
 }
 
-// nextBatch appends to batch the unsplit grains from grain from on, lowest first, up to
-// copyBatchBytes of them.
-func (m *mapping) nextBatch(batch []int, from int) []int {
+// nextBatch appends to batch the unsplit grains from grain from on, lowest first: at least one,
+// and more while they add up to less than limit bytes.
+func (m *mapping) nextBatch(batch []int, from int, limit int64) []int {
 	var n int64
-	for g := m.split.NextClear(from); g >= 0 && (len(batch) == 0 || n < copyBatchBytes); g = m.split.NextClear(g + 1) {
+	for g := m.split.NextClear(from); g >= 0 && (len(batch) == 0 || n < limit); g = m.split.NextClear(g + 1) {
 		_, l := m.split.Extent(g)
 		batch = append(batch, g)
 		n += l
@@ -180,7 +190,7 @@ func (e *Engine) copyGrains(m *mapping, batch []int) bool {
 	}
 	buf := getBuf(m.grain)
 	defer putBuf(buf)
-	copied := batch[:0]
+	copied := make([]int, 0, len(batch)) // the journal may keep it
 	for _, g := range batch {
 		done, err := e.copyOne(m, g, *buf)
 		if err != nil {

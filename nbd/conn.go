@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,12 +21,8 @@ import (
 // syscall, while payloads at least this large are read straight into their buffers.
 const readBufferSize = 64 << 10
 
-// flushThreshold is how many reply bytes the writer queues before it writes even though more
-// replies are waiting.
-const flushThreshold = 1 << 20
-
-// conn is one client connection: negotiation, then a reader (the serve goroutine), request
-// goroutines bounded by slots, and a writer goroutine.
+// conn is one client connection: negotiation, then a reader (the serve goroutine) and request
+// goroutines bounded by slots, each of which sends its own reply (see reply).
 type conn struct {
 	s      *Server
 	nc     net.Conn
@@ -41,14 +38,21 @@ type conn struct {
 	size     uint64
 	slots    chan struct{} // one token per request between header read and reply written
 	budget   byteBudget    // payload bytes held by READ and WRITE buffers
-	replies  chan reply
 	inflight sync.WaitGroup
+
+	// Replies waiting to be written, and whether a goroutine is writing (it takes them).
+	wmu     sync.Mutex
+	queue   []reply
+	writing bool
+	// running counts requests started whose reply is not queued yet.
+	running atomic.Int32
+
 	// failed is set once a reply could not be written: the client is gone, so requests not
 	// yet started are dropped and replies are discarded.
 	failed atomic.Bool
 }
 
-// reply is a simple reply waiting for the writer.
+// reply is a simple reply waiting to be written.
 type reply struct {
 	cookie uint64
 	errno  uint32
@@ -118,15 +122,13 @@ func (c *conn) transmit(dev blockdev.Device) {
 	c.size = uint64(dev.Size())
 	c.slots = make(chan struct{}, n)
 	c.budget.init(int64(c.s.opts.MaxInFlightBytes))
-	c.replies = make(chan reply, n)
-	writerDone := make(chan struct{})
-	go c.writeLoop(writerDone)
+	c.queue = make([]reply, 0, n)
 
 	c.readLoop()
 
+	// Every request has queued its reply, and the goroutine that queued the last one has
+	// written it (reply returns only when no writer is left).
 	c.inflight.Wait()
-	close(c.replies)
-	<-writerDone
 }
 
 func (c *conn) readLoop() {
@@ -187,7 +189,13 @@ func (c *conn) dispatch(flags, typ uint16, cookie, off uint64, length uint32) bo
 				return false
 			}
 		}
-		c.replies <- reply{cookie: cookie, errno: errno}
+		// Not from the reader itself: a writer may block on a client that is not reading, and
+		// the reader must go on reading meanwhile.
+		c.inflight.Add(1)
+		go func() {
+			defer c.inflight.Done()
+			c.reply(reply{cookie: cookie, errno: errno}, false)
+		}()
 		return true
 	}
 
@@ -203,7 +211,7 @@ func (c *conn) dispatch(flags, typ uint16, cookie, off uint64, length uint32) bo
 				c.fail(cookie, "read", err)
 				return
 			}
-			c.replies <- reply{cookie: cookie, data: buf}
+			c.reply(reply{cookie: cookie, data: buf}, true)
 		}, func() {
 			putBuf(buf)
 			c.budget.release(int64(length))
@@ -281,16 +289,17 @@ func (c *conn) validate(flags, typ uint16, off uint64, length uint32) uint32 {
 
 // start runs the request on its own goroutine; run must send exactly one reply. If the
 // connection has failed by the time the goroutine runs, run is skipped: release frees what the
-// request holds (if anything) and a reply, which the writer discards, frees its slot.
+// request holds (if anything) and a reply, which is discarded, frees its slot.
 func (c *conn) start(cookie uint64, run, release func()) {
 	c.inflight.Add(1)
+	c.running.Add(1)
 	go func() {
 		defer c.inflight.Done()
 		if c.failed.Load() {
 			if release != nil {
 				release()
 			}
-			c.replies <- reply{cookie: cookie, errno: errShutdown}
+			c.reply(reply{cookie: cookie, errno: errShutdown}, true)
 			return
 		}
 		run()
@@ -302,76 +311,98 @@ func (c *conn) done(cookie uint64, op string, err error) {
 		c.fail(cookie, op, err)
 		return
 	}
-	c.replies <- reply{cookie: cookie}
+	c.reply(reply{cookie: cookie}, true)
 }
 
 func (c *conn) fail(cookie uint64, op string, err error) {
 	errno := nbdErrno(blockdev.Errno(err))
 	c.log.Debug().Err(err).Str("op", op).Uint32("nbd_error", errno).Msg("request failed")
-	c.replies <- reply{cookie: cookie, errno: errno}
+	c.reply(reply{cookie: cookie, errno: errno}, true)
 }
 
-// writeLoop sends replies in the order they complete. It queues them and writes (one writev)
-// when no more are waiting or enough bytes are queued; a READ's data goes out from its own
-// buffer, not copied. Slots and buffers are released once their reply is written. After a
-// write error it closes the connection, so the reader stops, and keeps draining.
-func (c *conn) writeLoop(done chan<- struct{}) {
-	defer close(done)
-	n := c.s.opts.MaxInFlight
-	hdrs := make([]byte, 0, replyHdrSize*n) // never grows: at most n replies are queued
-	iov := make(net.Buffers, 0, 2*n)
-	held := make([]*[]byte, 0, n)
-	queued, queuedBytes := 0, 0
-	lastIsHdr := false // iov's last element ends where hdrs ends, so it can be extended
-	failed := false
+// reply sends r: it queues r and, unless another goroutine is writing (that one takes r with
+// what else is queued), becomes the writer until the queue is empty. Replies queued while a
+// write is in flight go out together in the next one, so a busy connection sends many replies
+// per writev while an idle one sends each at once, with no hand-off to another goroutine. A
+// READ's data goes out from its own buffer, not copied. Slots and buffers are released once
+// their reply is written. After a write error the connection is closed, so the reader stops,
+// and later replies are discarded.
+func (c *conn) reply(r reply, started bool) {
+	if started {
+		c.running.Add(-1)
+	}
+	c.wmu.Lock()
+	c.queue = append(c.queue, r)
+	if c.writing {
+		c.wmu.Unlock()
+		return
+	}
+	c.writing = true
+	var w replyWriter
+	for len(c.queue) > 0 {
+		if c.running.Load() > 0 {
+			// Requests are running: let those about to finish queue their replies first, so
+			// that one writev carries them all.
+			c.wmu.Unlock()
+			runtime.Gosched()
+			c.wmu.Lock()
+		}
+		batch := c.queue
+		c.queue = w.spare[:0]
+		c.wmu.Unlock()
+		w.spare = c.writeReplies(&w, batch)
+		c.wmu.Lock()
+	}
+	c.writing = false
+	c.wmu.Unlock()
+}
 
-	flush := func() {
-		if !failed && len(iov) > 0 {
-			b := iov
-			if _, err := b.WriteTo(c.nc); err != nil {
-				failed = true
-				c.failed.Store(true)
-				c.log.Debug().Err(err).Msg("write failed; closing")
-				c.nc.Close()
+// replyWriter is the scratch space of one writer.
+type replyWriter struct {
+	hdrs  []byte
+	iov   net.Buffers
+	spare []reply
+}
+
+// writeReplies writes batch in one writev (unless the connection has failed), then frees what
+// the replies held. It returns batch emptied, for reuse as a queue.
+func (c *conn) writeReplies(w *replyWriter, batch []reply) []reply {
+	if !c.failed.Load() {
+		// Headers first, so that iov can point into hdrs without it moving.
+		w.hdrs = w.hdrs[:0]
+		for _, r := range batch {
+			w.hdrs = binary.BigEndian.AppendUint32(w.hdrs, simpleReplyMagic)
+			w.hdrs = binary.BigEndian.AppendUint32(w.hdrs, r.errno)
+			w.hdrs = binary.BigEndian.AppendUint64(w.hdrs, r.cookie)
+		}
+		w.iov = w.iov[:0]
+		start := 0 // of the headers not yet in iov
+		for i, r := range batch {
+			end := (i + 1) * replyHdrSize
+			if r.data != nil {
+				w.iov = append(w.iov, w.hdrs[start:end], *r.data)
+				start = end
 			}
 		}
-		for i, b := range held {
-			c.budget.release(int64(len(*b)))
-			putBuf(b)
-			held[i] = nil
+		if start < len(w.hdrs) {
+			w.iov = append(w.iov, w.hdrs[start:])
 		}
-		clear(iov)
-		held, iov, hdrs = held[:0], iov[:0], hdrs[:0]
-		for ; queued > 0; queued-- {
-			<-c.slots
+		b := w.iov
+		if _, err := b.WriteTo(c.nc); err != nil && !c.failed.Swap(true) {
+			c.log.Debug().Err(err).Msg("write failed; closing")
+			c.nc.Close()
 		}
-		queuedBytes, lastIsHdr = 0, false
+		clear(w.iov)
 	}
-
-	for r := range c.replies {
-		start := len(hdrs)
-		hdrs = binary.BigEndian.AppendUint32(hdrs, simpleReplyMagic)
-		hdrs = binary.BigEndian.AppendUint32(hdrs, r.errno)
-		hdrs = binary.BigEndian.AppendUint64(hdrs, r.cookie)
-		if lastIsHdr {
-			iov[len(iov)-1] = iov[len(iov)-1][:len(iov[len(iov)-1])+replyHdrSize]
-		} else {
-			iov = append(iov, hdrs[start:])
-		}
-		lastIsHdr = true
-		queuedBytes += replyHdrSize
+	for i, r := range batch {
 		if r.data != nil {
-			iov = append(iov, *r.data)
-			held = append(held, r.data)
-			queuedBytes += len(*r.data)
-			lastIsHdr = false
+			c.budget.release(int64(len(*r.data)))
+			putBuf(r.data)
 		}
-		queued++
-		if len(c.replies) == 0 || queuedBytes >= flushThreshold {
-			flush()
-		}
+		batch[i] = reply{}
+		<-c.slots
 	}
-	flush()
+	return batch[:0]
 }
 
 // byteBudget bounds the payload bytes a connection holds at once. Only the reader acquires;

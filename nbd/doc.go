@@ -4,7 +4,9 @@
 //
 // Each connection has one reader (it parses and validates requests and reads WRITE payloads
 // into pooled buffers), up to Options.MaxInFlight requests executing at once on their own
-// goroutines, and one writer that sends simple replies in order of completion, batching them
-// into one writev while more are queued. A failing request gets an error reply and the
+// goroutines, and one writer at a time, sending simple replies in order of completion: a
+// request that finishes while nobody writes writes its own reply, and replies that finish
+// while a write is in flight go out together in that writer's next writev, so no reply waits
+// for a hand-off to another goroutine. A failing request gets an error reply and the
 // connection goes on; only a protocol violation closes it.
 package nbd
