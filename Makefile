@@ -46,6 +46,7 @@ lint:
 bench: deps build
 	scripts/bench.sh
 	scripts/bench-fence.sh
+	scripts/bench-firstsplit.sh
 
 soak: deps build
 	FCNBD_SOAK=1 $(GO) test -count=1 -timeout 60m -run Soak ./test/integration/...
