@@ -85,32 +85,11 @@ func consistGrpObject(g api.ConsistGrp) object {
 }
 
 func lsfcconsistgrpCommand() *cli.Command {
-	return &cli.Command{
-		Name:      "lsfcconsistgrp",
-		Usage:     "list FlashCopy consistency groups, or show one in detail with its mappings",
-		UsageText: "fcnbd lsfcconsistgrp [-delim C] [-nohdr] [-json] [-filtervalue attr=value] [GROUP]",
-		Flags:     append([]cli.Flag{socketFlag()}, fcViewFlags()...),
-		Action: func(c *cli.Context) error {
-			a, err := args(c, 0, 1, "")
-			if err != nil {
-				return err
-			}
-			o, err := viewOptionsFrom(c)
-			if err != nil {
-				return err
-			}
-			if len(a) == 1 {
-				g, err := client(c).ConsistGrp(ctx(c), a[0])
-				if err != nil {
-					return err
-				}
-				return renderDetail(c.App.Writer, consistGrpObject(g), o)
-			}
-			gs, err := client(c).ConsistGrps(ctx(c))
-			if err != nil {
-				return err
-			}
-			return renderList(c.App.Writer, consistGrpColumns, consistGrpFields, mapObjects(gs, consistGrpObject), o)
-		},
-	}
+	return lsCommand(lsSpec[api.ConsistGrp]{
+		name: "lsfcconsistgrp", usage: "list FlashCopy consistency groups, or show one in detail with its mappings",
+		arg: "GROUP", flags: fcViewFlags(), columns: consistGrpColumns, fields: consistGrpFields,
+		one:    func(c *cli.Context, ref string) (api.ConsistGrp, error) { return client(c).ConsistGrp(ctx(c), ref) },
+		all:    func(c *cli.Context) ([]api.ConsistGrp, error) { return client(c).ConsistGrps(ctx(c)) },
+		object: func(g api.ConsistGrp, _ viewOptions) object { return consistGrpObject(g) },
+	})
 }

@@ -143,34 +143,13 @@ func fcmapObject(m api.Fcmap) object {
 }
 
 func lsfcmapCommand() *cli.Command {
-	return &cli.Command{
-		Name:      "lsfcmap",
-		Usage:     "list FlashCopy mappings, or show one in detail",
-		UsageText: "fcnbd lsfcmap [-delim C] [-nohdr] [-json] [-filtervalue attr=value] [MAPPING]",
-		Flags:     append([]cli.Flag{socketFlag()}, fcViewFlags()...),
-		Action: func(c *cli.Context) error {
-			a, err := args(c, 0, 1, "")
-			if err != nil {
-				return err
-			}
-			o, err := viewOptionsFrom(c)
-			if err != nil {
-				return err
-			}
-			if len(a) == 1 {
-				m, err := client(c).Fcmap(ctx(c), a[0])
-				if err != nil {
-					return err
-				}
-				return renderDetail(c.App.Writer, fcmapObject(m), o)
-			}
-			ms, err := client(c).Fcmaps(ctx(c))
-			if err != nil {
-				return err
-			}
-			return renderList(c.App.Writer, fcmapColumns, fcmapFields, mapObjects(ms, fcmapObject), o)
-		},
-	}
+	return lsCommand(lsSpec[api.Fcmap]{
+		name: "lsfcmap", usage: "list FlashCopy mappings, or show one in detail", arg: "MAPPING",
+		flags: fcViewFlags(), columns: fcmapColumns, fields: fcmapFields,
+		one:    func(c *cli.Context, ref string) (api.Fcmap, error) { return client(c).Fcmap(ctx(c), ref) },
+		all:    func(c *cli.Context) ([]api.Fcmap, error) { return client(c).Fcmaps(ctx(c)) },
+		object: func(m api.Fcmap, _ viewOptions) object { return fcmapObject(m) },
+	})
 }
 
 // fcmapProgress is what lsfcmapprogress shows, and prints with -json.

@@ -186,3 +186,50 @@ func printJSON(w io.Writer, v any) error {
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
 }
+
+// lsSpec describes an IBM-style ls command: without an argument a table of every object, with
+// one the detailed view of that object.
+type lsSpec[T any] struct {
+	name, usage, arg string
+	extra            string     // usage of flags beyond the common view flags, e.g. "[-bytes] "
+	flags            []cli.Flag // the view flags it takes
+	columns, fields  []string
+	one              func(c *cli.Context, ref string) (T, error)
+	all              func(c *cli.Context) ([]T, error)
+	object           func(T, viewOptions) object
+}
+
+func lsCommand[T any](s lsSpec[T]) *cli.Command {
+	return &cli.Command{
+		Name:      s.name,
+		Usage:     s.usage,
+		UsageText: "fcnbd " + s.name + " " + s.extra + "[-delim C] [-nohdr] [-json] [-filtervalue attr=value] [" + s.arg + "]",
+		Flags:     append([]cli.Flag{socketFlag()}, s.flags...),
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 0, 1, "")
+			if err != nil {
+				return err
+			}
+			o, err := viewOptionsFrom(c)
+			if err != nil {
+				return err
+			}
+			if len(a) == 1 {
+				x, err := s.one(c, a[0])
+				if err != nil {
+					return err
+				}
+				return renderDetail(c.App.Writer, s.object(x, o), o)
+			}
+			xs, err := s.all(c)
+			if err != nil {
+				return err
+			}
+			objs := make([]object, len(xs))
+			for i, x := range xs {
+				objs[i] = s.object(x, o)
+			}
+			return renderList(c.App.Writer, s.columns, s.fields, objs, o)
+		},
+	}
+}

@@ -64,38 +64,13 @@ func volumeObject(v api.Volume, o viewOptions) object {
 }
 
 func lsvolumeCommand() *cli.Command {
-	return &cli.Command{
-		Name:      "lsvolume",
-		Usage:     "list volumes, or show one in detail",
-		UsageText: "fcnbd lsvolume [-bytes] [-delim C] [-nohdr] [-json] [-filtervalue attr=value] [VOLUME]",
-		Flags:     append([]cli.Flag{socketFlag()}, viewFlags()...),
-		Action: func(c *cli.Context) error {
-			a, err := args(c, 0, 1, "")
-			if err != nil {
-				return err
-			}
-			o, err := viewOptionsFrom(c)
-			if err != nil {
-				return err
-			}
-			if len(a) == 1 {
-				v, err := client(c).Volume(ctx(c), a[0])
-				if err != nil {
-					return err
-				}
-				return renderDetail(c.App.Writer, volumeObject(v, o), o)
-			}
-			vs, err := client(c).Volumes(ctx(c))
-			if err != nil {
-				return err
-			}
-			objs := make([]object, len(vs))
-			for i, v := range vs {
-				objs[i] = volumeObject(v, o)
-			}
-			return renderList(c.App.Writer, volumeColumns, volumeFields, objs, o)
-		},
-	}
+	return lsCommand(lsSpec[api.Volume]{
+		name: "lsvolume", usage: "list volumes, or show one in detail", arg: "VOLUME", extra: "[-bytes] ",
+		flags: viewFlags(), columns: volumeColumns, fields: volumeFields,
+		one:    func(c *cli.Context, ref string) (api.Volume, error) { return client(c).Volume(ctx(c), ref) },
+		all:    func(c *cli.Context) ([]api.Volume, error) { return client(c).Volumes(ctx(c)) },
+		object: volumeObject,
+	})
 }
 
 func rmvolumeCommand() *cli.Command {
