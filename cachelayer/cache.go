@@ -91,11 +91,13 @@ type Cache struct {
 	maxRun    int   // pages per destage write
 
 	fence   fence
+	pt      ptable // page index → cached page
 	shards  [nShards]shard
 	stripes stripes
 
 	seq          atomic.Uint64 // age of dirty data
-	resident     atomic.Int64  // pages in the maps (including fill placeholders)
+	resident     atomic.Int64  // pages in the table (including fill placeholders)
+	readMisses   atomic.Int64  // pages read from below
 	clean        atomic.Int64  // pages in clean lists
 	dirtyPages   atomic.Int64
 	writeThrough atomic.Bool
@@ -146,10 +148,9 @@ func New(lower blockdev.Device, pool *Pool, opts Options) *Cache {
 		paused:  opts.DestagePaused,
 	}
 	c.maxCached = min(int64(opts.MaxCachedWrite/PageSize), max(pool.total/8, 1))
+	c.pt.init((c.size + PageSize - 1) / PageSize)
 	for i := range c.shards {
-		sh := &c.shards[i]
-		sh.pages = make(map[int64]*page)
-		sh.cond.L = &sh.mu
+		c.shards[i].cond.L = &c.shards[i].mu
 	}
 	c.bgCond.L = &c.bgMu
 	c.runCond.L = &c.runMu
@@ -202,6 +203,8 @@ func (c *Cache) ReadAt(p []byte, off int64) error {
 		return c.readSpan(p, off)
 	}
 	miss := -1 // start in p of the pending run of missing pages
+	var misses int64
+	defer func() { c.readMisses.Add(misses) }()
 	for pos := 0; pos < len(p); {
 		cur := off + int64(pos)
 		idx, in := cur/PageSize, cur%PageSize
@@ -213,10 +216,13 @@ func (c *Cache) ReadAt(p []byte, off int64) error {
 				}
 				miss = -1
 			}
-		} else if miss < 0 {
-			// Not cached: every acknowledged write to this page is below the cache now, so
-			// reading below at any later moment is correct.
-			miss = pos
+		} else {
+			misses++
+			if miss < 0 {
+				// Not cached: every acknowledged write to this page is below the cache now, so
+				// reading below at any later moment is correct.
+				miss = pos
+			}
 		}
 		pos += n
 	}
@@ -231,68 +237,78 @@ const maxSpanRead = 4 << 20
 
 // copyCached copies into q the bytes of page idx from offset in, if the page is cached, and
 // reports whether it was.
+// The caller counts misses.
 func (c *Cache) copyCached(q []byte, idx, in int64) bool {
+	if c.pt.get(idx) == nil {
+		return false
+	}
 	sh := c.shard(idx)
 	sh.mu.Lock()
-	if pg := sh.pages[idx]; pg != nil && !pg.loading {
+	if pg := c.pt.get(idx); pg != nil && !pg.loading {
 		copy(q, pg.data[in:])
 		sh.hits++
 		sh.mu.Unlock()
 		return true
 	}
-	sh.misses++
 	sh.mu.Unlock()
 	return false
 }
 
-// readSpan copies the cached pages of the read into p, then reads the span from its first
-// missing page to its last below in one call, however many cached pages lie between: one
-// lower read instead of one per run of missing pages. Cached pages inside the span are copied
-// again over what that read returned, the cache being the newer; one cached when the read
-// began but gone by then (evicted after a destage that may have finished after the lower
-// read) is read below again on its own, which is correct once it is not cached.
+// readSpan looks the read's pages up in the page table, reads the span from its first missing
+// page to its last below in one call, however many cached pages lie between (one lower read
+// instead of one per run of missing pages), and then copies the cached pages over what that
+// read returned, the cache being the newer. A page missing at the lookup has every write
+// acknowledged by then below, so the lower read that follows returns it. A page cached at the
+// lookup but gone (or a fill placeholder) by the copy, evicted after a destage that may have
+// finished after the lower read, is read below again on its own, which is correct once it is
+// not cached.
 func (c *Cache) readSpan(p []byte, off int64) error {
-	var hit spanSet                // pages cached at the start, by index from the first
+	var hit spanSet // pages cached at the lookup, by index from the first
+	first, last := off/PageSize, (off+int64(len(p))-1)/PageSize
 	lo, hi := int64(-1), int64(-1) // [lo, hi) in p: the span of missing pages
+	var misses int64
+	for idx := first; idx <= last; idx++ {
+		if c.pt.get(idx) != nil {
+			hit.add(idx - first)
+			continue
+		}
+		misses++
+		if lo < 0 {
+			lo = max(idx*PageSize-off, 0)
+		}
+		hi = min((idx+1)*PageSize-off, int64(len(p)))
+	}
+	if lo >= 0 {
+		c.readMisses.Add(misses)
+		if err := c.readBelow(p[lo:hi], off+lo); err != nil {
+			return err
+		}
+		if misses == last-first+1 {
+			return nil
+		}
+	}
+	reread := int64(-1) // start in p of a pending run of pages to read again
 	for pos := int64(0); pos < int64(len(p)); {
 		cur := off + pos
 		idx, in := cur/PageSize, cur%PageSize
 		n := min(int64(len(p))-pos, PageSize-in)
-		if c.copyCached(p[pos:pos+n], idx, in) {
-			hit.add(idx - off/PageSize)
-		} else {
-			if lo < 0 {
-				lo = pos
-			}
-			hi = pos + n
-		}
-		pos += n
-	}
-	if lo < 0 {
-		return nil
-	}
-	if err := c.readBelow(p[lo:hi], off+lo); err != nil {
-		return err
-	}
-	reread := int64(-1) // start in p of a pending run of pages to read again
-	for pos := lo; pos < hi; {
-		cur := off + pos
-		idx, in := cur/PageSize, cur%PageSize
-		n := min(hi-pos, PageSize-in)
-		if !hit.has(idx-off/PageSize) || c.copyCached(p[pos:pos+n], idx, in) {
+		if !hit.has(idx-first) || c.copyCached(p[pos:pos+n], idx, in) {
 			if reread >= 0 {
 				if err := c.readBelow(p[reread:pos], off+reread); err != nil {
 					return err
 				}
 				reread = -1
 			}
-		} else if reread < 0 {
-			reread = pos
+		} else {
+			c.readMisses.Add(1)
+			if reread < 0 {
+				reread = pos
+			}
 		}
 		pos += n
 	}
 	if reread >= 0 {
-		return c.readBelow(p[reread:hi], off+reread)
+		return c.readBelow(p[reread:], off+reread)
 	}
 	return nil
 }
@@ -372,7 +388,7 @@ func (c *Cache) writePage(idx, in int64, data []byte, used *int64) error {
 	sh := c.shard(idx)
 	sh.mu.Lock()
 	for {
-		pg := sh.pages[idx]
+		pg := c.pt.get(idx)
 		if pg == nil {
 			break
 		}
@@ -389,7 +405,7 @@ func (c *Cache) writePage(idx, in int64, data []byte, used *int64) error {
 		pg := c.pool.newPage(idx)
 		*used++
 		copy(pg.data[:], data)
-		sh.pages[idx] = pg
+		c.pt.set(idx, pg)
 		c.resident.Add(1)
 		c.markWritten(sh, pg)
 		sh.mu.Unlock()
@@ -406,7 +422,7 @@ func (c *Cache) fillAndWrite(idx, in int64, data []byte, used *int64) error {
 	defer c.stripes.unlock(idx, idx)
 	sh := c.shard(idx)
 	sh.mu.Lock()
-	pg := sh.pages[idx]
+	pg := c.pt.get(idx)
 	if pg != nil {
 		// Another writer created it meanwhile; a loading page needs our stripe, so it is ready.
 		copy(pg.data[in:], data)
@@ -417,7 +433,7 @@ func (c *Cache) fillAndWrite(idx, in int64, data []byte, used *int64) error {
 	pg = c.pool.newPage(idx)
 	pg.loading = true
 	*used++
-	sh.pages[idx] = pg
+	c.pt.set(idx, pg)
 	c.resident.Add(1)
 	sh.mu.Unlock()
 
@@ -426,7 +442,7 @@ func (c *Cache) fillAndWrite(idx, in int64, data []byte, used *int64) error {
 	sh.mu.Lock()
 	pg.loading = false
 	if err != nil {
-		delete(sh.pages, idx)
+		c.pt.set(idx, nil)
 		c.resident.Add(-1)
 		*used--
 		sh.cond.Broadcast()
@@ -470,27 +486,14 @@ func (c *Cache) markWritten(sh *shard, pg *page) {
 // not a fill placeholder. fn may drop the page. The caller holds the stripes of the range, so
 // no fill is in progress there.
 func (c *Cache) forResident(first, last int64, fn func(sh *shard, pg *page)) {
-	if last-first <= 2*c.resident.Load()+nShards {
-		for idx := first; idx < last; idx++ {
-			sh := c.shard(idx)
-			sh.mu.Lock()
-			if pg := sh.pages[idx]; pg != nil && !pg.loading {
-				fn(sh, pg)
-			}
-			sh.mu.Unlock()
-		}
-		return
-	}
-	for i := range c.shards {
-		sh := &c.shards[i]
+	c.pt.each(first, last, func(idx int64) {
+		sh := c.shard(idx)
 		sh.mu.Lock()
-		for idx, pg := range sh.pages {
-			if idx >= first && idx < last && !pg.loading {
-				fn(sh, pg)
-			}
+		if pg := c.pt.get(idx); pg != nil && !pg.loading {
+			fn(sh, pg)
 		}
 		sh.mu.Unlock()
-	}
+	})
 }
 
 // writeThroughAt writes p below before returning, keeping cached copies of its pages current.
@@ -563,7 +566,7 @@ func (c *Cache) rangeOp(off, length int64, below func() error) error {
 
 // dropLocked removes pg from the cache. Called with its shard locked and its stripe held.
 func (c *Cache) dropLocked(sh *shard, pg *page) {
-	delete(sh.pages, pg.idx)
+	c.pt.set(pg.idx, nil)
 	if pg.list != nil {
 		if pg.list == &sh.clean {
 			c.clean.Add(-1)
@@ -597,7 +600,7 @@ func (c *Cache) evictClean(n int64) int64 {
 		for k < n && sh.clean.head != nil {
 			pg := sh.clean.head
 			sh.clean.remove(pg)
-			delete(sh.pages, pg.idx)
+			c.pt.set(pg.idx, nil)
 			c.pool.recycle(pg)
 			k++
 		}
@@ -632,14 +635,15 @@ func (c *Cache) Flush() error {
 func (c *Cache) Invalidate() {
 	c.stripes.lock(0, nStripes-1)
 	defer c.stripes.unlock(0, nStripes-1)
-	for i := range c.shards {
-		sh := &c.shards[i]
+	// Holding every stripe: no fill is in flight, so every page in the table is a whole one.
+	c.pt.each(0, int64(len(c.pt.chunks))<<chunkShift, func(idx int64) {
+		sh := c.shard(idx)
 		sh.mu.Lock()
-		for _, pg := range sh.pages {
+		if pg := c.pt.get(idx); pg != nil {
 			c.dropLocked(sh, pg)
 		}
 		sh.mu.Unlock()
-	}
+	})
 }
 
 // SetWriteThrough switches write-through mode. While on, every write reaches the lower device
@@ -687,12 +691,12 @@ func (c *Cache) Stats() Stats {
 		DestagedBytes:     c.destaged.Load(),
 		DestageErrors:     c.destageErrs.Load(),
 		WriteThroughBytes: c.through.Load(),
+		ReadMisses:        c.readMisses.Load(),
 	}
 	for i := range c.shards {
 		sh := &c.shards[i]
 		sh.mu.Lock()
 		s.ReadHits += sh.hits
-		s.ReadMisses += sh.misses
 		sh.mu.Unlock()
 	}
 	return s

@@ -255,10 +255,13 @@ func (c *Cache) tryClaim(idx int64) *page {
 	if idx < 0 || idx*PageSize >= c.size {
 		return nil
 	}
+	if c.pt.get(idx) == nil {
+		return nil
+	}
 	sh := c.shard(idx)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	if pg := sh.pages[idx]; pg != nil && pg.list == &sh.dirty {
+	if pg := c.pt.get(idx); pg != nil && pg.list == &sh.dirty {
 		c.claimLocked(sh, pg)
 		return pg
 	}

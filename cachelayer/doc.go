@@ -5,8 +5,11 @@
 // blockdev.Device.
 //
 // Design, in short:
-//   - 4 KiB pages in 64 shards (page index mod 64), each a mutex over a map and three intrusive
-//     lists: dirty (by age), destaging (claimed by a run) and clean (eviction order).
+//   - 4 KiB pages in 64 shards (page index mod 64), each a mutex over its pages and three
+//     intrusive lists: dirty (by age), destaging (claimed by a run) and clean (eviction order).
+//     A per-volume page table (page index → page, atomic pointers in lazily allocated chunks)
+//     finds a page with one load; entries change only under the page's shard lock, and a read
+//     looks its pages up there without locking, locking a shard only to copy a cached page.
 //   - 1024 stripe mutexes (page index mod 1024) serialise the lower I/O of a page: a fill (read
 //     for a partial-page write), a destage run, a write-through write, a trim. Stripes are taken
 //     before shard locks, in ascending order; shard locks are never held across lower I/O.

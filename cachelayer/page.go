@@ -10,7 +10,7 @@ import (
 const PageSize = 4096
 
 const (
-	nShards  = 64   // page index → shard: the lock for the page map, its lists and its data
+	nShards  = 64   // page index → shard: the lock for its table entries, its lists and its data
 	nStripes = 1024 // page index → stripe: held across every lower I/O that must be ordered per page
 )
 
@@ -80,9 +80,8 @@ func (p *page) moveTo(l *plist) {
 
 // shard owns the pages whose index is congruent to it modulo nShards.
 type shard struct {
-	mu    sync.Mutex
-	cond  sync.Cond // on mu: a fill finished
-	pages map[int64]*page
+	mu   sync.Mutex
+	cond sync.Cond // on mu: a fill finished
 
 	dirty     plist // dirty, not claimed; by age
 	destaging plist // claimed by a destage run
@@ -92,8 +91,8 @@ type shard struct {
 	// find the oldest dirty page without locking every shard.
 	headSeq atomic.Uint64
 
-	hits, misses int64
-	_            [64]byte
+	hits int64
+	_    [64]byte
 }
 
 func (sh *shard) updateHead() {
@@ -149,5 +148,68 @@ func (s *stripes) unlock(first, last int64) {
 	}
 	for i := a; i < nStripes; i++ {
 		s[i].Unlock()
+	}
+}
+
+// The page table maps a page index to its cached page: one atomic load per lookup, without the
+// shard lock. It has two levels so that a large, sparsely cached volume costs little: chunks of
+// chunkLen entries are allocated on the first insert into them and kept until the cache goes.
+// Entries change only with the page's shard locked (a page enters and leaves the table where it
+// entered and left the shard's map before), so a lookup under the shard lock sees the current
+// entry; a lookup without it is a hint, exact for "not cached" at the moment of the load.
+const (
+	chunkShift = 10
+	chunkLen   = 1 << chunkShift
+)
+
+type pchunk [chunkLen]atomic.Pointer[page]
+
+type ptable struct {
+	chunks []atomic.Pointer[pchunk]
+}
+
+func (t *ptable) init(pages int64) {
+	t.chunks = make([]atomic.Pointer[pchunk], (pages+chunkLen-1)>>chunkShift)
+}
+
+func (t *ptable) get(idx int64) *page {
+	ch := t.chunks[idx>>chunkShift].Load()
+	if ch == nil {
+		return nil
+	}
+	return ch[idx&(chunkLen-1)].Load()
+}
+
+// set stores pg (nil: none) as page idx. Called with the page's shard locked.
+func (t *ptable) set(idx int64, pg *page) {
+	cp := &t.chunks[idx>>chunkShift]
+	ch := cp.Load()
+	if ch == nil {
+		if pg == nil {
+			return
+		}
+		if nc := new(pchunk); cp.CompareAndSwap(nil, nc) {
+			ch = nc
+		} else {
+			ch = cp.Load()
+		}
+	}
+	ch[idx&(chunkLen-1)].Store(pg)
+}
+
+// each calls fn for every page index in [first, last) whose entry is set at the moment of the
+// load, skipping unallocated chunks.
+func (t *ptable) each(first, last int64, fn func(idx int64)) {
+	for idx := first; idx < last; {
+		ci := idx >> chunkShift
+		end := min(last, (ci+1)<<chunkShift)
+		if ch := t.chunks[ci].Load(); ch != nil {
+			for ; idx < end; idx++ {
+				if ch[idx&(chunkLen-1)].Load() != nil {
+					fn(idx)
+				}
+			}
+		}
+		idx = end
 	}
 }
