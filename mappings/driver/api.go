@@ -132,12 +132,23 @@ func (d *Driver) PrestartFcmap(_ context.Context, ref string, restore bool) erro
 
 // StartFcmap implements api.FlashCopy: it returns once the mapping is copying.
 func (d *Driver) StartFcmap(ctx context.Context, ref string, prep, restore bool) error {
+	return d.startAndWait(ctx, func(m *mappings.Model) ([]mappings.Effect, []mappings.MappingID, error) {
+		effs, err := m.Start(ref, prep, restore)
+		id, _ := m.ResolveMapping(ref)
+		return effs, []mappings.MappingID{id}, err
+	})
+}
+
+// startAndWait runs a start command and waits until every mapping it names is copying, or
+// until the start has failed.
+func (d *Driver) startAndWait(ctx context.Context, start func(*mappings.Model) ([]mappings.Effect, []mappings.MappingID, error)) error {
 	var waits []chan error
 	err := d.command(func(m *mappings.Model) ([]mappings.Effect, error) {
-		effs, err := m.Start(ref, prep, restore)
+		effs, ids, err := start(m)
 		if err == nil {
-			id, _ := m.ResolveMapping(ref)
-			waits = append(waits, d.addWaiter(id))
+			for _, id := range ids {
+				waits = append(waits, d.addWaiter(id))
+			}
 		}
 		return effs, err
 	})
@@ -219,22 +230,11 @@ func (d *Driver) PrestartConsistGrp(_ context.Context, ref string, restore bool)
 
 // StartConsistGrp implements api.FlashCopy: it returns once every member is copying.
 func (d *Driver) StartConsistGrp(ctx context.Context, ref string, prep, restore bool) error {
-	var waits []chan error
-	err := d.command(func(m *mappings.Model) ([]mappings.Effect, error) {
+	return d.startAndWait(ctx, func(m *mappings.Model) ([]mappings.Effect, []mappings.MappingID, error) {
 		effs, err := m.StartGroup(ref, prep, restore)
-		if err == nil {
-			g, _ := m.ResolveGroup(ref)
-			for _, id := range m.Members(g) {
-				waits = append(waits, d.addWaiter(id))
-			}
-		}
-		return effs, err
+		g, _ := m.ResolveGroup(ref)
+		return effs, m.Members(g), err
 	})
-	if err != nil {
-		d.dropWaiters(waits)
-		return err
-	}
-	return d.wait(ctx, waits)
 }
 
 // StopConsistGrp implements api.FlashCopy.
