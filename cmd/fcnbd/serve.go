@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -91,6 +92,23 @@ func newLogger(level zerolog.Level) zerolog.Logger {
 	return w.Level(level).With().Timestamp().Logger()
 }
 
+// memoryHeadroom is the memory the daemon may use beyond its cache before the Go runtime
+// collects harder: request buffers in flight, metadata, stacks.
+const memoryHeadroom = 128 << 20
+
+// setMemoryLimit sets the Go runtime's soft memory limit to the cache size plus headroom,
+// unless GOMEMLIMIT is set. Without it the heap grows to twice what is live before a
+// collection (the cache is most of that), and with mlockall none of it is ever returned.
+func setMemoryLimit(log zerolog.Logger, cacheSize int64) {
+	if v := os.Getenv("GOMEMLIMIT"); v != "" {
+		log.Info().Str("GOMEMLIMIT", v).Msg("soft memory limit from the environment")
+		return
+	}
+	limit := cacheSize + memoryHeadroom
+	debug.SetMemoryLimit(limit)
+	log.Debug().Int64("bytes", limit).Msg("soft memory limit: cache size plus headroom")
+}
+
 type serveConfig struct {
 	dataDir, socket, nbdUnix, nbdTCP string
 	cacheSize                        int64
@@ -108,6 +126,7 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 	defer stop()
 	// Before anything else: a host that mounts our volumes must not deadlock on us.
 	sysutil.Harden(log, sysutil.Options{NoMlock: cfg.noMlock})
+	setMemoryLimit(log, cfg.cacheSize)
 
 	if err := os.MkdirAll(cfg.dataDir, 0o700); err != nil {
 		return err
