@@ -30,6 +30,19 @@ import (
 // checks: sources hold every acknowledged FUA write (the one in flight: old or new, per
 // sector); a started target shows its source as at the start plus its own acknowledged writes,
 // never anything later; group members are all started or none; mappings resume and complete.
+// Every listed crash point must fire: a run that never reaches its failpoint fails.
+//
+// Every named failpoint of the copy-on-write engine (cow/*.go) and of the driver is listed in
+// crashPoints, but cow-fail-before-unlink (a failed copy's path: failcrash_test.go), and the
+// workload is built so that each is reached whatever the seed: the copy-on-write of a write
+// into the volumes below it, ta's and tc's (cow-after-target-*, -bit-commit, -source-write),
+// the fill of a partial-grain write to a target (cow-after-fill-*), an incremental mapping's
+// difference bits (cow-after-difference-commit), background copy (cow-after-copy-write), the
+// preservation of a cascade's image when its source becomes a target
+// (cow-after-preserve-write), and cleaning on the stop path (cow-after-clean-write).
+// Preservation needs a start whose target has volumes reading through it: the target of an
+// active mapping's source, which the model starts only with -restore (checkRestore in
+// mappings/commands.go), hence the group's -restore start.
 //
 // FCNBD_CRASH_SEED=n replays one seed.
 
@@ -128,6 +141,11 @@ var crashPoints = []crashPoint{
 	{"cow-after-bit-commit", "cow", "cow"},
 	{"cow-after-source-write", "cow", "cow"},
 	{"cow-after-copy-write", "cow", "cow"},
+	{"cow-after-fill-write", "cow", "cow"},        // a partial-grain write to ta, grain filled from a
+	{"cow-after-fill-commit", "cow", "cow"},       // the same, after the fill's bit
+	{"cow-after-difference-commit", "cow", "cow"}, // a write to b recorded for incremental mb
+	{"cow-after-preserve-write", "cow", "start"},  // td keeps tb's image as tb becomes mb's target
+	{"cow-after-clean-write", "cow", "stop"},      // stopping ma cleans into tc, which reads through ta
 	{"journal-before-commit", "driver", "cow"},
 	{"journal-after-commit", "driver", "cow"},
 	{"start-before-commit", "driver", "start"},
@@ -275,20 +293,54 @@ func runCrash(t *testing.T, cp crashPoint, seed uint64, unsynced int) {
 	checkAfterCrash(t, d2, snap.or)
 }
 
-var crashVols = []string{"a", "b", "ta", "tb"}
+var crashVols = []string{"a", "b", "ta", "tb", "tc", "td"}
 
-// crashWorkload: volumes a, b (sources) and ta, tb; a group g with ma a→ta (no background
-// copy) and mb b→tb (background copy); FUA writes before the start; a start; FUA writes to
-// sources and a target (copy-on-write); a group stop (cleaning); deletions. It stops at the
-// first step after the crash.
+// crashWriter is the writer field of vol's records, so that no two volumes' records are alike.
+func crashWriter(vol string) uint32 {
+	for i, v := range crashVols {
+		if v == vol {
+			return uint32(i + 1)
+		}
+	}
+	panic("unknown volume " + vol)
+}
+
+// crashCopyRate is mb's copy rate from the cow phase on.
+const crashCopyRate = 70
+
+// crashGrainSlots is the number of record slots in a grain (all mappings use 64 KiB grains).
+const crashGrainSlots = 64 << 10 / recSize
+
+// The last three grains of a and ta are kept from the random copy-on-write writes
+// (crashWorkload): one for the write that makes sure a fill happens, one for the write that
+// makes sure stopping ma has cleaning to do, and one never written, so that ma (no background
+// copy) stays below 100 % and cannot complete, cleaning, before the stop.
+const (
+	crashFreeGrains = 3
+	crashFillGrain  = crashVolSize/(64<<10) - 2
+	crashCleanGrain = crashVolSize/(64<<10) - 1
+)
+
+// crashWorkload: volumes a, b (sources), ta, tb, tc, td; FUA writes to a, b and part of tb;
+// stand-alone mappings mc a→tc and md tb→td (a cascade from tb), no background copy, started
+// before the group; a group g with ma a→ta (no background copy) and mb b→tb (incremental;
+// background copy from the cow phase on), started with -restore since tb is md's active
+// source (the start preserves tb's image in td), which puts ta between a and tc; FUA writes to
+// sources and ta (copy-on-write, partial-grain fills, difference bits); a group stop (ma
+// cleans into tc); deletions. It stops at the first step after the crash.
 func crashWorkload(t *testing.T, d *Driver, or *crashOracle, rng *rand.Rand, crashed *atomic.Bool) {
 	ctx := context.Background()
 	const slots = crashVolSize / recSize
+	// phase enters phase p, unless the crash has come: then the phase stays the one the crash
+	// came in (what the oracle is told), and the workload stops.
 	phase := func(p string) bool {
 		or.mu.Lock()
+		defer or.mu.Unlock()
+		if crashed.Load() {
+			return false
+		}
 		or.phase = p
-		or.mu.Unlock()
-		return !crashed.Load()
+		return true
 	}
 	must := func(err error) {
 		if err != nil && !crashed.Load() {
@@ -296,7 +348,7 @@ func crashWorkload(t *testing.T, d *Driver, or *crashOracle, rng *rand.Rand, cra
 		}
 	}
 	write := func(vol string, slot int, gen uint64) {
-		p := record(uint32(gen), uint32(len(vol)), uint64(slot)+gen<<16)
+		p := record(uint32(gen), crashWriter(vol), uint64(slot)+gen<<16)
 		or.mu.Lock()
 		or.inflight.vol, or.inflight.slot, or.inflight.p = vol, slot, p
 		or.mu.Unlock()
@@ -324,6 +376,9 @@ func crashWorkload(t *testing.T, d *Driver, or *crashOracle, rng *rand.Rand, cra
 	for s := 0; s < slots && !crashed.Load(); s++ {
 		write("a", s, 1)
 		write("b", s, 1)
+		if s%3 == 0 {
+			write("tb", s, 1) // md's image: tb before mb's start, unlike b
+		}
 	}
 	if !phase("mkfcmap") {
 		return
@@ -332,23 +387,58 @@ func crashWorkload(t *testing.T, d *Driver, or *crashOracle, rng *rand.Rand, cra
 	must(err)
 	_, err = d.MkFcmap(ctx, api.MkFcmap{Source: "a", Target: "ta", Name: "ma", CopyRate: ip(0), GrainSize: ip(64), ConsistGrp: "g"})
 	must(err)
-	_, err = d.MkFcmap(ctx, api.MkFcmap{Source: "b", Target: "tb", Name: "mb", CopyRate: ip(70), GrainSize: ip(64), ConsistGrp: "g"})
+	// mb's background copy is switched on only once the cow phase has begun: started at once,
+	// it could finish (under load) before the workload enters that phase, and the
+	// background-copy crash point would never fire.
+	_, err = d.MkFcmap(ctx, api.MkFcmap{Source: "b", Target: "tb", Name: "mb", CopyRate: ip(0), GrainSize: ip(64), ConsistGrp: "g", Incremental: true})
 	must(err)
+	_, err = d.MkFcmap(ctx, api.MkFcmap{Source: "a", Target: "tc", Name: "mc", CopyRate: ip(0), GrainSize: ip(64)})
+	must(err)
+	_, err = d.MkFcmap(ctx, api.MkFcmap{Source: "tb", Target: "td", Name: "md", CopyRate: ip(0), GrainSize: ip(64)})
+	must(err)
+	// mc and md start before any crash point may fire (all are at "start" or later): the oracle
+	// expects both started, tc as a and td as tb were here.
+	or.mu.Lock()
+	or.image["tc"] = append([][]byte(nil), or.acked["a"]...)
+	or.image["td"] = append([][]byte(nil), or.acked["tb"]...)
+	or.mu.Unlock()
+	must(d.StartFcmap(ctx, "mc", true, false))
+	must(d.StartFcmap(ctx, "md", true, false))
 	if !phase("start") {
 		return
 	}
 	// The expected images are the sources as acknowledged before the start (nothing writes
-	// during it); they apply only if the start committed.
+	// during it); they apply only if the start committed. tb's own writes so far are md's
+	// image (kept in image["td"]), not writes to mb's target: they are forgotten here.
 	or.mu.Lock()
 	or.image["ta"] = append([][]byte(nil), or.acked["a"]...)
 	or.image["tb"] = append([][]byte(nil), or.acked["b"]...)
+	or.acked["tb"] = nil
 	or.mu.Unlock()
-	must(d.StartConsistGrp(ctx, "g", true, false))
+	// -restore: tb is the source of md, which is copying.
+	must(d.StartConsistGrp(ctx, "g", true, true))
 	if !phase("cow") {
 		return
 	}
+	must(d.ChFcmap(ctx, "mb", api.ChFcmap{CopyRate: ip(crashCopyRate)}))
 	for i := 0; i < 48 && !crashed.Load(); i++ {
-		write([]string{"a", "b", "ta"}[rng.IntN(3)], rng.IntN(slots), 2)
+		v := []string{"a", "b", "ta"}[rng.IntN(3)]
+		n := slots
+		if v != "b" {
+			n = (crashVolSize/(64<<10) - crashFreeGrains) * crashGrainSlots
+		}
+		write(v, rng.IntN(n), 2)
+	}
+	if !crashed.Load() {
+		// A partial-grain write to a grain ta does not hold (a and ta have not written it,
+		// ma copies nothing): tc gets ta's view first, then ta is filled from a
+		// (cow-after-fill-*).
+		write("ta", crashFillGrain*crashGrainSlots+rng.IntN(crashGrainSlots), 2)
+		// A source write to a grain ta does not hold: ta gets it, tc (which reads through ta)
+		// does not, so stopping ma must clean it into tc (cow-after-clean-write).
+		write("a", crashCleanGrain*crashGrainSlots+rng.IntN(crashGrainSlots), 2)
+		// At least one write to b since mb's start records a difference bit.
+		write("b", rng.IntN(slots), 2)
 	}
 	// Background copy (mb) must have copied a grain before the stop, whatever the machine's
 	// load: the background-copy crash points fire only then.
@@ -363,13 +453,16 @@ func crashWorkload(t *testing.T, d *Driver, or *crashOracle, rng *rand.Rand, cra
 	if !phase("stop") {
 		return
 	}
-	// Let part of the background copy happen, so cleaning has work.
+	// ma stops after cleaning into tc.
 	must(d.StopConsistGrp(ctx, "g", false, false))
-	for i := 0; i < 400 && !crashed.Load(); i++ {
+	for deadline := time.Now().Add(15 * time.Second); !crashed.Load(); {
 		f, err := d.Fcmap(ctx, "ma")
 		must(err)
 		if f.Status == "stopped" || f.Status == "idle_or_copied" {
 			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ma still %s (clean %d%%) 15 s after the stop", f.Status, f.CleanProgress)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -465,7 +558,13 @@ func checkAfterCrash(t *testing.T, d *Driver, or *crashOracle) {
 		checkVol("ta", targetImage("ta"), "target ta after the crash")
 	}
 	if errB == nil && !mb.StartTime.IsZero() {
-		// Resume: the background copy completes (or cleaning ends) and tb is exact.
+		// Resume: the background copy completes (or cleaning ends) and tb is exact. A crash
+		// before the workload switched mb's copy on leaves it at rate 0: switch it on here.
+		if mb.Status == "copying" && mb.CopyRate == 0 {
+			if err := d.ChFcmap(ctx, "mb", api.ChFcmap{CopyRate: ip(crashCopyRate)}); err != nil {
+				t.Fatalf("chfcmap mb after the crash: %v", err)
+			}
+		}
 		deadline := time.Now().Add(20 * time.Second)
 		for time.Now().Before(deadline) {
 			mb, _ = d.Fcmap(ctx, "mb")
@@ -478,12 +577,51 @@ func checkAfterCrash(t *testing.T, d *Driver, or *crashOracle) {
 			checkVol("tb", targetImage("tb"), "target tb after the resumed copy")
 		}
 	}
-	if errA == nil && ma.Status == "copying" {
-		// Copy-on-write works after the reopen: a source write leaves the target as it was.
+	// mc and md started before any crash point could fire, and nothing stops them.
+	mc, errC := d.Fcmap(ctx, "mc")
+	md, errD := d.Fcmap(ctx, "md")
+	if errC != nil || errD != nil {
+		t.Fatalf("mc or md missing after the crash: %v / %v", errC, errD)
+	}
+	t.Logf("after the crash: mc %s %d%%, md %s %d%%", mc.Status, mc.Progress, md.Status, md.Progress)
+	if mc.StartTime.IsZero() || !online(mc.Status, mc.Progress) || md.StartTime.IsZero() || !online(md.Status, md.Progress) {
+		t.Fatalf("after the crash mc is %s (start %v), md %s (start %v): both should be copying or copied", mc.Status, mc.StartTime, md.Status, md.StartTime)
+	}
+	// td shows tb as it was at md's start, never what tb shows as mb's target: the start of mb
+	// preserved that image in td before tb's view changed.
+	checkVol("td", func(s int) []byte { return want(or.image["td"], s) }, "target td after the crash")
+	if errB == nil && mb.StartTime.IsZero() && mb.Status == "idle_or_copied" {
+		// mb never started nor prepared (tb offline): tb is md's source and holds every
+		// acknowledged write.
+		checkVol("tb", func(s int) []byte { return want(or.image["td"], s) }, "tb, source of md (mb not started), after the crash")
+	}
+	// tc shows a as at mc's start, whether it reads through ta (ma copying or stopping) or not.
+	checkVol("tc", targetImage("tc"), "target tc after the crash")
+	if errA == nil && ma.Status == "stopping" {
+		// Resume: the cleaning into tc completes, ta leaves the chain, tc is still exact.
+		deadline := time.Now().Add(20 * time.Second)
+		for ma.Status == "stopping" && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+			ma, _ = d.Fcmap(ctx, "ma")
+		}
+		if ma.Status == "stopping" {
+			t.Fatalf("ma still stopping 20 s after the crash (clean %d%%)", ma.CleanProgress)
+		}
+		t.Logf("after the resumed cleaning: ma %s", ma.Status)
+		checkVol("tc", targetImage("tc"), "target tc after the resumed cleaning")
+	}
+	maCopying := errA == nil && ma.Status == "copying"
+	if maCopying || mc.Status == "copying" {
+		// Copy-on-write works after the reopen: a source write leaves the targets as they were.
 		e, _ := d.Lookup("a")
 		if err := e.Device.WriteAt(pattern(0xee, 64<<10), 0, true); err != nil {
 			t.Fatalf("source write after the crash: %v", err)
 		}
-		checkVol("ta", targetImage("ta"), "target ta after a copy-on-write following the crash")
+		if maCopying {
+			checkVol("ta", targetImage("ta"), "target ta after a copy-on-write following the crash")
+		}
+		if mc.Status == "copying" {
+			checkVol("tc", targetImage("tc"), "target tc after a copy-on-write following the crash")
+		}
 	}
 }
