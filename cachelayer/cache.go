@@ -110,7 +110,8 @@ type Cache struct {
 
 	// Background destage.
 	bgMu           sync.Mutex
-	bgCond         sync.Cond // on bgMu: paused/running/dirty-above-high-water changed
+	bgCond         sync.Cond // on bgMu: paused/stopping/dirty-above-high-water changed
+	runsDone       sync.Cond // on bgMu: running dropped to zero
 	paused         bool
 	stopping       bool
 	running        int          // background runs between claim and completion
@@ -153,6 +154,7 @@ func New(lower blockdev.Device, pool *Pool, opts Options) *Cache {
 		c.shards[i].cond.L = &c.shards[i].mu
 	}
 	c.bgCond.L = &c.bgMu
+	c.runsDone.L = &c.bgMu
 	c.runCond.L = &c.runMu
 	c.bufs.New = func() any {
 		b := make([]byte, c.maxRun*PageSize)

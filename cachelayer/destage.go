@@ -19,7 +19,7 @@ func (c *Cache) PauseDestage() {
 	c.bgMu.Lock()
 	c.paused = true
 	for c.running > 0 {
-		c.bgCond.Wait()
+		c.runsDone.Wait()
 	}
 	c.bgMu.Unlock()
 }
@@ -226,7 +226,8 @@ func (c *Cache) endRun() {
 	c.bgMu.Lock()
 	c.running--
 	if c.running == 0 {
-		c.bgCond.Broadcast()
+		// Not bgCond: the helpers waiting for the high-water mark have no use for this.
+		c.runsDone.Broadcast()
 	}
 	c.bgMu.Unlock()
 }

@@ -77,6 +77,9 @@ func (p *Pool) put(n int64) {
 	}
 }
 
+// evictBatch is how many clean pages a writer short of memory evicts at least.
+const evictBatch = 32
+
 // reserve takes n pages for c. It returns false if the memory cannot be had without waiting;
 // the caller then writes through.
 func (p *Pool) reserve(c *Cache, n int64) bool {
@@ -96,7 +99,8 @@ func (p *Pool) reserve(c *Cache, n int64) bool {
 				}
 			}
 		}
-		if c.evictClean(n) == 0 {
+		// A batch, so that a stream of writes to new pages does not lock shards per write.
+		if c.evictClean(max(n, evictBatch)) == 0 {
 			break
 		}
 		if p.tryTake(n) {
