@@ -24,14 +24,17 @@ wait_sock() { for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.1; done; 
 
 # Peers' files, filled with incompressible data so no server reads holes.
 bytes=$(numfmt --from=iec "$size")
-head -c "$bytes" /dev/urandom > "$dir/nbdkit.img"
-cp "$dir/nbdkit.img" "$dir/qemu.img"
+# The same random image goes into every server through its own NBD socket, by nbdcopy: how a
+# file was written shapes its page cache (large folios after large writes make each later
+# 4 KiB pwrite into them several times dearer), so the peers' files must not be written
+# differently from fcnbd's volume.
+head -c "$bytes" /dev/urandom > "$dir/src.img"
+truncate -s "$bytes" "$dir/nbdkit.img" "$dir/qemu.img"
 
 "$bin" serve --data-dir "$dir/fcnbd" --socket "$dir/c.sock" --nbd-unix "$dir/fcnbd.sock" --nbd-tcp "" --log-level warn &
 pids+=($!)
 wait_sock "$dir/c.sock"
 "$bin" --socket "$dir/c.sock" mkvolume -name bench -size "$size" >/dev/null
-nbdcopy "$dir/nbdkit.img" "nbd+unix:///bench?socket=$dir/fcnbd.sock"
 
 nbdkit -f -U "$dir/nbdkit.sock" file "$dir/nbdkit.img" &
 pids+=($!)
@@ -45,6 +48,10 @@ declare -A uri=(
   [qemu-nbd]="nbd+unix:///bench?socket=$dir/qemu.sock"
 )
 servers=(fcnbd nbdkit qemu-nbd)
+for s in "${servers[@]}"; do
+  nbdcopy "$dir/src.img" "${uri[$s]}"
+done
+sync # no writeback of the images during the first rows
 rows=(
   "randwrite-4k:randwrite:4k:32"
   "randread-4k:randread:4k:32"
@@ -115,7 +122,7 @@ volfile() { # the backing file of a volume, by its id
 "$bin" "${fc[@]}" mkvolume -name fcfull -size "$size" >/dev/null
 srcfile=$(volfile fcsrc)
 [ -f "$srcfile" ] || { echo "bench: no backing file $srcfile for fcsrc" >&2; exit 1; }
-nbdcopy "$dir/nbdkit.img" "nbd+unix:///fcsrc?socket=$dir/fcnbd.sock"
+nbdcopy "$dir/src.img" "nbd+unix:///fcsrc?socket=$dir/fcnbd.sock"
 fiofc nomapping randwrite 4k 32 --time_based --runtime="$runtime" --ramp_time=2
 "$bin" "${fc[@]}" mkfcmap -source fcsrc -target fctgt -name bench_snap -copyrate 0 -grainsize "$grain_kib" >/dev/null
 "$bin" "${fc[@]}" startfcmap -prep bench_snap
