@@ -508,7 +508,14 @@ func (c *Cache) writeThroughAt(p []byte, off int64, fua bool) error {
 	end := off + int64(len(p))
 	c.forResident(first, last+1, func(sh *shard, pg *page) {
 		ps := pg.idx * PageSize
-		lo, hi := max(off, ps), min(end, ps+PageSize)
+		lo, hi := max(off, ps), min(end, ps+c.pageLen(pg.idx))
+		if !pg.dirty && lo == ps && hi == ps+c.pageLen(pg.idx) {
+			// A clean page wholly rewritten: dropping the copy is cheaper than updating it.
+			// A dirty one is updated instead: dropped, its acknowledged data would be missing
+			// below until this write is, and a Flush running meanwhile would not wait for it.
+			c.dropLocked(sh, pg)
+			return
+		}
 		copy(pg.data[lo-ps:hi-ps], p[lo-off:hi-off])
 		pg.gen++ // a clean page stays clean: it is about to equal what is below
 	})
