@@ -556,11 +556,19 @@ func (c *Cache) rangeOp(off, length int64, below func() error) error {
 	// before the operation is below, and no fill can read the range meanwhile.
 	c.stripes.lock(first, last)
 	defer c.stripes.unlock(first, last)
+	// Dirty pages the operation covers wholly are dropped only once it is below: until then
+	// they are the only copy of acknowledged data, and a Flush meanwhile must wait for them
+	// (their destage waits for the stripes) rather than find nothing to write.
+	var covered []*page
 	c.forResident(first, last+1, func(sh *shard, pg *page) {
 		ps := pg.idx * PageSize
 		lo, hi := max(off, ps), min(end, ps+c.pageLen(pg.idx))
 		if lo == ps && hi == ps+c.pageLen(pg.idx) {
-			c.dropLocked(sh, pg)
+			if pg.dirty {
+				covered = append(covered, pg)
+			} else {
+				c.dropLocked(sh, pg)
+			}
 			return
 		}
 		clear(pg.data[lo-ps : hi-ps])
@@ -569,6 +577,14 @@ func (c *Cache) rangeOp(off, length int64, below func() error) error {
 	if err := below(); err != nil {
 		c.forResident(first, last+1, func(sh *shard, pg *page) { c.markWritten(sh, pg) })
 		return fmt.Errorf("cachelayer: [%d,+%d): %w", off, length, err)
+	}
+	for _, pg := range covered {
+		sh := c.shard(pg.idx)
+		sh.mu.Lock()
+		if c.pt.get(pg.idx) == pg {
+			c.dropLocked(sh, pg)
+		}
+		sh.mu.Unlock()
 	}
 	return nil
 }

@@ -635,3 +635,61 @@ func TestShortLastPage(t *testing.T) {
 		t.Fatal("read after trim of the last page differs")
 	}
 }
+
+// A FLUSH that runs while a TRIM or WRITE_ZEROES of a dirty page is on its way below must not
+// return with that page's acknowledged data missing below: not written, and not yet replaced
+// by the zeroes.
+func TestFlushDuringRangeOpOfDirtyPage(t *testing.T) {
+	ops := map[string]func(c *Cache, off, n int64) error{
+		"trim":   func(c *Cache, off, n int64) error { return c.Trim(off, n) },
+		"zeroes": func(c *Cache, off, n int64) error { return c.WriteZeroes(off, n, false, false) },
+	}
+	for name, op := range ops {
+		t.Run(name, func(t *testing.T) {
+			d := newRecDev(MiB)
+			old, acked := fill(4096, 7), fill(4096, 1)
+			if err := d.Device.WriteAt(old, 4096, false); err != nil {
+				t.Fatal(err)
+			}
+			entered, release := make(chan struct{}), make(chan struct{})
+			var once sync.Once
+			d.SetHook(func(o memdev.Op, off, n int64) error {
+				if o == memdev.OpTrim || o == memdev.OpWriteZeroes {
+					once.Do(func() { close(entered) })
+					<-release
+				}
+				return nil
+			})
+			c := New(d, nil, Options{DestagePaused: true})
+			t.Cleanup(func() { _ = c.Close() })
+			if err := c.WriteAt(acked, 4096, false); err != nil {
+				t.Fatal(err)
+			}
+			opDone := make(chan error, 1)
+			go func() { opDone <- op(c, 4096, 4096) }()
+			<-entered
+			flushed := make(chan []byte, 1)
+			go func() {
+				if err := c.Flush(); err != nil {
+					t.Error(err)
+				}
+				flushed <- lowerBytes(t, d, 4096, 4096)
+			}()
+			var below []byte
+			select {
+			case below = <-flushed:
+			case <-time.After(100 * time.Millisecond):
+			}
+			close(release)
+			if err := <-opDone; err != nil {
+				t.Fatal(err)
+			}
+			if below == nil {
+				below = <-flushed
+			}
+			if bytes.Equal(below, old) {
+				t.Fatal("Flush returned with the page's acknowledged data neither below nor replaced by the zeroes")
+			}
+		})
+	}
+}
