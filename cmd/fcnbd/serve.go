@@ -98,7 +98,7 @@ const memoryHeadroom = 128 << 20
 
 // setMemoryLimit sets the Go runtime's soft memory limit to the cache size plus headroom,
 // unless GOMEMLIMIT is set. Without it the heap grows to twice what is live before a
-// collection (the cache is most of that), and with mlockall none of it is ever returned.
+// collection, and the cache is most of what is live.
 func setMemoryLimit(log zerolog.Logger, cacheSize int64) {
 	if v := os.Getenv("GOMEMLIMIT"); v != "" {
 		log.Info().Str("GOMEMLIMIT", v).Msg("soft memory limit from the environment")
