@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"testing"
 	"time"
@@ -126,5 +127,21 @@ func TestParseAndFormatSize(t *testing.T) {
 		if got := formatCapacity(n, false); got != want {
 			t.Errorf("formatCapacity(%d) = %q, want %q", n, got, want)
 		}
+	}
+}
+
+func TestMemoryLimit(t *testing.T) {
+	defer debug.SetMemoryLimit(debug.SetMemoryLimit(-1))
+	t.Setenv("GOMEMLIMIT", "")
+	setMemoryLimit(zerolog.Nop(), 64<<20)
+	if got, want := debug.SetMemoryLimit(-1), int64(64<<20+memoryHeadroom); got != want {
+		t.Fatalf("soft memory limit %d, want cache size plus headroom %d", got, want)
+	}
+	// Set by the operator: left alone.
+	debug.SetMemoryLimit(1 << 40)
+	t.Setenv("GOMEMLIMIT", "1TiB")
+	setMemoryLimit(zerolog.Nop(), 64<<20)
+	if got := debug.SetMemoryLimit(-1); got != 1<<40 {
+		t.Fatalf("soft memory limit %d changed although GOMEMLIMIT is set", got)
 	}
 }
