@@ -186,9 +186,8 @@ func (c *Cache) enter() error {
 	return nil
 }
 
-// ReadAt fills p from the cache where it holds the pages and from below for the rest. A read
-// of up to maxSpanRead reads the span of its missing pages below in one call (readSpan); a
-// larger one reads each run of missing pages in one call.
+// ReadAt fills p from the cache where it holds the pages and from below for the rest: each
+// piece of up to maxSpanRead reads the span of its missing pages below in one call (readSpan).
 func (c *Cache) ReadAt(p []byte, off int64) error {
 	if err := blockdev.CheckRange(c.size, off, int64(len(p))); err != nil {
 		return err
@@ -201,45 +200,22 @@ func (c *Cache) ReadAt(p []byte, off int64) error {
 		// Nothing cached: every write acknowledged so far is below.
 		return c.readBelow(p, off)
 	}
-	if len(p) <= maxSpanRead {
-		return c.readSpan(p, off)
-	}
-	miss := -1 // start in p of the pending run of missing pages
-	var misses int64
-	defer func() { c.readMisses.Add(misses) }()
-	for pos := 0; pos < len(p); {
-		cur := off + int64(pos)
-		idx, in := cur/PageSize, cur%PageSize
-		n := int(min(int64(len(p)-pos), PageSize-in))
-		if c.copyCached(p[pos:pos+n], idx, in) {
-			if miss >= 0 {
-				if err := c.readBelow(p[miss:pos], off+int64(miss)); err != nil {
-					return err
-				}
-				miss = -1
-			}
-		} else {
-			misses++
-			if miss < 0 {
-				// Not cached: every acknowledged write to this page is below the cache now, so
-				// reading below at any later moment is correct.
-				miss = pos
-			}
+	for len(p) > 0 {
+		n := min(len(p), maxSpanRead)
+		if err := c.readSpan(p[:n], off); err != nil {
+			return err
 		}
-		pos += n
-	}
-	if miss >= 0 {
-		return c.readBelow(p[miss:], off+int64(miss))
+		p, off = p[n:], off+int64(n)
 	}
 	return nil
 }
 
-// maxSpanRead is the largest read readSpan handles (its page set lives on the stack).
+// maxSpanRead is the largest read readSpan handles (its page set lives on the stack); ReadAt
+// splits larger ones.
 const maxSpanRead = 4 << 20
 
 // copyCached copies into q the bytes of page idx from offset in, if the page is cached, and
-// reports whether it was.
-// The caller counts misses.
+// reports whether it was. The caller counts misses.
 func (c *Cache) copyCached(q []byte, idx, in int64) bool {
 	if c.pt.get(idx) == nil {
 		return false
@@ -498,6 +474,15 @@ func (c *Cache) forResident(first, last int64, fn func(sh *shard, pg *page)) {
 	})
 }
 
+// overlap returns where page pg starts and the part [lo, hi) of it that [off, end) covers,
+// as device offsets, and whether that is the whole page.
+func (c *Cache) overlap(pg *page, off, end int64) (ps, lo, hi int64, whole bool) {
+	ps = pg.idx * PageSize
+	pe := ps + c.pageLen(pg.idx)
+	lo, hi = max(off, ps), min(end, pe)
+	return ps, lo, hi, lo == ps && hi == pe
+}
+
 // writeThroughAt writes p below before returning, keeping cached copies of its pages current.
 // The stripes order it against destage runs of those pages: an older run completes first, a
 // newer one starts after.
@@ -507,9 +492,8 @@ func (c *Cache) writeThroughAt(p []byte, off int64, fua bool) error {
 	defer c.stripes.unlock(first, last)
 	end := off + int64(len(p))
 	c.forResident(first, last+1, func(sh *shard, pg *page) {
-		ps := pg.idx * PageSize
-		lo, hi := max(off, ps), min(end, ps+c.pageLen(pg.idx))
-		if !pg.dirty && lo == ps && hi == ps+c.pageLen(pg.idx) {
+		ps, lo, hi, whole := c.overlap(pg, off, end)
+		if whole && !pg.dirty {
 			// A clean page wholly rewritten: dropping the copy is cheaper than updating it.
 			// A dirty one is updated instead: dropped, its acknowledged data would be missing
 			// below until this write is, and a Flush running meanwhile would not wait for it.
@@ -561,9 +545,8 @@ func (c *Cache) rangeOp(off, length int64, below func() error) error {
 	// (their destage waits for the stripes) rather than find nothing to write.
 	var covered []*page
 	c.forResident(first, last+1, func(sh *shard, pg *page) {
-		ps := pg.idx * PageSize
-		lo, hi := max(off, ps), min(end, ps+c.pageLen(pg.idx))
-		if lo == ps && hi == ps+c.pageLen(pg.idx) {
+		ps, lo, hi, whole := c.overlap(pg, off, end)
+		if whole {
 			if pg.dirty {
 				covered = append(covered, pg)
 			} else {

@@ -693,3 +693,30 @@ func TestFlushDuringRangeOpOfDirtyPage(t *testing.T) {
 		})
 	}
 }
+
+// A read larger than maxSpanRead, unaligned, over cached pages (dirty and clean) and pages only
+// below, returns the newest data of every byte.
+func TestLargeReadAcrossCachedPages(t *testing.T) {
+	const size = 3*maxSpanRead + 5*PageSize
+	c, d := newTestCache(t, size, NewPool(4*MiB), Options{DestagePaused: true})
+	want := make([]byte, size)
+	for i := range want {
+		want[i] = byte(i / PageSize)
+	}
+	if err := d.Device.WriteAt(want, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	// Cached pages scattered over every maxSpanRead piece and across its boundaries.
+	for idx := int64(3); idx*PageSize < size; idx += 97 {
+		p := fill(PageSize, 0xA0+byte(idx%16))
+		if err := c.WriteAt(p, idx*PageSize, false); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[idx*PageSize:], p)
+	}
+	off := int64(1234)
+	got := readCache(t, c, off, size-off-777)
+	if !bytes.Equal(got, want[off:size-777]) {
+		t.Fatal("large read differs from the newest data")
+	}
+}

@@ -44,6 +44,8 @@ type conn struct {
 	wmu     sync.Mutex
 	queue   []reply
 	writing bool
+	// w is the writer's scratch space, used only by the goroutine that set writing.
+	w replyWriter
 	// running counts requests started whose reply is not queued yet.
 	running atomic.Int32
 
@@ -338,7 +340,7 @@ func (c *conn) reply(r reply, started bool) {
 		return
 	}
 	c.writing = true
-	var w replyWriter
+	w := &c.w
 	for len(c.queue) > 0 {
 		if c.running.Load() > 0 {
 			// Requests are running: let those about to finish queue their replies first, so
@@ -350,7 +352,7 @@ func (c *conn) reply(r reply, started bool) {
 		batch := c.queue
 		c.queue = w.spare[:0]
 		c.wmu.Unlock()
-		w.spare = c.writeReplies(&w, batch)
+		w.spare = c.writeReplies(w, batch)
 		c.wmu.Lock()
 	}
 	c.writing = false
