@@ -17,9 +17,10 @@ import (
 	"fcnbd/internal/memdev"
 )
 
-// testServer is a Server listening on loopback TCP.
+// testServer is a Server listening on loopback TCP or, from startUnixServer, a Unix socket.
 type testServer struct {
 	*Server
+	network  string
 	addr     string
 	serveErr chan error
 	logs     *syncBuffer
@@ -55,13 +56,24 @@ func newTestExports() (StaticExports, *memdev.Device) {
 
 func startServer(t *testing.T, exports Exports, opts Options) *testServer {
 	t.Helper()
+	return startServerOn(t, "tcp", "127.0.0.1:0", exports, opts)
+}
+
+func startUnixServer(t *testing.T, exports Exports, opts Options) *testServer {
+	t.Helper()
+	return startServerOn(t, "unix", t.TempDir()+"/nbd.sock", exports, opts)
+}
+
+func startServerOn(t *testing.T, network, addr string, exports Exports, opts Options) *testServer {
+	t.Helper()
 	logs := &syncBuffer{}
 	opts.Logger = zerolog.New(logs).Level(zerolog.DebugLevel)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	l, err := net.Listen(network, addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ts := &testServer{Server: NewServer(exports, opts), addr: l.Addr().String(), serveErr: make(chan error, 1), logs: logs}
+	ts := &testServer{Server: NewServer(exports, opts), network: network, addr: l.Addr().String(),
+		serveErr: make(chan error, 1), logs: logs}
 	go func() { ts.serveErr <- ts.Serve(l) }()
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -90,7 +102,7 @@ type client struct {
 
 func (ts *testServer) dial(t *testing.T) *client {
 	t.Helper()
-	nc, err := net.Dial("tcp", ts.addr)
+	nc, err := net.Dial(ts.network, ts.addr)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,12 +6,15 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"fcnbd/internal/memdev"
 )
@@ -497,5 +500,44 @@ func TestInFlightBytesBudget(t *testing.T) {
 	}
 	if p := peak.Load(); p > 16<<10 {
 		t.Errorf("%d payload bytes in the device at once, budget 16 KiB", p)
+	}
+}
+
+// On a Unix socket the server's send buffer is all that lies between it and the client, so a
+// READ reply must fit in it whole: queued by one write, not in bursts that each wait for the
+// client to drain the last.
+func TestUnixReplyQueuedWhole(t *testing.T) {
+	const size = 1 << 20
+	exports := StaticExports{{Name: "big", Device: memdev.New(4 * size)}}
+	ts := startUnixServer(t, exports, Options{})
+	c := ts.open(t, "big")
+	data := pattern(size, 3)
+	c.mustDo(cmdWrite, 0, size, size, data)
+
+	c.request(cmdRead, 0, 1, size, size, nil)
+	rc, err := c.nc.(*net.UnixConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Without reading anything, wait for the whole reply to be queued at the client.
+	want := replyHdrSize + size
+	queued := 0
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		rc.Control(func(fd uintptr) { queued, err = unix.IoctlGetInt(int(fd), unix.SIOCINQ) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		if queued >= want {
+			break
+		}
+	}
+	if queued < want {
+		t.Fatalf("%d bytes of a %d-byte reply queued at the client; the rest waits for it to read", queued, want)
+	}
+	if cookie, errno := c.reply(); cookie != 1 || errno != 0 {
+		t.Fatalf("reply cookie %d errno %d", cookie, errno)
+	}
+	if got := c.read(size); !bytes.Equal(got, data) {
+		t.Fatal("read returned other data than written")
 	}
 }
