@@ -64,6 +64,9 @@ for row in "${rows[@]}"; do
   for r in $(seq "$rounds"); do
     for s in "${servers[@]}"; do
       echo "bench: $name $s round $r" >&2
+      # Dirty page cache left by the measurement before (any server's) is written back now, not
+      # during this one.
+      sync
       fio --name="$name" --ioengine=nbd --uri="${uri[$s]}" --rw="$rw" --bs="$bs" --iodepth="$depth" \
         --size="$size" --time_based --runtime="$runtime" --ramp_time=2 --norandommap --randrepeat=0 \
         --output-format=json --output="$dir/results/$name.$s.$r.json" >/dev/null
