@@ -690,6 +690,14 @@ func TestFlushDuringRangeOpOfDirtyPage(t *testing.T) {
 			if bytes.Equal(below, old) {
 				t.Fatal("Flush returned with the page's acknowledged data neither below nor replaced by the zeroes")
 			}
+			// The operation was acknowledged after the write, so once both are settled below,
+			// the zeroes are what is there: a destage of the dropped page must not follow them.
+			if err := c.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			if got := lowerBytes(t, d, 4096, 4096); !bytes.Equal(got, make([]byte, 4096)) {
+				t.Fatal("the page's older data is below after the acknowledged trim or zeroing")
+			}
 		})
 	}
 }

@@ -25,8 +25,8 @@ const readBufferSize = 64 << 10
 // unixSendBuffer is the send buffer of a Unix-socket connection. On a Unix socket the
 // sender's buffer is all there is between the two ends, and its default (net.core.wmem_default,
 // 208 KiB) made a 1 MiB READ reply go out in five bursts, each waiting for the client to drain
-// the one before. With 4 MiB a reply of up to that size is queued whole by one writev. TCP keeps
-// its autotuning, which setting a size would switch off.
+// the one before. With 4 MiB (which the kernel doubles for its bookkeeping) a 1 MiB reply is
+// queued whole by one writev. TCP keeps its autotuning, which setting a size would switch off.
 const unixSendBuffer = 4 << 20
 
 // setSendBuffer sets uc's send buffer to n bytes: beyond net.core.wmem_max where the process
