@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bufio"
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -10,6 +11,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -21,6 +23,16 @@ import (
 // readBufferSize is the bufio.Reader size on a connection: many small requests per read
 // syscall, while payloads at least this large are read straight into their buffers.
 const readBufferSize = 64 << 10
+
+// inlineWriteMin is the size from which a WRITE without FUA runs on the reader itself, between
+// reading its payload and reading the next request, instead of on a goroutine of its own. For
+// such a write the payload's copy is most of the cost: run where it was received, the copy reads
+// it from that core's cache, and there is no hand-off to another thread to pay (each one a
+// wake-up, and on a VM an interrupt between virtual CPUs). The reader stops reading meanwhile,
+// which costs a large write nothing: the client's socket buffer holds only a part of the next
+// payload anyway. Smaller writes, which wait for cache memory more than they copy, and FUA
+// writes, which wait for the disk, keep their own goroutines.
+const inlineWriteMin = 256 << 10
 
 // unixSendBuffer is the send buffer of a Unix-socket connection. On a Unix socket the
 // sender's buffer is all there is between the two ends, and its default (net.core.wmem_default,
@@ -53,6 +65,7 @@ func setSendBuffer(uc *net.UnixConn, n int) error {
 type conn struct {
 	s      *Server
 	nc     net.Conn
+	rc     syscall.RawConn // nc's descriptor, for writes that must not wait; nil if it has none
 	br     *bufio.Reader
 	log    zerolog.Logger
 	optBuf [maxOptionLen]byte
@@ -89,12 +102,16 @@ type reply struct {
 }
 
 func newConn(s *Server, nc net.Conn) *conn {
-	return &conn{
+	c := &conn{
 		s:   s,
 		nc:  nc,
 		br:  bufio.NewReaderSize(nc, readBufferSize),
 		log: s.log.With().Str("remote", nc.RemoteAddr().String()).Logger(),
 	}
+	if sc, ok := nc.(syscall.Conn); ok {
+		c.rc, _ = sc.SyscallConn()
+	}
+	return c
 }
 
 // stop makes the connection's reads fail, so its reader ends after the requests it already
@@ -129,7 +146,7 @@ func (c *conn) serve() {
 	case *net.TCPConn:
 		nc.SetNoDelay(true)
 	case *net.UnixConn:
-		if err := setSendBuffer(nc, unixSendBuffer); err != nil {
+		if err := setSendBuffer(nc, cmp.Or(c.s.opts.unixSendBuffer, unixSendBuffer)); err != nil {
 			c.log.Debug().Err(err).Msg("could not enlarge the send buffer")
 		}
 	}
@@ -260,6 +277,10 @@ func (c *conn) dispatch(flags, typ uint16, cookie, off uint64, length uint32) bo
 			c.logReadEnd(err)
 			return false
 		}
+		if length >= inlineWriteMin && !fua && c.rc != nil {
+			c.writeInline(cookie, off, buf)
+			return true
+		}
 		c.start(cookie, func() {
 			err := c.dev.WriteAt(*buf, int64(off), fua)
 			putBuf(buf)
@@ -349,9 +370,30 @@ func (c *conn) done(cookie uint64, op string, err error) {
 }
 
 func (c *conn) fail(cookie uint64, op string, err error) {
+	c.reply(reply{cookie: cookie, errno: c.errnoOf(op, err)}, true)
+}
+
+// errnoOf returns the NBD error for a failed request, which it logs.
+func (c *conn) errnoOf(op string, err error) uint32 {
 	errno := nbdErrno(blockdev.Errno(err))
 	c.log.Debug().Err(err).Str("op", op).Uint32("nbd_error", errno).Msg("request failed")
-	c.reply(reply{cookie: cookie, errno: errno}, true)
+	return errno
+}
+
+// writeInline runs a WRITE (see inlineWriteMin) on the reader, whose slot and budget it holds,
+// and replies without waiting for the client (see replyNoWait).
+func (c *conn) writeInline(cookie, off uint64, buf *[]byte) {
+	c.inflight.Add(1)
+	defer c.inflight.Done()
+	c.running.Add(1)
+	err := c.dev.WriteAt(*buf, int64(off), false)
+	c.budget.release(int64(len(*buf)))
+	putBuf(buf)
+	r := reply{cookie: cookie}
+	if err != nil {
+		r.errno = c.errnoOf("write", err)
+	}
+	c.replyNoWait(r)
 }
 
 // reply sends r: it queues r and, unless another goroutine is writing (that one takes r with
@@ -372,6 +414,12 @@ func (c *conn) reply(r reply, started bool) {
 		return
 	}
 	c.writing = true
+	c.writeQueue()
+}
+
+// writeQueue is the writer's loop: it writes what is queued until nothing is. It is called
+// by the goroutine that set writing, with wmu held, and returns with it released.
+func (c *conn) writeQueue() {
 	w := &c.w
 	for len(c.queue) > 0 {
 		if c.running.Load() > 0 {
@@ -391,10 +439,60 @@ func (c *conn) reply(r reply, started bool) {
 	c.wmu.Unlock()
 }
 
+// replyNoWait is reply for the reader, which must never wait for the client: a client may
+// read its replies only once it has sent its requests. Unless another goroutine is writing
+// (which takes r), what is queued goes out with one writev that does not wait; what the socket
+// did not take, and replies queued meanwhile, are left to a goroutine that becomes the writer.
+func (c *conn) replyNoWait(r reply) {
+	c.running.Add(-1)
+	c.wmu.Lock()
+	c.queue = append(c.queue, r)
+	if c.writing {
+		c.wmu.Unlock()
+		return
+	}
+	c.writing = true
+	w := &c.w
+	batch := c.queue
+	c.queue = w.spare[:0]
+	c.wmu.Unlock()
+	sent := c.failed.Load()
+	if !sent {
+		c.prepareReplies(w, batch)
+		sent = c.sendNoWait(w)
+	}
+	if !sent {
+		c.inflight.Add(1)
+		go func() {
+			defer c.inflight.Done()
+			c.send(w)
+			w.spare = c.releaseReplies(w, batch)
+			c.wmu.Lock()
+			c.writeQueue()
+		}()
+		return
+	}
+	w.spare = c.releaseReplies(w, batch)
+	c.wmu.Lock()
+	if len(c.queue) == 0 {
+		c.writing = false
+		c.wmu.Unlock()
+		return
+	}
+	c.wmu.Unlock()
+	c.inflight.Add(1)
+	go func() {
+		defer c.inflight.Done()
+		c.wmu.Lock()
+		c.writeQueue()
+	}()
+}
+
 // replyWriter is the scratch space of one writer.
 type replyWriter struct {
 	hdrs  []byte
-	iov   net.Buffers
+	iov   net.Buffers // what the batch's replies are made of
+	rest  net.Buffers // the part of iov not written yet
 	spare []reply
 }
 
@@ -402,32 +500,81 @@ type replyWriter struct {
 // the replies held. It returns batch emptied, for reuse as a queue.
 func (c *conn) writeReplies(w *replyWriter, batch []reply) []reply {
 	if !c.failed.Load() {
-		// Headers first, so that iov can point into hdrs without it moving.
-		w.hdrs = w.hdrs[:0]
-		for _, r := range batch {
-			w.hdrs = binary.BigEndian.AppendUint32(w.hdrs, simpleReplyMagic)
-			w.hdrs = binary.BigEndian.AppendUint32(w.hdrs, r.errno)
-			w.hdrs = binary.BigEndian.AppendUint64(w.hdrs, r.cookie)
-		}
-		w.iov = w.iov[:0]
-		start := 0 // of the headers not yet in iov
-		for i, r := range batch {
-			end := (i + 1) * replyHdrSize
-			if r.data != nil {
-				w.iov = append(w.iov, w.hdrs[start:end], *r.data)
-				start = end
-			}
-		}
-		if start < len(w.hdrs) {
-			w.iov = append(w.iov, w.hdrs[start:])
-		}
-		b := w.iov
-		if _, err := b.WriteTo(c.nc); err != nil && !c.failed.Swap(true) {
-			c.log.Debug().Err(err).Msg("write failed; closing")
-			c.nc.Close()
-		}
-		clear(w.iov)
+		c.prepareReplies(w, batch)
+		c.send(w)
 	}
+	return c.releaseReplies(w, batch)
+}
+
+// prepareReplies sets w.iov (and w.rest) to batch's headers and data.
+func (c *conn) prepareReplies(w *replyWriter, batch []reply) {
+	// Headers first, so that iov can point into hdrs without it moving.
+	w.hdrs = w.hdrs[:0]
+	for _, r := range batch {
+		w.hdrs = binary.BigEndian.AppendUint32(w.hdrs, simpleReplyMagic)
+		w.hdrs = binary.BigEndian.AppendUint32(w.hdrs, r.errno)
+		w.hdrs = binary.BigEndian.AppendUint64(w.hdrs, r.cookie)
+	}
+	w.iov = w.iov[:0]
+	start := 0 // of the headers not yet in iov
+	for i, r := range batch {
+		end := (i + 1) * replyHdrSize
+		if r.data != nil {
+			w.iov = append(w.iov, w.hdrs[start:end], *r.data)
+			start = end
+		}
+	}
+	if start < len(w.hdrs) {
+		w.iov = append(w.iov, w.hdrs[start:])
+	}
+	w.rest = w.iov
+}
+
+// send writes w.rest, waiting for the client as long as it takes.
+func (c *conn) send(w *replyWriter) {
+	if _, err := w.rest.WriteTo(c.nc); err != nil {
+		c.writeFailed(err)
+	}
+}
+
+// sendNoWait writes what of w.rest the socket takes now, with one writev. It returns whether
+// nothing is left to write (or the connection failed).
+func (c *conn) sendNoWait(w *replyWriter) bool {
+	var n int
+	var werr error
+	err := c.rc.Write(func(fd uintptr) bool {
+		n, werr = unix.Writev(int(fd), w.rest)
+		return true // one attempt: never wait for the socket
+	})
+	if err == nil && werr != nil && werr != unix.EAGAIN {
+		err = werr
+	}
+	if err != nil {
+		c.writeFailed(err)
+		return true
+	}
+	for n > 0 {
+		if k := len(w.rest[0]); n >= k {
+			w.rest, n = w.rest[1:], n-k
+		} else {
+			w.rest[0], n = w.rest[0][n:], 0
+		}
+	}
+	return len(w.rest) == 0
+}
+
+func (c *conn) writeFailed(err error) {
+	if !c.failed.Swap(true) {
+		c.log.Debug().Err(err).Msg("write failed; closing")
+		c.nc.Close()
+	}
+}
+
+// releaseReplies frees what batch's replies held (their data, their slots) once they are
+// written, and returns batch emptied.
+func (c *conn) releaseReplies(w *replyWriter, batch []reply) []reply {
+	clear(w.iov)
+	w.rest = nil
 	for i, r := range batch {
 		if r.data != nil {
 			c.budget.release(int64(len(*r.data)))

@@ -57,6 +57,10 @@ type Options struct {
 	MaxInFlightBytes int
 	// HandshakeTimeout bounds the whole negotiation phase of a connection (default 30s).
 	HandshakeTimeout time.Duration
+
+	// unixSendBuffer is the send buffer of a Unix-socket connection (default unixSendBuffer);
+	// tests make it small to fill it with a few replies.
+	unixSendBuffer int
 }
 
 // Defaults for Options.

@@ -3,10 +3,13 @@ package nbd
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -539,5 +542,154 @@ func TestUnixReplyQueuedWhole(t *testing.T) {
 	}
 	if got := c.read(size); !bytes.Equal(got, data) {
 		t.Fatal("read returned other data than written")
+	}
+}
+
+// A large WRITE runs on the reader, which must still never wait for the client: a client may
+// read replies only once it has sent all its requests (up to MaxInFlight). With a send buffer
+// that a few replies fill, the client sends large WRITEs, reading nothing until the last is
+// sent: every WRITE must reach the device meanwhile, and then every reply must arrive.
+func TestLargeWritesNeverWaitForClient(t *testing.T) {
+	const writes, wlen = 100, inlineWriteMin
+	dev := memdev.New(32 << 20)
+	var written atomic.Int64
+	dev.SetHook(func(op memdev.Op, off, length int64) error {
+		if op == memdev.OpWrite {
+			written.Add(1)
+		}
+		return nil
+	})
+	ts := startUnixServer(t, StaticExports{{Name: "v", Device: dev}}, Options{unixSendBuffer: 4096})
+	c := ts.open(t, "v")
+	sent := make(chan error, 1)
+	go func() {
+		var b []byte
+		for i := range writes {
+			b = append(b, reqBytes(cmdWrite, 0, uint64(i), uint64(i)*wlen, wlen, pattern(wlen, byte(i)))...)
+		}
+		_, err := c.nc.Write(b)
+		sent <- err
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for written.Load() < writes && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if n := written.Load(); n < writes {
+		t.Fatalf("the server stopped reading after %d of %d WRITEs while the client read no reply", n, writes)
+	}
+	if err := <-sent; err != nil {
+		t.Fatal(err)
+	}
+	seen := map[uint64]bool{}
+	for range writes {
+		cookie, errno := c.reply()
+		if errno != 0 || cookie >= writes || seen[cookie] {
+			t.Fatalf("reply cookie %d errno %d (seen before: %v)", cookie, errno, seen[cookie])
+		}
+		seen[cookie] = true
+	}
+	for i := range writes {
+		if got := c.mustDo(cmdRead, 0, uint64(i)*wlen, wlen, nil); !bytes.Equal(got, pattern(wlen, byte(i))) {
+			t.Fatalf("WRITE %d: other data read back", i)
+		}
+	}
+}
+
+// Large WRITEs (replied to by the reader) mixed with READs and small WRITEs (replied to by
+// their own goroutines), the client reading replies as they come: no reply is lost, in
+// particular none queued while the reader was writing its own.
+func TestLargeWritesMixedReplies(t *testing.T) {
+	const rounds, wlen, rlen = 300, inlineWriteMin, 4 << 10
+	dev := memdev.New(32 << 20)
+	ts := startUnixServer(t, StaticExports{{Name: "v", Device: dev}}, Options{})
+	c := ts.open(t, "v")
+	readArea := pattern(1<<20, 5)
+	c.mustDo(cmdWrite, 0, 16<<20, uint32(len(readArea)), readArea)
+
+	got := make(chan error, 1)
+	go func() {
+		seen := map[uint64]bool{}
+		for len(seen) < 3*rounds {
+			h := make([]byte, replyHdrSize)
+			if _, err := io.ReadFull(c.br, h); err != nil {
+				got <- fmt.Errorf("after %d replies: %w", len(seen), err)
+				return
+			}
+			cookie, errno := binary.BigEndian.Uint64(h[8:]), binary.BigEndian.Uint32(h[4:])
+			if errno != 0 || seen[cookie] {
+				got <- fmt.Errorf("reply cookie %d errno %d (seen before: %v)", cookie, errno, seen[cookie])
+				return
+			}
+			seen[cookie] = true
+			if cookie%3 == 1 {
+				data := make([]byte, rlen)
+				if _, err := io.ReadFull(c.br, data); err != nil {
+					got <- err
+					return
+				}
+				j := int(cookie/3) % (len(readArea) / rlen)
+				if !bytes.Equal(data, readArea[j*rlen:(j+1)*rlen]) {
+					got <- fmt.Errorf("READ %d returned other data", cookie)
+					return
+				}
+			}
+		}
+		got <- nil
+	}()
+	for i := range uint64(rounds) {
+		j := i % uint64(len(readArea)/rlen)
+		c.write(reqBytes(cmdWrite, 0, 3*i, (i%32)*wlen, wlen, pattern(wlen, byte(i))),
+			reqBytes(cmdRead, 0, 3*i+1, 16<<20+j*rlen, rlen, nil),
+			reqBytes(cmdWrite, 0, 3*i+2, 24<<20+(i%64)*512, 512, pattern(512, byte(i))))
+	}
+	select {
+	case err := <-got:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("replies missing after 20 s")
+	}
+}
+
+// A reply queued by another goroutine while the reader writes its own must still go out when
+// nothing follows it. Each round is a READ whose execution is made to end at a varying moment
+// around the reply of a large WRITE, and nothing else: both replies must arrive.
+func TestReplyQueuedDuringReaderWrite(t *testing.T) {
+	const wlen, rlen = inlineWriteMin, 4 << 10
+	dev := memdev.New(8 << 20)
+	var writeDone atomic.Int64 // time of the WRITE's arrival at the device, in ns since start
+	var delay atomic.Int64
+	start := time.Now()
+	dev.SetHook(func(op memdev.Op, off, length int64) error {
+		switch {
+		case op == memdev.OpWrite && length == wlen:
+			writeDone.Store(int64(time.Since(start)))
+		case op == memdev.OpRead && length == rlen:
+			for writeDone.Load() == 0 {
+				runtime.Gosched()
+			}
+			for int64(time.Since(start))-writeDone.Load() < delay.Load() {
+			}
+		}
+		return nil
+	})
+	ts := startUnixServer(t, StaticExports{{Name: "v", Device: dev}}, Options{})
+	c := ts.open(t, "v")
+	payload := pattern(wlen, 1)
+	for i := range 300 {
+		writeDone.Store(0)
+		delay.Store(int64(i%60) * 1000) // 0–59 µs after the WRITE reached the device
+		c.write(reqBytes(cmdRead, 0, 1, 4<<20, rlen, nil), reqBytes(cmdWrite, 0, 2, 0, wlen, payload))
+		c.nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+		for range 2 {
+			cookie, errno := c.reply()
+			if errno != 0 {
+				t.Fatalf("round %d: cookie %d errno %d", i, cookie, errno)
+			}
+			if cookie == 1 {
+				c.read(rlen)
+			}
+		}
 	}
 }
