@@ -145,3 +145,49 @@ func TestMemoryLimit(t *testing.T) {
 		t.Fatalf("soft memory limit %d changed although GOMEMLIMIT is set", got)
 	}
 }
+
+func TestMonitorEnv(t *testing.T) {
+	for _, tc := range []struct {
+		in   []string
+		want string // GODEBUG in the result; "" means no re-exec
+	}{
+		{[]string{"PATH=/bin"}, "GODEBUG=" + monitorSetting},
+		{[]string{"GODEBUG=madvdontneed=1", "PATH=/bin"}, "GODEBUG=madvdontneed=1," + monitorSetting},
+		{[]string{"GODEBUG=" + monitorSetting}, ""},      // the re-executed daemon
+		{[]string{"GODEBUG=gctrace=1,schedtrace=0"}, ""}, // the operator's choice
+		{[]string{"GODEBUG=", "HOME=/root"}, "GODEBUG=" + monitorSetting},
+	} {
+		env, need := monitorEnv(tc.in)
+		if !need {
+			if tc.want != "" {
+				t.Errorf("%q: no re-exec, want %s", tc.in, tc.want)
+			}
+			continue
+		}
+		var godebug []string
+		for _, kv := range env {
+			if strings.HasPrefix(kv, "GODEBUG=") {
+				godebug = append(godebug, kv)
+			}
+		}
+		if len(godebug) != 1 || godebug[0] != tc.want {
+			t.Errorf("%q: GODEBUG %q, want %q", tc.in, godebug, tc.want)
+		}
+		n := len(tc.in) + 1
+		if hasGodebug(tc.in) {
+			n-- // replaced
+		}
+		if len(env) != n {
+			t.Errorf("%q: environment %q lost or gained variables", tc.in, env)
+		}
+	}
+}
+
+func hasGodebug(env []string) bool {
+	for _, kv := range env {
+		if strings.HasPrefix(kv, "GODEBUG=") {
+			return true
+		}
+	}
+	return false
+}

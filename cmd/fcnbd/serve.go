@@ -69,6 +69,11 @@ func serveCommand() *cli.Command {
 			if c.Duration("fence-timeout") <= 0 {
 				return fmt.Errorf("bad --fence-timeout %s: must be positive", c.Duration("fence-timeout"))
 			}
+			execErr := execWithMonitorAwake()
+			log := newLogger(level)
+			if execErr != nil {
+				log.Warn().Err(execErr).Str("GODEBUG", monitorSetting).Msg("could not re-execute with the runtime setting; running without it")
+			}
 			return serve(c.Context, serveConfig{
 				metrics:      c.String("metrics"),
 				cacheSize:    cacheSize,
@@ -78,7 +83,7 @@ func serveCommand() *cli.Command {
 				nbdUnix:      c.String("nbd-unix"),
 				nbdTCP:       c.String("nbd-tcp"),
 				noMlock:      c.Bool("no-mlock"),
-				log:          newLogger(level),
+				log:          log,
 			})
 		},
 	}

@@ -236,3 +236,32 @@ func sh(t testing.TB, name string, args ...string) string {
 	}
 	return string(out)
 }
+
+// The daemon re-executes itself (keeping its PID) with the GODEBUG setting that keeps the Go
+// runtime's monitor thread awake; an operator's own schedtrace is left alone.
+func TestDaemonRuntimeSetting(t *testing.T) {
+	godebug := func(d *daemon) string {
+		env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", d.cmd.Process.Pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, kv := range strings.Split(string(env), "\x00") {
+			if v, ok := strings.CutPrefix(kv, "GODEBUG="); ok {
+				return v
+			}
+		}
+		return ""
+	}
+	t.Setenv("GODEBUG", "")
+	d := startDaemon(t)
+	if got := godebug(d); got != "schedtrace=2147483647" {
+		t.Errorf("daemon runs with GODEBUG=%q, want schedtrace=2147483647", got)
+	}
+	d.stop()
+
+	t.Setenv("GODEBUG", "schedtrace=0")
+	d = startDaemon(t)
+	if got := godebug(d); got != "schedtrace=0" {
+		t.Errorf("daemon runs with GODEBUG=%q, want the operator's schedtrace=0", got)
+	}
+}
