@@ -546,8 +546,8 @@ func (c *conn) sendNoWait(w *replyWriter) bool {
 		n, werr = unix.Writev(int(fd), w.rest)
 		return true // one attempt: never wait for the socket
 	})
-	if err == nil && werr != nil && werr != unix.EAGAIN {
-		err = werr
+	if err == nil && werr != nil && werr != unix.EAGAIN && werr != unix.EINTR {
+		err = werr // EAGAIN, EINTR: nothing written, the goroutine goes on
 	}
 	if err != nil {
 		c.writeFailed(err)

@@ -13,7 +13,7 @@ import (
 // write, whose payload arrives in a burst per 208 KiB the client's socket buffer holds, that
 // is a wake-up of another thread per burst, and on a VM an interrupt between virtual CPUs.
 // Kept awake, sysmon polls at most every 10 ms once idle. Measured on a 2-CPU VM: 1 MiB
-// sequential writes 10 % faster, 4 KiB rows unchanged (see README, Performance).
+// sequential writes about 10 % faster, 4 KiB rows unchanged (README, Usage).
 const monitorSetting = "schedtrace=2147483647"
 
 // monitorEnv returns environ with monitorSetting added to GODEBUG, or false if GODEBUG sets
