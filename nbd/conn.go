@@ -404,6 +404,14 @@ func (c *conn) writeInline(cookie, off uint64, buf *[]byte) {
 // their reply is written. After a write error the connection is closed, so the reader stops,
 // and later replies are discarded.
 func (c *conn) reply(r reply, started bool) {
+	if c.enqueue(r, started) {
+		c.writeQueue()
+	}
+}
+
+// enqueue queues r and returns whether the caller is now the writer, in which case wmu stays
+// held for it; else it is released.
+func (c *conn) enqueue(r reply, started bool) bool {
 	if started {
 		c.running.Add(-1)
 	}
@@ -411,10 +419,10 @@ func (c *conn) reply(r reply, started bool) {
 	c.queue = append(c.queue, r)
 	if c.writing {
 		c.wmu.Unlock()
-		return
+		return false
 	}
 	c.writing = true
-	c.writeQueue()
+	return true
 }
 
 // writeQueue is the writer's loop: it writes what is queued until nothing is. It is called
@@ -444,14 +452,9 @@ func (c *conn) writeQueue() {
 // (which takes r), what is queued goes out with one writev that does not wait; what the socket
 // did not take, and replies queued meanwhile, are left to a goroutine that becomes the writer.
 func (c *conn) replyNoWait(r reply) {
-	c.running.Add(-1)
-	c.wmu.Lock()
-	c.queue = append(c.queue, r)
-	if c.writing {
-		c.wmu.Unlock()
+	if !c.enqueue(r, true) {
 		return
 	}
-	c.writing = true
 	w := &c.w
 	batch := c.queue
 	c.queue = w.spare[:0]
@@ -461,28 +464,23 @@ func (c *conn) replyNoWait(r reply) {
 		c.prepareReplies(w, batch)
 		sent = c.sendNoWait(w)
 	}
-	if !sent {
-		c.inflight.Add(1)
-		go func() {
-			defer c.inflight.Done()
-			c.send(w)
-			w.spare = c.releaseReplies(w, batch)
-			c.wmu.Lock()
-			c.writeQueue()
-		}()
-		return
-	}
-	w.spare = c.releaseReplies(w, batch)
-	c.wmu.Lock()
-	if len(c.queue) == 0 {
-		c.writing = false
+	if sent {
+		w.spare = c.releaseReplies(w, batch)
+		c.wmu.Lock()
+		if len(c.queue) == 0 {
+			c.writing = false
+			c.wmu.Unlock()
+			return
+		}
 		c.wmu.Unlock()
-		return
 	}
-	c.wmu.Unlock()
 	c.inflight.Add(1)
 	go func() {
 		defer c.inflight.Done()
+		if !sent {
+			c.send(w)
+			w.spare = c.releaseReplies(w, batch)
+		}
 		c.wmu.Lock()
 		c.writeQueue()
 	}()
