@@ -14,8 +14,9 @@ import (
 // TestSoak (make soak; not in CI): mixed fio load on four source volumes of one consistency
 // group for FCNBD_SOAK_DURATION (default 30m), with repeated group starts, stops and restores.
 // Each round: writes paused, nbdcopy takes every source's image, the group starts, fio runs
-// randrw on the sources (and the targets' upper halves); then the targets' lower halves must
-// equal the images. Every third round restores: the restore group (target → source) starts with
+// randrw of 4 KiB to 1 MiB (so writes run both on goroutines of their own and on the reader) on
+// the sources (and the targets' upper halves); then the targets' lower halves must equal the
+// images. Every third round restores: the restore group (target → source) starts with
 // -restore and each source must read as its target's image again. At the end the daemon's peak
 // RSS (VmHWM) is reported against the configured cache size.
 //
@@ -57,7 +58,7 @@ func TestSoak(t *testing.T) {
 				{fmt.Sprintf("v%d", i), "0", "64M"}, {fmt.Sprintf("t%d", i), "32M", "32M"},
 			} {
 				c := exec.Command("fio", "--name=soak-"+job.vol, "--ioengine=nbd", "--uri="+d.uri(job.vol),
-					"--rw=randrw", "--rwmixread=40", "--bsrange=4k-128k", "--iodepth=8", "--offset="+job.off,
+					"--rw=randrw", "--rwmixread=40", "--bsrange=4k-1m", "--iodepth=8", "--offset="+job.off,
 					"--size="+job.size, "--time_based", fmt.Sprintf("--runtime=%d", int(round.Seconds())),
 					"--verify=crc32c", "--verify_backlog=512", "--verify_fatal=1")
 				c.Dir = work
