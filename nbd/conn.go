@@ -2,7 +2,6 @@ package nbd
 
 import (
 	"bufio"
-	"cmp"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -146,7 +145,7 @@ func (c *conn) serve() {
 	case *net.TCPConn:
 		nc.SetNoDelay(true)
 	case *net.UnixConn:
-		if err := setSendBuffer(nc, cmp.Or(c.s.opts.unixSendBuffer, unixSendBuffer)); err != nil {
+		if err := setSendBuffer(nc, c.s.opts.unixSendBuffer); err != nil {
 			c.log.Debug().Err(err).Msg("could not enlarge the send buffer")
 		}
 	}
@@ -259,7 +258,7 @@ func (c *conn) dispatch(flags, typ uint16, cookie, off uint64, length uint32) bo
 			if err := c.dev.ReadAt(*buf, int64(off)); err != nil {
 				putBuf(buf)
 				c.budget.release(int64(length))
-				c.fail(cookie, "read", err)
+				c.done(cookie, "read", err)
 				return
 			}
 			c.reply(reply{cookie: cookie, data: buf}, true)
@@ -282,10 +281,7 @@ func (c *conn) dispatch(flags, typ uint16, cookie, off uint64, length uint32) bo
 			return true
 		}
 		c.start(cookie, func() {
-			err := c.dev.WriteAt(*buf, int64(off), fua)
-			putBuf(buf)
-			c.budget.release(int64(length))
-			c.done(cookie, "write", err)
+			c.done(cookie, "write", c.write(buf, off, fua))
 		}, func() {
 			putBuf(buf)
 			c.budget.release(int64(length))
@@ -361,23 +357,28 @@ func (c *conn) start(cookie uint64, run, release func()) {
 	}()
 }
 
+// done replies to a request that ended with err (nil for success).
 func (c *conn) done(cookie uint64, op string, err error) {
-	if err != nil {
-		c.fail(cookie, op, err)
-		return
+	c.reply(c.result(cookie, op, err), true)
+}
+
+// result is the reply to a request that ended with err; a failure is logged.
+func (c *conn) result(cookie uint64, op string, err error) reply {
+	if err == nil {
+		return reply{cookie: cookie}
 	}
-	c.reply(reply{cookie: cookie}, true)
-}
-
-func (c *conn) fail(cookie uint64, op string, err error) {
-	c.reply(reply{cookie: cookie, errno: c.errnoOf(op, err)}, true)
-}
-
-// errnoOf returns the NBD error for a failed request, which it logs.
-func (c *conn) errnoOf(op string, err error) uint32 {
 	errno := nbdErrno(blockdev.Errno(err))
 	c.log.Debug().Err(err).Str("op", op).Uint32("nbd_error", errno).Msg("request failed")
-	return errno
+	return reply{cookie: cookie, errno: errno}
+}
+
+// write writes the WRITE payload buf at off, then frees buf and the budget it holds.
+func (c *conn) write(buf *[]byte, off uint64, fua bool) error {
+	n := len(*buf)
+	err := c.dev.WriteAt(*buf, int64(off), fua)
+	putBuf(buf)
+	c.budget.release(int64(n))
+	return err
 }
 
 // writeInline runs a WRITE (see inlineWriteMin) on the reader, whose slot and budget it holds,
@@ -386,14 +387,7 @@ func (c *conn) writeInline(cookie, off uint64, buf *[]byte) {
 	c.inflight.Add(1)
 	defer c.inflight.Done()
 	c.running.Add(1)
-	err := c.dev.WriteAt(*buf, int64(off), false)
-	c.budget.release(int64(len(*buf)))
-	putBuf(buf)
-	r := reply{cookie: cookie}
-	if err != nil {
-		r.errno = c.errnoOf("write", err)
-	}
-	c.replyNoWait(r)
+	c.replyNoWait(c.result(cookie, "write", c.write(buf, off, false)))
 }
 
 // reply sends r: it queues r and, unless another goroutine is writing (that one takes r with

@@ -110,6 +110,9 @@ func NewServer(exports Exports, opts Options) *Server {
 	if opts.HandshakeTimeout <= 0 {
 		opts.HandshakeTimeout = DefaultHandshakeTimeout
 	}
+	if opts.unixSendBuffer <= 0 {
+		opts.unixSendBuffer = unixSendBuffer
+	}
 	return &Server{
 		exports:   exports,
 		opts:      opts,

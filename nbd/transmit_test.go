@@ -176,6 +176,7 @@ func TestBackendErrors(t *testing.T) {
 		}{
 			{cmdRead, 4096, nil},
 			{cmdWrite, 4, []byte("IHAV")},
+			{cmdWrite, inlineWriteMin, make([]byte, inlineWriteMin)}, // run on the reader
 			{cmdFlush, 0, nil},
 			{cmdTrim, 4096, nil},
 			{cmdWriteZeroes, 4096, nil},

@@ -7,8 +7,9 @@ import (
 )
 
 // monitorSetting is the GODEBUG setting the daemon runs with: a scheduler trace every
-// 2147483647 ms (24.8 days of uptime), which prints nothing in practice but keeps the Go
-// runtime's monitor thread (sysmon) out of its deep sleep. Without it, sysmon goes to sleep
+// 2147483647 ms (a line on stderr per 24.8 days of uptime, and the scheduler's state before a
+// fatal panic's trace), set for its side effect of keeping the Go runtime's monitor thread
+// (sysmon) out of its deep sleep. Without it, sysmon goes to sleep
 // whenever every goroutine waits, and the next system call wakes it again: for a 1 MiB NBD
 // write, whose payload arrives in a burst per 208 KiB the client's socket buffer holds, that
 // is a wake-up of another thread per burst, and on a VM an interrupt between virtual CPUs.
@@ -30,7 +31,7 @@ func monitorEnv(environ []string) ([]string, bool) {
 		env = append(env, kv)
 	}
 	for _, s := range strings.Split(godebug, ",") {
-		if strings.HasPrefix(strings.TrimSpace(s), "schedtrace=") {
+		if strings.HasPrefix(s, "schedtrace=") { // as the runtime parses it: no spaces
 			return nil, false
 		}
 	}
