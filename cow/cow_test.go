@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -517,4 +518,50 @@ func TestOrdering(t *testing.T) {
 	order(fill, "T", 9)
 	order(own, "U", 9)
 	t.Logf("%d journal commits for 9 copy-on-writes", g.j.Commits())
+}
+
+// TestGrainSizePerTree: the one-grain-size rule holds per connected set as it will be after the
+// start, not across a StartMappings call: two unrelated trees with different grain sizes start
+// together (as every chain does when the daemon restarts) and route correctly, while a spec
+// that would join a tree of another grain size — directly, or through another spec of the same
+// call — is refused and starts nothing.
+func TestGrainSizePerTree(t *testing.T) {
+	r, _ := seedRand(t)
+	g := newRig(t, 9, 1<<20, 64*kib, r)
+	spec := func(id, src, tgt int, grain int64) MappingSpec {
+		return MappingSpec{ID: id, Source: src, Target: tgt, GrainSize: grain}
+	}
+	g.start(spec(1, 0, 1, 64*kib), spec(2, 2, 3, 256*kib))
+	g.write(0, 100*kib, bytes.Repeat([]byte{0xa1}, 300*kib))
+	g.write(2, 0, bytes.Repeat([]byte{0xa2}, 600*kib))
+	g.write(3, 512*kib, bytes.Repeat([]byte{0xa3}, 4*kib))
+	g.checkAll(0, 1, 2, 3)
+
+	refused := []struct {
+		name  string
+		specs []MappingSpec
+	}{
+		{"onto a tree of another grain", []MappingSpec{spec(3, 0, 4, 256*kib)}},
+		{"cascade from a target", []MappingSpec{spec(3, 3, 4, 64*kib)}},
+		{"two specs joined by a volume", []MappingSpec{spec(3, 5, 6, 64*kib), spec(4, 6, 7, 256*kib)}},
+		{"a new tree joined to an old one", []MappingSpec{spec(3, 5, 6, 256*kib), spec(4, 1, 5, 256*kib)}},
+	}
+	for _, c := range refused {
+		t.Run(c.name, func(t *testing.T) {
+			err := g.e.StartMappings(c.specs)
+			if !errors.Is(err, ErrBadSpec) || !strings.Contains(err.Error(), "grain size") {
+				t.Fatalf("StartMappings: %v, want a grain size refusal", err)
+			}
+			for _, s := range c.specs {
+				if _, err := g.e.Progress(s.ID); !errors.Is(err, ErrNoMapping) {
+					t.Fatalf("mapping %d exists after a refused start", s.ID)
+				}
+			}
+		})
+	}
+	// Apart from both trees, either grain size goes, in the same call.
+	g.start(spec(5, 5, 6, 256*kib), spec(6, 7, 8, 64*kib))
+	g.write(5, 0, bytes.Repeat([]byte{0xa5}, 1<<20))
+	g.write(7, 0, bytes.Repeat([]byte{0xa7}, 1<<20))
+	g.checkAll(0, 1, 2, 3, 4, 5, 6, 7, 8)
 }

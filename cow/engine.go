@@ -386,18 +386,8 @@ func (e *Engine) StartMappings(specs []MappingSpec) error {
 		roots = append(roots, src, tgt)
 	}
 	vols := component(roots...)
-	// One grain size per connected set: a grain lock must cover the same bytes on every volume.
-	grain := int64(0)
-	for _, v := range vols {
-		if v.target != nil {
-			grain = v.target.grain
-		}
-	}
-	for _, s := range specs {
-		if grain != 0 && s.GrainSize != grain {
-			return fmt.Errorf("start mapping %d: %w: grain size %d differs from %d in the same dependency tree", s.ID, ErrBadSpec, s.GrainSize, grain)
-		}
-		grain = s.GrainSize
+	if err := e.checkGrains(specs, vols); err != nil {
+		return err
 	}
 
 	unlock := lockGates(vols)
@@ -448,6 +438,57 @@ func (e *Engine) StartMappings(specs []MappingSpec) error {
 	e.renumber(vols)
 	for _, m := range started {
 		e.startWorker(m, e.copyWorker)
+	}
+	return nil
+}
+
+// checkGrains refuses specs that would give one connected set two grain sizes: a grain lock
+// covers the same bytes on every volume of a set (lockKey), so each set as it will be once the
+// specs are inserted — the components of vols, joined by every spec's source–target link — has
+// one grain size. Sets that stay apart may differ, whether they start in one call (the restore
+// of every chain at daemon start) or in several. The caller holds topoMu.
+func (e *Engine) checkGrains(specs []MappingSpec, vols []*volume) error {
+	parent := map[*volume]*volume{}
+	var find func(v *volume) *volume
+	find = func(v *volume) *volume {
+		p, ok := parent[v]
+		if !ok || p == v {
+			return v
+		}
+		r := find(p)
+		parent[v] = r
+		return r
+	}
+	union := func(a, b *volume) {
+		if ra, rb := find(a), find(b); ra != rb {
+			parent[ra] = rb
+		}
+	}
+	for _, v := range vols {
+		if v.upstream != nil {
+			union(v, v.upstream)
+		}
+	}
+	for _, s := range specs {
+		union(e.vols[s.Source], e.vols[s.Target])
+	}
+	type setGrain struct {
+		size    int64
+		mapping int
+	}
+	grain := map[*volume]setGrain{}
+	for _, v := range vols {
+		if m := v.target; m != nil {
+			grain[find(v)] = setGrain{m.grain, m.id}
+		}
+	}
+	for _, s := range specs {
+		root := find(e.vols[s.Target])
+		if g, ok := grain[root]; ok && g.size != s.GrainSize {
+			return fmt.Errorf("start mapping %d: %w: grain size %d differs from %d of mapping %d in the same dependency tree",
+				s.ID, ErrBadSpec, s.GrainSize, g.size, g.mapping)
+		}
+		grain[root] = setGrain{s.GrainSize, s.ID}
 	}
 	return nil
 }
