@@ -3,6 +3,7 @@ package mappings
 import (
 	"encoding/json"
 	"reflect"
+	"strings"
 	"testing"
 )
 
@@ -404,5 +405,57 @@ func TestStopDistrustsNeighbours(t *testing.T) {
 	}
 	if !f.m.Mappings[far].DiffTrusted {
 		t.Errorf("m%d lost its difference record for a stop elsewhere", far)
+	}
+}
+
+// TestRestoreFailed: a mapping whose chain can't be restored at daemon start is stopped with the
+// reason in its lsfcmap view, like an I/O error: every mapping that read through its target is
+// stopped too (naming it), one at 100 % ends idle_or_copied, one elsewhere is untouched; the
+// reason survives the catalogue and goes with the next prepare. The event is stale for a
+// mapping that is not in a chain.
+func TestRestoreFailed(t *testing.T) {
+	f := newFx(t, 6)
+	older, done, lost, other := f.mk(0, 1), f.mk(0, 2), f.mk(0, 3), f.mk(4, 5)
+	for _, id := range []MappingID{older, done, lost, other} {
+		f.start(id)
+	}
+	f.apply(SplitProgress{Map: done, Split: fullSplit}) // at 100 % but older reads through it
+	f.wantState(done, Copying)
+
+	f.apply(RestoreFailed{Map: lost, Reason: "split bitmap unreadable"})
+	f.wantState(lost, Stopped)
+	f.wantState(done, IdleOrCopied)
+	f.wantState(older, Stopped)
+	f.wantState(other, Copying)
+	info, _ := f.m.MappingInfo(lost)
+	if want := "its state could not be restored at daemon start: split bitmap unreadable"; info.StatusReason != want {
+		t.Errorf("status_reason of the lost mapping = %q, want %q", info.StatusReason, want)
+	}
+	info, _ = f.m.MappingInfo(older)
+	if !strings.Contains(info.StatusReason, "fcmap2") || !strings.Contains(info.StatusReason, "could not be restored") {
+		t.Errorf("status_reason of a dependant = %q, want it to name fcmap2", info.StatusReason)
+	}
+	for _, id := range []MappingID{done, other} {
+		if info, _ := f.m.MappingInfo(id); info.StatusReason != "" {
+			t.Errorf("status_reason of m%d = %q, want none", id, info.StatusReason)
+		}
+	}
+	if online, _ := f.m.VolumeAccess(3); online {
+		t.Error("the lost mapping's target is online")
+	}
+
+	var back Model
+	if err := json.Unmarshal(f.m.durable(), &back); err != nil {
+		t.Fatal(err)
+	}
+	if back.Mappings[lost].StatusReason != f.m.Mappings[lost].StatusReason {
+		t.Errorf("status_reason after the catalogue: %q", back.Mappings[lost].StatusReason)
+	}
+	if _, err := f.m.Apply(RestoreFailed{Map: lost, Reason: "again"}); err == nil {
+		t.Error("RestoreFailed of a stopped mapping was applied")
+	}
+	f.ok(f.m.Prestart(ref(lost), false))
+	if info, _ := f.m.MappingInfo(lost); info.StatusReason != "" {
+		t.Errorf("status_reason after prepare = %q", info.StatusReason)
 	}
 }

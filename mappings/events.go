@@ -58,6 +58,15 @@ type DiffLost struct{ Map MappingID }
 // IOError: a grain copy of Map failed (read or write, source or target).
 type IOError struct{ Map MappingID }
 
+// RestoreFailed: at daemon start, Map (copying, stopping or suspended when the daemon stopped)
+// could not be put back in its dependency chain: its split bitmap is unreadable, or the
+// copy-on-write layer refused it. Reason says why, for the operator. Its target's image is lost
+// as with an I/O error: Map is stopped, and so is every mapping that read through its target.
+type RestoreFailed struct {
+	Map    MappingID
+	Reason string
+}
+
 // BitmapOffline: Map's metadata can't be read or written.
 type BitmapOffline struct{ Map MappingID }
 
@@ -75,6 +84,7 @@ func (CleanComplete) event() {}
 func (DiffCount) event()     {}
 func (DiffLost) event()      {}
 func (IOError) event()       {}
+func (RestoreFailed) event() {}
 func (BitmapOffline) event() {}
 func (BitmapOnline) event()  {}
 
@@ -113,6 +123,7 @@ func (m *Model) Apply(ev Event) ([]Effect, error) {
 			for _, x := range tx.set(mp) {
 				if x.State == Preparing || x.State == Prepared {
 					tx.toStopped(x)
+					x.StatusReason = "flushing the cache of the source of mapping " + mp.Name + " failed"
 				}
 			}
 		case SplitProgress:
@@ -140,15 +151,12 @@ func (m *Model) Apply(ev Event) ([]Effect, error) {
 			if mp.State != Copying && mp.State != Stopping {
 				return stale(mp, "I/O error")
 			}
-			deps := tx.m.downstreamClosure(mp)
-			tx.toStopped(mp)
-			for _, x := range deps {
-				if x.Progress() == 100 {
-					tx.toIdle(x)
-				} else {
-					tx.toStopped(x)
-				}
+			tx.lose(mp, "a grain copy failed", "stopped by a failed grain copy")
+		case RestoreFailed:
+			if !mp.inChain() {
+				return stale(mp, "restore failed")
 			}
+			tx.lose(mp, "its state could not be restored at daemon start: "+ev.Reason, "whose state could not be restored")
 		case BitmapOffline:
 			switch mp.State {
 			case Suspended:
@@ -189,12 +197,31 @@ func mappingOf(ev Event) (MappingID, bool) {
 		return ev.Map, true
 	case IOError:
 		return ev.Map, true
+	case RestoreFailed:
+		return ev.Map, true
 	case BitmapOffline:
 		return ev.Map, true
 	case BitmapOnline:
 		return ev.Map, true
 	}
 	return NoMapping, false
+}
+
+// lose stops mp, whose target's image is lost (reason: why), and every mapping that read
+// through that target: those at 100 % hold every grain and end idle_or_copied, the others are
+// stopped too (their reason names mp; why says what happened to it).
+func (tx *txn) lose(mp *Mapping, reason, why string) {
+	deps := tx.m.downstreamClosure(mp)
+	tx.toStopped(mp)
+	mp.StatusReason = reason
+	for _, x := range deps {
+		if x.Progress() == 100 {
+			tx.toIdle(x)
+		} else {
+			tx.toStopped(x)
+			x.StatusReason = "it read through the target of mapping " + mp.Name + ", " + why
+		}
+	}
 }
 
 // set returns the mappings that move together with mp: its group, or mp alone.

@@ -79,6 +79,10 @@ type Mapping struct {
 	Grains     int64     `json:"grains"`     // ceil(size / grain); volumes can't be resized while mapped
 	Autodelete bool      `json:"autodelete"`
 	StartTime  time.Time `json:"start_time"`
+	// StatusReason says why a stopped mapping stopped on its own (an I/O error, a failed flush,
+	// state that could not be restored at daemon start); empty for a stop by command. It goes
+	// with the stop: the next prepare clears it.
+	StatusReason string `json:"status_reason,omitempty"`
 
 	// Split is the number of grains set in the split bitmap, as last reported by the engine.
 	Split int64 `json:"split"`

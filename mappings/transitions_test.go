@@ -307,6 +307,24 @@ func TestTransitions(t *testing.T) {
 			want:  []string{"Persist", "StopWorkers m0", "Relink [v1 via none]"},
 		},
 		{
+			name:  "restore failed while copying",
+			setup: copyingHalf,
+			act: func(f *fx, id MappingID) ([]Effect, error) {
+				return f.m.Apply(RestoreFailed{Map: id, Reason: "split bitmap unreadable"})
+			},
+			state: Stopped,
+			want:  []string{"Persist", "SetOnline v1 off", "StopWorkers m0", "Relink [v1 via none]"},
+		},
+		{
+			name:  "restore failed while suspended: source online, target offline",
+			setup: suspendedCopying,
+			act: func(f *fx, id MappingID) ([]Effect, error) {
+				return f.m.Apply(RestoreFailed{Map: id, Reason: "split bitmap unreadable"})
+			},
+			state: Stopped,
+			want:  []string{"Persist", "StopWorkers m0", "Relink [v1 via none]", "SetOnline v0 on"},
+		},
+		{
 			name:  "delete idle_or_copied",
 			setup: idle,
 			act:   func(f *fx, id MappingID) ([]Effect, error) { return f.m.RmFcmap(ref(id), false) },

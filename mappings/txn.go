@@ -172,6 +172,7 @@ func diffLinks(before, after map[VolumeID]VolumeID) []Link {
 // prepare moves an idle_or_copied or stopped mapping to preparing (§3 Prepare, §6).
 func (tx *txn) prepare(mp *Mapping, restore, startAfter bool) {
 	mp.State = Preparing
+	mp.StatusReason = ""
 	mp.RestoreFlag = restore
 	mp.Restoring = restore && tx.m.activeSource(mp.Target)
 	mp.StartAfterPrepare = startAfter
@@ -215,6 +216,7 @@ func (tx *txn) toIdle(mp *Mapping) {
 	wasActive := mp.inChain()
 	tx.leave(mp)
 	mp.State = IdleOrCopied
+	mp.StatusReason = ""
 	if wasActive && mp.Incremental {
 		mp.DiffTrusted = true
 	}

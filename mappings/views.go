@@ -12,6 +12,7 @@ type MappingInfo struct {
 	Source, Target    VolumeID
 	Group             GroupID
 	Status            State
+	StatusReason      string // why a stopped mapping stopped on its own; empty otherwise
 	Progress          int
 	CopyRate          int
 	CleanRate         int
@@ -39,7 +40,7 @@ func (m *Model) MappingInfo(id MappingID) (MappingInfo, bool) {
 	}
 	return MappingInfo{
 		ID: mp.ID, Name: mp.Name, Source: mp.Source, Target: mp.Target, Group: mp.Group,
-		Status: mp.State, Progress: mp.Progress(), CopyRate: mp.CopyRate, CleanRate: mp.CleanRate,
+		Status: mp.State, StatusReason: mp.StatusReason, Progress: mp.Progress(), CopyRate: mp.CopyRate, CleanRate: mp.CleanRate,
 		CleanProgress: mp.CleanProgress, GrainKiB: mp.GrainKiB, Incremental: mp.Incremental,
 		Difference: mp.Difference(), Autodelete: mp.Autodelete, StartTime: mp.StartTime,
 		Restoring: restoring, Partner: partner, DependentMappings: len(m.DependentMappings(id)),
