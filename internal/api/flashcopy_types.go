@@ -86,6 +86,7 @@ type Fcmap struct {
 	GroupID           int       `json:"group_id"` // 0: stand-alone
 	GroupName         string    `json:"group_name"`
 	Status            string    `json:"status"`
+	StatusReason      string    `json:"status_reason"` // why a stopped mapping stopped on its own
 	Progress          int       `json:"progress"`
 	CopyRate          int       `json:"copy_rate"`
 	CleanProgress     int       `json:"clean_progress"`

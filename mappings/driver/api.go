@@ -361,7 +361,7 @@ func (d *Driver) fcmapView(id mappings.MappingID) api.Fcmap {
 		ID: int(mi.ID), Name: mi.Name,
 		SourceID: int(mi.Source), SourceName: d.volName(mi.Source),
 		TargetID: int(mi.Target), TargetName: d.volName(mi.Target),
-		GroupID: int(mi.Group), Status: string(mi.Status), Progress: mi.Progress,
+		GroupID: int(mi.Group), Status: string(mi.Status), StatusReason: mi.StatusReason, Progress: mi.Progress,
 		CopyRate: mi.CopyRate, CleanProgress: mi.CleanProgress, CleanRate: mi.CleanRate,
 		GrainSize: mi.GrainKiB, Incremental: mi.Incremental, Difference: mi.Difference,
 		Autodelete: mi.Autodelete, StartTime: mi.StartTime, Restoring: mi.Restoring,

@@ -135,16 +135,18 @@ func Open(opts Options) (*Driver, error) {
 
 	model := mappings.New()
 	var diffLost []mappings.MappingID
+	// A split bitmap that can't be read costs its mapping (reopen stops it), never the daemon.
+	splitLost := map[mappings.MappingID]error{}
 	if err := d.cat.View(func(tx *catalog.Tx) error {
 		if data := tx.Model(); data != nil {
 			if err := json.Unmarshal(data, model); err != nil {
-				return fmt.Errorf("FlashCopy model: %w: %v", catalog.ErrCorrupt, err)
+				return fmt.Errorf("%s: the FlashCopy model: %w: %v", d.cat.Path(), catalog.ErrCorrupt, err)
 			}
 		}
 		for id, mp := range model.Mappings {
 			if mp.ChainSeq != 0 {
 				if err := d.journal.load(tx, int(id)); err != nil {
-					return err
+					splitLost[id] = err
 				}
 			}
 			if mp.Incremental {
@@ -169,7 +171,7 @@ func Open(opts Options) (*Driver, error) {
 		return nil, err
 	}
 	d.vols = vols
-	if err := d.reopen(diffLost); err != nil {
+	if err := d.reopen(diffLost, splitLost); err != nil {
 		d.vols.Close()
 		d.eng.Close()
 		return nil, err

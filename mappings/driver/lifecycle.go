@@ -1,22 +1,25 @@
 package driver
 
 import (
+	"fmt"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
 	"fcnbd/cow"
 	"fcnbd/internal/catalog"
-	"fcnbd/internal/fcerr"
 	"fcnbd/mappings"
 )
 
 // reopen brings the freshly built data path in line with the loaded model: the volumes the
 // model knows and the manager has are reconciled, active mappings re-enter the engine's chains
-// with their durable split bitmaps (oldest first, so every chain is rebuilt in order), and the
-// model's Reopen effects set availability, cache modes, workers and redo interrupted prepares.
-func (d *Driver) reopen(diffLost []mappings.MappingID) error {
+// with their durable split bitmaps (restoreChains), and the model's Reopen effects set
+// availability, cache modes, workers and redo interrupted prepares. An active mapping whose
+// chain can't be restored (splitLost: its split bitmap could not be read) is stopped through
+// the state machine; only an error of the catalogue itself fails reopen.
+func (d *Driver) reopen(diffLost []mappings.MappingID, splitLost map[mappings.MappingID]error) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 
@@ -63,29 +66,21 @@ func (d *Driver) reopen(diffLost []mappings.MappingID) error {
 		}
 	}
 	sort.Slice(active, func(i, j int) bool { return active[i].ChainSeq < active[j].ChainSeq })
-	specs := make([]cow.MappingSpec, 0, len(active))
+	lost := d.restoreChains(active, splitLost)
+	var restored []*mappings.Mapping
 	for _, mp := range active {
-		size := d.model.Volumes[mp.Source].Size
-		grain := int64(mp.GrainKiB) << 10
-		specs = append(specs, cow.MappingSpec{
-			ID: int(mp.ID), Source: int(mp.Source), Target: int(mp.Target), GrainSize: grain,
-			Split: d.journal.bitmap(int(mp.ID), size, grain),
-		})
+		if _, ok := lost[mp.ID]; !ok {
+			restored = append(restored, mp)
+		}
 	}
-	if len(specs) > 0 {
-		if err := d.eng.StartMappings(specs); err != nil {
-			return fcerr.New(fcerr.Internal, "restore the dependency chains: %v", err)
-		}
-		for _, mp := range active {
-			d.active[mp.ID] = true
-			d.rates[mp.ID] = &throughput{}
-		}
+	if len(lost) > 0 {
+		d.loseChains(active, lost)
 	}
 	// A mapping whose grain copy failed, and whose stop did not reach the catalogue before the
 	// daemon died, stops now: its target may lack grains its source has since overwritten.
 	var failed []mappings.MappingID
 	if err := d.cat.View(func(tx *catalog.Tx) error {
-		for _, mp := range active {
+		for _, mp := range restored {
 			f, err := failedRecord(tx, int(mp.ID))
 			if err != nil {
 				return err
@@ -113,10 +108,62 @@ func (d *Driver) reopen(diffLost []mappings.MappingID) error {
 		d.eventLocked(mappings.DiffLost{Map: id})
 	}
 	d.feedDiffCounts()
-	if len(active) > 0 {
-		d.log.Info().Int("mappings", len(active)).Msg("active FlashCopy mappings resumed")
+	resumed := 0
+	for _, mp := range d.model.Mappings {
+		if mp.ChainSeq != 0 {
+			resumed++
+		}
+	}
+	if resumed > 0 {
+		d.log.Info().Int("mappings", resumed).Msg("active FlashCopy mappings resumed")
 	}
 	return nil
+}
+
+// restoreChains puts the active mappings (in ChainSeq order) back in the engine's chains with
+// their durable split bitmaps, through StartMappings, as a live start does: one call per
+// connected set, oldest mapping first, so that every chain is rebuilt in order. If the engine
+// refuses a set, its mappings go in one by one, in the same order, so that one mapping's state
+// keeps no other from being served. It returns, for each mapping left out, why; the others are
+// active in the engine. d.mu is held.
+func (d *Driver) restoreChains(active []*mappings.Mapping, splitLost map[mappings.MappingID]error) map[mappings.MappingID]string {
+	lost := map[mappings.MappingID]string{}
+	for _, set := range connectedSets(active) {
+		var specs []cow.MappingSpec
+		for _, mp := range set {
+			if err := splitLost[mp.ID]; err != nil {
+				lost[mp.ID] = "its split bitmap could not be read: " + err.Error()
+				continue
+			}
+			size := d.model.Volumes[mp.Source].Size
+			grain := int64(mp.GrainKiB) << 10
+			specs = append(specs, cow.MappingSpec{
+				ID: int(mp.ID), Source: int(mp.Source), Target: int(mp.Target), GrainSize: grain,
+				Split: d.journal.bitmap(int(mp.ID), size, grain),
+			})
+		}
+		if len(specs) == 0 {
+			continue
+		}
+		if err := d.eng.StartMappings(specs); err != nil {
+			d.log.Warn().Err(err).Int("mappings", len(specs)).Msg("restore a dependency tree: refused as a whole; restoring its mappings one by one")
+			for _, s := range specs {
+				if err := d.eng.StartMappings([]cow.MappingSpec{s}); err != nil {
+					lost[mappings.MappingID(s.ID)] = err.Error()
+				}
+			}
+		}
+		for _, s := range specs {
+			if _, ok := lost[mappings.MappingID(s.ID)]; !ok {
+				d.active[mappings.MappingID(s.ID)] = true
+				d.rates[mappings.MappingID(s.ID)] = &throughput{}
+			}
+		}
+	}
+	for id := range lost {
+		d.journal.drop(int(id))
+	}
+	return lost
 }
 
 func (d *Driver) nextVolumeID() mappings.VolumeID {
@@ -240,4 +287,89 @@ func (r *throughput) rate() int64 {
 		return int64(float64(b.bytes-a.bytes) / dt)
 	}
 	return 0
+}
+
+// connectedSets splits mappings (in ChainSeq order) into the sets linked through shared
+// volumes, each in ChainSeq order, the sets in the order of their oldest mapping.
+func connectedSets(ms []*mappings.Mapping) [][]*mappings.Mapping {
+	parent := map[mappings.VolumeID]mappings.VolumeID{}
+	var find func(v mappings.VolumeID) mappings.VolumeID
+	find = func(v mappings.VolumeID) mappings.VolumeID {
+		p, ok := parent[v]
+		if !ok || p == v {
+			return v
+		}
+		r := find(p)
+		parent[v] = r
+		return r
+	}
+	for _, mp := range ms {
+		if a, b := find(mp.Source), find(mp.Target); a != b {
+			parent[a] = b
+		}
+	}
+	index := map[mappings.VolumeID]int{}
+	var sets [][]*mappings.Mapping
+	for _, mp := range ms {
+		root := find(mp.Source)
+		i, ok := index[root]
+		if !ok {
+			i = len(sets)
+			index[root] = i
+			sets = append(sets, nil)
+		}
+		sets[i] = append(sets[i], mp)
+	}
+	return sets
+}
+
+// loseChains stops, through the state machine, each mapping of lost, whose chain could not be
+// restored, and with it every mapping that read through its target; then logs each active
+// mapping that ended stopped, with its reason. The result is adopted and its effects carried
+// out even if the catalogue can't record it (a restart finds the same and does the same): the
+// data path must not serve a target whose image can't be restored. d.mu is held.
+func (d *Driver) loseChains(active []*mappings.Mapping, lost map[mappings.MappingID]string) {
+	next := d.model.Clone()
+	var effs []mappings.Effect
+	feed := func(ev mappings.Event) {
+		e, err := next.Apply(ev)
+		if err != nil {
+			d.log.Debug().Err(err).Str("event", fmt.Sprintf("%T", ev)).Msg("event ignored")
+			return
+		}
+		effs = append(effs, e...)
+	}
+	// First the model learns how far each restored mapping got, so that one at 100 % that
+	// read through a lost target ends idle_or_copied rather than stopped.
+	for _, mp := range active {
+		if !d.active[mp.ID] {
+			continue
+		}
+		if p, err := d.eng.Progress(int(mp.ID)); err == nil {
+			feed(mappings.SplitProgress{Map: mp.ID, Split: int64(p.Split)})
+		}
+	}
+	for _, mp := range active {
+		if reason, ok := lost[mp.ID]; ok {
+			feed(mappings.RestoreFailed{Map: mp.ID, Reason: reason})
+		}
+	}
+	for _, e := range netOnline(effs) {
+		if err := d.do(next, e); err != nil {
+			d.log.Error().Err(err).Stringer("effect", e).Msg("stopping the mappings that could not be restored")
+		}
+	}
+	d.model = next
+	d.syncEngine()
+	for _, mp := range active {
+		now := d.model.Mappings[mp.ID]
+		if now == nil || now.State != mappings.Stopped {
+			continue
+		}
+		ev := d.log.Error().Int("fcmap", int(mp.ID)).Str("name", now.Name).Str("reason", now.StatusReason)
+		if why, ok := lost[mp.ID]; ok && !strings.Contains(now.StatusReason, why) {
+			ev = ev.Str("restore_error", why)
+		}
+		ev.Msg("a dependency chain could not be restored at daemon start: the mapping is stopped and its target offline")
+	}
 }

@@ -135,6 +135,8 @@ func eventMap(ev mappings.Event) (mappings.MappingID, bool) {
 	switch ev := ev.(type) {
 	case mappings.IOError:
 		return ev.Map, true
+	case mappings.RestoreFailed:
+		return ev.Map, true
 	case mappings.CopyComplete:
 		return ev.Map, true
 	case mappings.CleanComplete:

@@ -2,10 +2,14 @@ package driver
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"strings"
 	"testing"
 
 	"fcnbd/internal/api"
+	"fcnbd/internal/catalog"
+	"fcnbd/mappings"
 )
 
 // TestTargetOnlineWhenStartReturns: StartFcmap returns once the start is done (§6 step 4: the
@@ -72,4 +76,141 @@ func TestCleanRestartKeepsMappings(t *testing.T) {
 		r.expect(tg, 0, pattern(0x72, volSize))
 	}
 	r.expectEIO("off")
+}
+
+// TestRestartWithUnrestorableMapping: startup never fails because of one mapping's state. A
+// mapping whose chain can't be restored at open (its split bitmap record is corrupt, or its
+// grain size conflicts with its tree's) comes up stopped, with the reason in its lsfcmap view,
+// its target offline; whatever read through its target stops with it; every other mapping is
+// served and resumes, and the stop is in the catalogue (a second restart finds it stopped, with
+// no restore error). A new start of the stopped mapping clears the reason.
+func TestRestartWithUnrestorableMapping(t *testing.T) {
+	tests := []struct {
+		name string
+		// damage changes the catalogue of the closed daemon; ids: older 0, newer 1, other 2.
+		damage func(t *testing.T, tx *catalog.Tx)
+		lost   string
+		reason string
+		// dependant: the older mapping read through the lost one's target and stops too.
+		dependant bool
+	}{
+		{
+			name: "split bitmap record corrupt",
+			damage: func(t *testing.T, tx *catalog.Tx) {
+				if err := tx.PutBitmapChunk(0, catalog.SplitBitmap, 0, []byte{1, 2, 3}); err != nil {
+					t.Fatal(err)
+				}
+			},
+			lost: "older", reason: "split bitmap could not be read",
+		},
+		{
+			name: "grain size conflicting in its tree",
+			damage: func(t *testing.T, tx *catalog.Tx) {
+				var m mappings.Model
+				if err := json.Unmarshal(tx.Model(), &m); err != nil {
+					t.Fatal(err)
+				}
+				m.Mappings[1].GrainKiB = 256
+				data, err := json.Marshal(&m)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := tx.PutModel(data); err != nil {
+					t.Fatal(err)
+				}
+			},
+			lost: "newer", reason: "grain size 262144 differs from 65536",
+			dependant: true,
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t, nil)
+			ctx := context.Background()
+			r.mkvol("src", "t_old", "t_new", "src2", "t_other")
+			r.write("src", 0, pattern(0x81, volSize))
+			r.write("src2", 0, pattern(0x82, volSize))
+			for _, m := range []struct{ name, src, tgt string }{
+				{"older", "src", "t_old"}, {"newer", "src", "t_new"}, {"other", "src2", "t_other"},
+			} {
+				if _, err := r.d.MkFcmap(ctx, api.MkFcmap{Source: m.src, Target: m.tgt, Name: m.name,
+					CopyRate: ip(0), GrainSize: ip(64)}); err != nil {
+					t.Fatal(err)
+				}
+				if err := r.d.StartFcmap(ctx, m.name, true, false); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// Split grains on every mapping, so their bitmaps have records.
+			r.write("src", 0, pattern(0x91, 256<<10))
+			r.write("src2", 0, pattern(0x92, 256<<10))
+
+			r.close()
+			cat, err := catalog.Open(r.dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := cat.Update(func(tx *catalog.Tx) error { tc.damage(t, tx); return nil }); err != nil {
+				t.Fatal(err)
+			}
+			cat.Close()
+			r.open()
+
+			f, err := r.d.Fcmap(ctx, tc.lost)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if f.Status != "stopped" || !strings.Contains(f.StatusReason, tc.reason) {
+				t.Fatalf("%s after the restart: %s, reason %q; want stopped, reason with %q", tc.lost, f.Status, f.StatusReason, tc.reason)
+			}
+			r.expectEIO("t_" + map[string]string{"older": "old", "newer": "new"}[tc.lost])
+			survivors := map[string]string{"other": "t_other"}
+			if tc.lost == "older" {
+				survivors["newer"] = "t_new"
+			}
+			if tc.dependant {
+				if f, _ := r.d.Fcmap(ctx, "older"); f.Status != "stopped" || !strings.Contains(f.StatusReason, tc.lost) {
+					t.Fatalf("older, which read through the lost target: %s, reason %q", f.Status, f.StatusReason)
+				}
+				r.expectEIO("t_old")
+			}
+			for m, tgt := range survivors {
+				if f, _ := r.d.Fcmap(ctx, m); f.Status != "copying" || f.StatusReason != "" {
+					t.Fatalf("%s after the restart: %s, reason %q", m, f.Status, f.StatusReason)
+				}
+				want := byte(0x81)
+				if m == "other" {
+					want = 0x82
+				}
+				r.expect(tgt, 0, pattern(want, volSize))
+			}
+			// Copy-on-write runs again for the survivors.
+			r.write("src", 0, pattern(0xa1, 1<<20))
+			r.write("src2", 0, pattern(0xa2, 1<<20))
+			for m, tgt := range survivors {
+				want := byte(0x81)
+				if m == "other" {
+					want = 0x82
+				}
+				r.expect(tgt, 0, pattern(want, volSize))
+			}
+
+			// The stop is durable: a second restart restores what is left without complaint.
+			r.restart()
+			if s := r.status(tc.lost); s != "stopped" {
+				t.Fatalf("%s after a second restart: %s", tc.lost, s)
+			}
+			for m := range survivors {
+				if s := r.status(m); s != "copying" {
+					t.Fatalf("%s after a second restart: %s", m, s)
+				}
+			}
+			if err := r.d.StartFcmap(ctx, tc.lost, true, false); err != nil {
+				t.Fatalf("start %s again: %v", tc.lost, err)
+			}
+			if f, _ := r.d.Fcmap(ctx, tc.lost); f.Status != "copying" || f.StatusReason != "" {
+				t.Fatalf("%s started again: %s, reason %q", tc.lost, f.Status, f.StatusReason)
+			}
+		})
+	}
 }
