@@ -334,12 +334,12 @@ func TestLsfcmap(t *testing.T) {
 			"target_vdisk_name vtgt\ngroup_id \ngroup_name \nstatus copying\nprogress 42\ncopy_rate 50\nclean_progress 0\n" +
 			"clean_rate 50\ngrain_size 256\nincremental off\ndifference 0\nautodelete off\nstart_time " + start + "\n" +
 			"partner_FC_id 1\npartner_FC_name back\nrestoring no\nrestore_progress 0\ndependent_mappings 1\n" +
-			"grains_copied 10\nsplit_on_write 3\nbytes_copied 2621440\ncopy_throughput 2097152\n"},
+			"grains_copied 10\nsplit_on_write 3\nbytes_copied 2621440\ncopy_throughput 2097152\nstatus_reason \n"},
 		{[]string{"lsfcmap", "-delim", "=", "1"}, "id=1\nname=back\nsource_vdisk_id=1\nsource_vdisk_name=vtgt\ntarget_vdisk_id=0\n" +
 			"target_vdisk_name=vsrc\ngroup_id=1\ngroup_name=g1\nstatus=idle_or_copied\nprogress=100\ncopy_rate=0\nclean_progress=100\n" +
 			"clean_rate=20\ngrain_size=64\nincremental=on\ndifference=3\nautodelete=on\nstart_time=\n" +
 			"partner_FC_id=\npartner_FC_name=\nrestoring=yes\nrestore_progress=7\ndependent_mappings=0\n" +
-			"grains_copied=0\nsplit_on_write=0\nbytes_copied=0\ncopy_throughput=0\n"},
+			"grains_copied=0\nsplit_on_write=0\nbytes_copied=0\ncopy_throughput=0\nstatus_reason=\n"},
 		{[]string{"lsfcmapprogress", "fcmap0"}, "id progress\n0  42\n"},
 		{[]string{"lsfcmapprogress", "-nohdr", "-delim", ",", "back"}, "1,100\n"},
 		{[]string{"lsfcmapprogress", "-json", "back"}, "[\n  {\n    \"id\": 1,\n    \"progress\": 100\n  }\n]\n"},

@@ -115,7 +115,7 @@ var (
 		"clean_rate", "grain_size", "incremental", "difference", "autodelete", "start_time", "partner_FC_id",
 		"partner_FC_name", "restoring", "restore_progress", "dependent_mappings"}
 	// fcmapFields are every attribute, the detailed view's lines.
-	fcmapFields = slices.Concat(fcmapColumns, []string{"grains_copied", "split_on_write", "bytes_copied", "copy_throughput"})
+	fcmapFields = slices.Concat(fcmapColumns, []string{"grains_copied", "split_on_write", "bytes_copied", "copy_throughput", "status_reason"})
 )
 
 func fcmapObject(m api.Fcmap) object {
@@ -138,6 +138,7 @@ func fcmapObject(m api.Fcmap) object {
 		partnerID, m.PartnerName,
 		yesNo(m.Restoring), strconv.Itoa(m.RestoreProgress), strconv.Itoa(m.DependentMappings),
 		fmt.Sprint(m.GrainsCopied), fmt.Sprint(m.SplitOnWrite), fmt.Sprint(m.BytesCopied), fmt.Sprint(m.CopyThroughput),
+		m.StatusReason,
 	}
 	return object{fields: zipFields(fcmapFields, values), json: m}
 }

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime/debug"
 	"syscall"
 	"time"
@@ -18,6 +19,7 @@ import (
 
 	"fcnbd/internal/api"
 	"fcnbd/internal/catalog"
+	"fcnbd/internal/fcerr"
 	"fcnbd/internal/metrics"
 	"fcnbd/internal/store"
 	"fcnbd/internal/sysutil"
@@ -138,7 +140,7 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 	}
 	cat, err := catalog.Open(cfg.dataDir)
 	if err != nil {
-		return err
+		return openFailure(cfg.dataDir, err)
 	}
 	defer func() {
 		if cerr := cat.Close(); cerr != nil && err == nil {
@@ -150,7 +152,7 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 		CacheSize: cfg.cacheSize, WriteThrough: cfg.cacheSize == 0, FenceTimeout: cfg.fenceTimeout,
 	})
 	if err != nil {
-		return err
+		return openFailure(cfg.dataDir, err)
 	}
 	closeVolumes := func() error {
 		if err := vols.Close(); err != nil {
@@ -253,6 +255,32 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 	}
 	log.Info().Msg("fcnbd stopped")
 	return errors.Join(runErr, flushErr)
+}
+
+// openFailure says, for an operator, why the data directory could not be opened, which file is
+// at fault and what to do. Only the catalogue and the volumes' backing files stop the daemon
+// from starting: a mapping whose state can't be restored comes up stopped instead, with its
+// reason in lsfcmap. The message is one line (the CLI prints it after "fcnbd: "), and keeps no
+// code of its own: an fcerr inside is shown as text.
+func openFailure(dataDir string, err error) error {
+	path := filepath.Join(dataDir, catalog.FileName)
+	switch {
+	case errors.Is(err, catalog.ErrLocked):
+		return err // it says what to check
+	case errors.Is(err, catalog.ErrCorrupt):
+		return fmt.Errorf("the catalogue %s can't be read (%v); the daemon did not start. "+
+			"Keep a copy of the data directory %s as it is, then put back %s from a backup. "+
+			"Don't start the daemon with the file removed: it would take every volume's backing file for an orphan and delete it",
+			path, err, dataDir, catalog.FileName)
+	case fcerr.CodeOf(err) == fcerr.MetadataUnwritable:
+		return fmt.Errorf("the catalogue %s can't be written (%v); the daemon did not start. "+
+			"Check the file system of %s (free space, permissions, read-only mount, disk errors in the kernel log) and start again",
+			path, err, dataDir)
+	}
+	return fmt.Errorf("the data directory %s could not be opened (%v); the daemon did not start. "+
+		"Check that the file named exists and is readable (permissions, disk errors in the kernel log); "+
+		"keep a copy of the data directory as it is before repairing anything, and put back a lost backing file from a backup",
+		dataDir, err)
 }
 
 // isLoopback reports whether a TCP listen address is only reachable from this host.
