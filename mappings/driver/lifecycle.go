@@ -135,8 +135,17 @@ func (d *Driver) restoreChains(active []*mappings.Mapping, splitLost map[mapping
 				lost[mp.ID] = "its split bitmap could not be read: " + err.Error()
 				continue
 			}
-			size := d.model.Volumes[mp.Source].Size
+			src, tgt := d.model.Volumes[mp.Source], d.model.Volumes[mp.Target]
 			grain := int64(mp.GrainKiB) << 10
+			switch {
+			case src == nil || tgt == nil:
+				lost[mp.ID] = fmt.Sprintf("the catalogue has no volume %d or %d", mp.Source, mp.Target)
+				continue
+			case grain <= 0 || src.Size < 0:
+				lost[mp.ID] = fmt.Sprintf("impossible geometry: volume size %d, grain size %d KiB", src.Size, mp.GrainKiB)
+				continue
+			}
+			size := src.Size
 			specs = append(specs, cow.MappingSpec{
 				ID: int(mp.ID), Source: int(mp.Source), Target: int(mp.Target), GrainSize: grain,
 				Split: d.journal.bitmap(int(mp.ID), size, grain),

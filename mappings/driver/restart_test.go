@@ -93,6 +93,8 @@ func TestRestartWithUnrestorableMapping(t *testing.T) {
 		reason string
 		// dependant: the older mapping read through the lost one's target and stops too.
 		dependant bool
+		// broken: the damage stays in the model, so the mapping can't be started again.
+		broken bool
 	}{
 		{
 			name: "split bitmap record corrupt",
@@ -106,21 +108,17 @@ func TestRestartWithUnrestorableMapping(t *testing.T) {
 		{
 			name: "grain size conflicting in its tree",
 			damage: func(t *testing.T, tx *catalog.Tx) {
-				var m mappings.Model
-				if err := json.Unmarshal(tx.Model(), &m); err != nil {
-					t.Fatal(err)
-				}
-				m.Mappings[1].GrainKiB = 256
-				data, err := json.Marshal(&m)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if err := tx.PutModel(data); err != nil {
-					t.Fatal(err)
-				}
+				editModel(t, tx, func(m *mappings.Model) { m.Mappings[1].GrainKiB = 256 })
 			},
 			lost: "newer", reason: "grain size 262144 differs from 65536",
 			dependant: true,
+		},
+		{
+			name: "impossible geometry",
+			damage: func(t *testing.T, tx *catalog.Tx) {
+				editModel(t, tx, func(m *mappings.Model) { m.Mappings[0].GrainKiB = 0 })
+			},
+			lost: "older", reason: "impossible geometry", broken: true,
 		},
 	}
 	for _, tc := range tests {
@@ -205,6 +203,9 @@ func TestRestartWithUnrestorableMapping(t *testing.T) {
 					t.Fatalf("%s after a second restart: %s", m, s)
 				}
 			}
+			if tc.broken {
+				return
+			}
 			if err := r.d.StartFcmap(ctx, tc.lost, true, false); err != nil {
 				t.Fatalf("start %s again: %v", tc.lost, err)
 			}
@@ -212,5 +213,22 @@ func TestRestartWithUnrestorableMapping(t *testing.T) {
 				t.Fatalf("%s started again: %s, reason %q", tc.lost, f.Status, f.StatusReason)
 			}
 		})
+	}
+}
+
+// editModel changes the FlashCopy model stored in the catalogue.
+func editModel(t *testing.T, tx *catalog.Tx, edit func(m *mappings.Model)) {
+	t.Helper()
+	var m mappings.Model
+	if err := json.Unmarshal(tx.Model(), &m); err != nil {
+		t.Fatal(err)
+	}
+	edit(&m)
+	data, err := json.Marshal(&m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.PutModel(data); err != nil {
+		t.Fatal(err)
 	}
 }
