@@ -368,8 +368,9 @@ func (d *Driver) loseChains(active []*mappings.Mapping, lost map[mappings.Mappin
 			d.log.Error().Err(err).Stringer("effect", e).Msg("stopping the mappings that could not be restored")
 		}
 	}
+	// The engine follows (the mappings stopped leave it) in reopen's syncEngine, before any
+	// background copy runs: none was given a rate yet.
 	d.model = next
-	d.syncEngine()
 	for _, mp := range active {
 		now := d.model.Mappings[mp.ID]
 		if now == nil || now.State != mappings.Stopped {
