@@ -1,11 +1,16 @@
 package driver
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"strings"
+	"sync"
 	"testing"
+
+	"github.com/rs/zerolog"
 
 	"fcnbd/internal/api"
 	"fcnbd/internal/catalog"
@@ -123,7 +128,10 @@ func TestRestartWithUnrestorableMapping(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			r := newRig(t, nil)
+			var logs syncBuf
+			r := newRig(t, func(o *Options) {
+				o.Logger = zerolog.New(io.MultiWriter(zerolog.NewTestWriter(t), &logs)).Level(zerolog.WarnLevel)
+			})
 			ctx := context.Background()
 			r.mkvol("src", "t_old", "t_new", "src2", "t_other")
 			r.write("src", 0, pattern(0x81, volSize))
@@ -162,6 +170,10 @@ func TestRestartWithUnrestorableMapping(t *testing.T) {
 				t.Fatalf("%s after the restart: %s, reason %q; want stopped, reason with %q", tc.lost, f.Status, f.StatusReason, tc.reason)
 			}
 			r.expectEIO("t_" + map[string]string{"older": "old", "newer": "new"}[tc.lost])
+			if l := logs.String(); !strings.Contains(l, `"level":"error"`) || !strings.Contains(l, `"name":"`+tc.lost+`"`) ||
+				!strings.Contains(l, tc.reason) {
+				t.Fatalf("no error-level log naming %s with its reason:\n%s", tc.lost, l)
+			}
 			survivors := map[string]string{"other": "t_other"}
 			if tc.lost == "older" {
 				survivors["newer"] = "t_new"
@@ -193,7 +205,17 @@ func TestRestartWithUnrestorableMapping(t *testing.T) {
 				r.expect(tgt, 0, pattern(want, volSize))
 			}
 
-			// The stop is durable: a second restart restores what is left without complaint.
+			// The stop is durable: in the catalogue now, and a second restart restores what is
+			// left without complaint.
+			var stored mappings.Model
+			if err := r.cat.View(func(tx *catalog.Tx) error { return json.Unmarshal(tx.Model(), &stored) }); err != nil {
+				t.Fatal(err)
+			}
+			for _, mp := range stored.Mappings {
+				if mp.Name == tc.lost && (mp.State != mappings.Stopped || !strings.Contains(mp.StatusReason, tc.reason)) {
+					t.Fatalf("%s in the catalogue: %s, reason %q", tc.lost, mp.State, mp.StatusReason)
+				}
+			}
 			r.restart()
 			if s := r.status(tc.lost); s != "stopped" {
 				t.Fatalf("%s after a second restart: %s", tc.lost, s)
@@ -231,4 +253,22 @@ func editModel(t *testing.T, tx *catalog.Tx, edit func(m *mappings.Model)) {
 	if err := tx.PutModel(data); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// syncBuf is a bytes.Buffer safe for the driver's goroutines to log into.
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
