@@ -55,8 +55,8 @@ func (m *Model) grainRule(src, tgt VolumeID, self MappingID, want *int) (int, er
 				"a connected set needs one grain size; delete one of them and create it again without -grainsize",
 				m.Mappings[self].Name, grain, x.Name, x.GrainKiB)
 		case want != nil:
-			return 0, fcerr.New(fcerr.GrainMismatch, "the grain size %d KiB differs from the %d KiB of mapping %s, which is connected to volume %s or %s: "+
-				"omit -grainsize to take the set's grain size", grain, x.GrainKiB, x.Name, m.Volumes[src].Name, m.Volumes[tgt].Name)
+			return 0, fcerr.New(fcerr.GrainMismatch, "the grain size %d KiB differs from the %d KiB of mapping %s, to which a mapping from %s to %s would be connected: "+
+				"a connected set needs one grain size; omit -grainsize to take it", grain, x.GrainKiB, x.Name, m.Volumes[src].Name, m.Volumes[tgt].Name)
 		default:
 			return 0, fcerr.New(fcerr.GrainMismatch, "a mapping from %s to %s would join mappings of different grain sizes (%s: %d KiB, %s: %d KiB) in one connected set",
 				m.Volumes[src].Name, m.Volumes[tgt].Name, others[0].Name, grain, x.Name, x.GrainKiB)
