@@ -636,6 +636,9 @@ func (m *Model) PrestartGroup(ref string, restore bool) ([]Effect, error) {
 				return err
 			}
 		}
+		if err := tx.m.checkStartLoop(ms); err != nil {
+			return err
+		}
 		for _, mp := range ms {
 			tx.prepare(mp, restore, false)
 		}
@@ -660,6 +663,9 @@ func (m *Model) StartGroup(ref string, prep, restore bool) ([]Effect, error) {
 			if err != nil {
 				return err
 			}
+		}
+		if err := tx.m.checkStartLoop(ms); err != nil {
+			return err
 		}
 		if prep {
 			for _, mp := range ms {
