@@ -118,6 +118,10 @@ type userAttempt struct {
 // a daemon with the real engine, checks for each that the user commands that would provoke it
 // are refused by the control plane with their code, changing nothing, and that the engine, given
 // the start directly, still refuses it.
+//
+// StartMappings fails in no other way a user could reach: sameView returns nothing, and its walks,
+// like those of reads, stop at maxDepth only in a loop of chains, which the control plane
+// refuses (TestGroupStartLoopRefused); the connected-set limit (256) keeps chains far shorter.
 func TestEngineStartRefusalsAreRefusedFirst(t *testing.T) {
 	r := newRig(t, nil)
 	ctx := context.Background()
@@ -461,4 +465,41 @@ func (r *rig) editModel(edit func(*mappings.Model)) {
 		r.t.Fatal(err)
 	}
 	r.open()
+}
+
+// TestGroupStartLoopRefused: cow.StartMappings accepts S→T and T→S in one start, after which
+// every read of S or T walks the loop up to the engine's depth bound and fails with EIO. The
+// control plane refuses such a group at prestart and start -prep, changing nothing; the volumes
+// keep serving their data.
+func TestGroupStartLoopRefused(t *testing.T) {
+	r := newRig(t, nil)
+	ctx := context.Background()
+	r.mkvol("S", "T")
+	r.write("S", 0, pattern(0x51, volSize))
+	r.write("T", 0, pattern(0x52, volSize))
+	if _, err := r.d.MkConsistGrp(ctx, api.MkConsistGrp{Name: "g"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range []api.MkFcmap{{Source: "S", Target: "T", Name: "st"}, {Source: "T", Target: "S", Name: "ts"}} {
+		a.ConsistGrp, a.CopyRate = "g", ip(0)
+		if _, err := r.d.MkFcmap(ctx, a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	base := r.snapshot()
+	for _, c := range []struct {
+		name string
+		do   func() error
+	}{
+		{"prestartfcconsistgrp", func() error { return r.d.PrestartConsistGrp(ctx, "g", false) }},
+		{"startfcconsistgrp -prep", func() error { return r.d.StartConsistGrp(ctx, "g", true, false) }},
+		{"startfcconsistgrp -prep -restore", func() error { return r.d.StartConsistGrp(ctx, "g", true, true) }},
+	} {
+		if err := c.do(); fcerr.CodeOf(err) != fcerr.ChainLoop {
+			t.Fatalf("%s: %v, want %s", c.name, err, fcerr.ChainLoop)
+		}
+		r.same(c.name, base, r.snapshot())
+	}
+	r.expect("S", 0, pattern(0x51, volSize))
+	r.expect("T", 0, pattern(0x52, volSize))
 }
