@@ -1,6 +1,10 @@
 package mappings
 
-import "sort"
+import (
+	"sort"
+
+	"fcnbd/internal/fcerr"
+)
 
 // The dependency chains of docs/flashcopy.md §5 are not stored as lists: a mapping's ChainSeq
 // says when its target was inserted, and the chain of source S is S's in-chain mappings, newest
@@ -282,4 +286,39 @@ func (m *Model) accessAll() map[VolumeID]Access {
 		out[id] = m.access(id)
 	}
 	return out
+}
+
+// checkStartLoop refuses the start of ms (the members of one group) if it would make a volume
+// read through itself by way of two or more of them (S→T and T→S in one group, say). A volume
+// is the target of at most one mapping, so walking up from a member's source through the
+// mappings that are in a chain or start with it follows one path; a loop closed through active
+// mappings alone is a restore, which the engine seeds at start (checkRestore governs it), but it
+// can't see a loop closed by several mappings that join their chains in the same instant: every
+// read of a grain none of them holds would go round it (the engine's walk gives up at maxDepth,
+// with EIO).
+func (m *Model) checkStartLoop(ms []*Mapping) error {
+	starting := map[MappingID]bool{}
+	for _, mp := range ms {
+		starting[mp.ID] = true
+	}
+	for _, mp := range ms {
+		var other *Mapping // the first other member on the way
+		seen := map[VolumeID]bool{}
+		for v := mp.Source; !seen[v]; {
+			seen[v] = true
+			x := m.targetMapping(v)
+			if x == nil || x == mp || !x.inChain() && !starting[x.ID] {
+				break
+			}
+			if starting[x.ID] && other == nil {
+				other = x
+			}
+			v = x.Source
+			if v == mp.Target && other != nil {
+				return fcerr.New(fcerr.ChainLoop, "mappings %s and %s can't start together: volume %s would read through itself; "+
+					"start them one after the other (the later one with -restore)", mp.Name, other.Name, m.Volumes[mp.Target].Name)
+			}
+		}
+	}
+	return nil
 }

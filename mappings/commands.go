@@ -113,7 +113,7 @@ type MkFcmapArgs struct {
 	Group          string // "" or "0": stand-alone
 	CopyRate       *int   // 0–150, default 50
 	CleanRate      *int   // 0–150, default 50
-	GrainKiB       *int   // 64 or 256, default 256
+	GrainKiB       *int   // 64 or 256; default: that of the connected set joined (grainRule), else 256
 	Autodelete     bool
 	Incremental    bool
 }
@@ -175,10 +175,6 @@ func (m *Model) MkFcmap(a MkFcmapArgs) (MappingID, []Effect, error) {
 		if err := checkRate("clean rate", a.CleanRate); err != nil {
 			return err
 		}
-		grain := orDefault(a.GrainKiB, DefaultGrainKiB)
-		if grain != 64 && grain != 256 {
-			return fcerr.New(fcerr.BadValue, "the grain size %d KiB is not 64 or 256", grain)
-		}
 		if a.Name != "" {
 			if err := checkNewName(a.Name, m.mappingNameTaken(a.Name, NoMapping)); err != nil {
 				return err
@@ -219,6 +215,10 @@ func (m *Model) MkFcmap(a MkFcmapArgs) (MappingID, []Effect, error) {
 		}
 		if n := len(m.connected([]VolumeID{src.ID, tgt.ID})); n+1 > MaxConnectedSet {
 			return fcerr.New(fcerr.TooManyMappings, "the mapping would join a connected set of %d mappings (limit %d)", n+1, MaxConnectedSet)
+		}
+		grain, err := m.grainRule(src.ID, tgt.ID, NoMapping, a.GrainKiB)
+		if err != nil {
+			return err
 		}
 		if err := m.checkGroupRoom(g); err != nil {
 			return err
@@ -348,6 +348,9 @@ func (m *Model) checkPrepare(mp *Mapping, restore, prep bool) error {
 	default:
 		return fcerr.New(fcerr.BadState, "mapping %s is %s: it can't be prepared", mp.Name, mp.State)
 	}
+	if err := m.checkGrain(mp); err != nil {
+		return err
+	}
 	return m.checkRestore(mp, restore)
 }
 
@@ -375,6 +378,9 @@ func (m *Model) checkStart(mp *Mapping, restore bool) error {
 		return fcerr.New(fcerr.AlreadyCopying, "mapping %s is already copying", mp.Name)
 	case mp.State != Prepared || mp.Fencing:
 		return fcerr.New(fcerr.BadState, "mapping %s is %s: only a prepared mapping can be started", mp.Name, mp.describeState())
+	}
+	if err := m.checkGrain(mp); err != nil {
+		return err
 	}
 	return m.checkRestore(mp, restore || mp.RestoreFlag)
 }
@@ -630,6 +636,9 @@ func (m *Model) PrestartGroup(ref string, restore bool) ([]Effect, error) {
 				return err
 			}
 		}
+		if err := tx.m.checkStartLoop(ms); err != nil {
+			return err
+		}
 		for _, mp := range ms {
 			tx.prepare(mp, restore, false)
 		}
@@ -654,6 +663,9 @@ func (m *Model) StartGroup(ref string, prep, restore bool) ([]Effect, error) {
 			if err != nil {
 				return err
 			}
+		}
+		if err := tx.m.checkStartLoop(ms); err != nil {
+			return err
 		}
 		if prep {
 			for _, mp := range ms {

@@ -254,7 +254,7 @@ func (tx *txn) startIfPrepared(mp *Mapping) {
 
 // fenceDrained is §6 step 3 and 4: one atomic commit for every mapping of the fence, then the
 // release. If the fence no longer fits the model (a member was stopped, moved, or the start would
-// now need -restore), the start is abandoned instead and the sources are released.
+// now need -restore or close a loop), the start is abandoned instead and the sources are released.
 func (tx *txn) fenceDrained(f Fence, now time.Time) {
 	m := tx.m
 	ms, ok := tx.fenceMembers(f)
@@ -262,6 +262,9 @@ func (tx *txn) fenceDrained(f Fence, now time.Time) {
 		if ok && m.checkRestore(mp, mp.RestoreFlag) != nil {
 			ok = false
 		}
+	}
+	if ok && m.checkStartLoop(ms) != nil {
+		ok = false
 	}
 	if !ok {
 		tx.fenceAbandon(f)

@@ -87,6 +87,7 @@ func TestRefusals(t *testing.T) {
 		{"bad copy rate", nil, mkErr(MkFcmapArgs{Source: "vol0", Target: "vol1", CopyRate: new(151)}), fcerr.BadValue},
 		{"bad clean rate", func(f *fx) { f.mk(0, 1) }, func(f *fx) error { _, err := f.m.ChFcmap("0", ChFcmapArgs{CleanRate: new(-1)}); return err }, fcerr.BadValue},
 		{"bad grain size", nil, mkErr(MkFcmapArgs{Source: "vol0", Target: "vol1", GrainKiB: new(128)}), fcerr.BadValue},
+		{"grain size differs from the connected set's", func(f *fx) { f.mk(0, 1) }, mkErr(MkFcmapArgs{Source: "vol0", Target: "vol2", GrainKiB: new(64)}), fcerr.GrainMismatch},
 		{"bad capacity", nil, func(f *fx) error { _, _, err := f.m.AddVolume("odd", mib+512); return err }, fcerr.BadValue},
 		{"prepare while copying", func(f *fx) { copying(f) }, func(f *fx) error { _, err := f.m.Prestart("0", false); return err }, fcerr.BadState},
 		{"prepare while prepared", func(f *fx) { prepared(f) }, func(f *fx) error { _, err := f.m.Prestart("0", false); return err }, fcerr.BadState},

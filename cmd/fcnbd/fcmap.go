@@ -30,7 +30,7 @@ func mkfcmapCommand() *cli.Command {
 			&cli.StringFlag{Name: "consistgrp", Usage: "the consistency group to put the mapping in"},
 			&cli.StringFlag{Name: "copyrate", Usage: "background copy rate, 0 (none) to 150 (default 50)"},
 			&cli.StringFlag{Name: "cleanrate", Usage: "cleaning rate, 0 to 150 (default 50)"},
-			&cli.StringFlag{Name: "grainsize", Usage: "grain size in KiB, 64 or 256 (default 256)"},
+			&cli.StringFlag{Name: "grainsize", Usage: "grain size in KiB, 64 or 256 (default: that of the mappings linked to either volume, else 256)"},
 			&cli.BoolFlag{Name: "autodelete", Usage: "delete the mapping when its copy completes"},
 			&cli.BoolFlag{Name: "incremental", Usage: "keep a difference bitmap so a restart copies only what changed"},
 		},

@@ -40,7 +40,8 @@ type FlashCopy interface {
 }
 
 // MkFcmap is the body of a mkfcmap request. Source and Target are required; nil means the
-// default (copy and clean rate 50, grain size 256 KiB).
+// default (copy and clean rate 50; grain size that of the mappings linked to either volume, else
+// 256 KiB).
 type MkFcmap struct {
 	Source      string `json:"source"`
 	Target      string `json:"target"`

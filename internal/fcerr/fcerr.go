@@ -33,6 +33,8 @@ const (
 	MetadataUnwritable = "CMMVC9001E" // fcnbd: the metadata store could not be written
 	FenceTimeout       = "CMMVC9002E" // fcnbd: the start fence did not drain in time
 	NoDaemon           = "CMMVC9003E" // fcnbd: no daemon is listening on the control socket
+	GrainMismatch      = "CMMVC9004E" // fcnbd: the grain size differs within a connected set (IBM's code is not known to us)
+	ChainLoop          = "CMMVC9005E" // fcnbd: one group start would make a volume read through itself
 )
 
 // Error is a refusal: a stable code and a sentence for the operator.

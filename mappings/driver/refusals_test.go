@@ -40,42 +40,6 @@ func TestRefusedCommandsChangeNothing(t *testing.T) {
 	}
 	r.waitStatus("stp", "stopped")
 
-	type snapshot struct {
-		model  []byte
-		maps   []api.Fcmap
-		groups []api.ConsistGrp
-		vols   string
-	}
-	take := func() snapshot {
-		t.Helper()
-		var s snapshot
-		if err := r.cat.View(func(tx *catalog.Tx) error {
-			s.model = bytes.Clone(tx.Model())
-			return nil
-		}); err != nil {
-			t.Fatal(err)
-		}
-		s.maps, s.groups = r.d.Fcmaps(ctx), r.d.ConsistGrps(ctx)
-		vs, _ := json.Marshal(r.d.Volumes())
-		s.vols = string(vs)
-		return s
-	}
-	same := func(when string, a, b snapshot) {
-		t.Helper()
-		if !bytes.Equal(a.model, b.model) {
-			t.Fatalf("%s: the catalogue's model changed:\n%s\n%s", when, a.model, b.model)
-		}
-		if !reflect.DeepEqual(a.maps, b.maps) {
-			t.Fatalf("%s: lsfcmap changed:\n%+v\n%+v", when, a.maps, b.maps)
-		}
-		if !reflect.DeepEqual(a.groups, b.groups) {
-			t.Fatalf("%s: lsfcconsistgrp changed:\n%+v\n%+v", when, a.groups, b.groups)
-		}
-		if a.vols != b.vols {
-			t.Fatalf("%s: lsvdisk changed:\n%s\n%s", when, a.vols, b.vols)
-		}
-	}
-
 	refusals := []struct {
 		name string
 		code string
@@ -99,7 +63,7 @@ func TestRefusedCommandsChangeNothing(t *testing.T) {
 		{"start of an empty group", "", func() error { return r.d.StartConsistGrp(ctx, "g", false, false) }},
 		{"chfcmap bad rate", fcerr.BadValue, func() error { return r.d.ChFcmap(ctx, "idle", api.ChFcmap{CopyRate: ip(151)}) }},
 	}
-	base := take()
+	base := r.snapshot()
 	for _, c := range refusals {
 		err := c.do()
 		if err == nil {
@@ -108,13 +72,55 @@ func TestRefusedCommandsChangeNothing(t *testing.T) {
 		if c.code != "" && fcerr.CodeOf(err) != c.code {
 			t.Fatalf("%s: %v, want %s", c.name, err, c.code)
 		}
-		same(c.name, base, take())
+		r.same(c.name, base, r.snapshot())
 	}
 	r.restart()
-	same("after restart", base, take())
+	r.same("after restart", base, r.snapshot())
 	r.expectEIO("tgt2")
 	r.expect("src", 0, pattern(0x5a, 1<<20))
 	if _, err := r.read("tgt", 0, 4096); err != nil {
 		t.Fatalf("idle target after the refusals: %v", err)
+	}
+}
+
+// snapshot is what a refused command must leave as it was: the catalogue's model, the lsfcmap
+// and lsfcconsistgrp views and the volume list.
+type snapshot struct {
+	model  []byte
+	maps   []api.Fcmap
+	groups []api.ConsistGrp
+	vols   string
+}
+
+func (r *rig) snapshot() snapshot {
+	r.t.Helper()
+	ctx := context.Background()
+	var s snapshot
+	if err := r.cat.View(func(tx *catalog.Tx) error {
+		s.model = bytes.Clone(tx.Model())
+		return nil
+	}); err != nil {
+		r.t.Fatal(err)
+	}
+	s.maps, s.groups = r.d.Fcmaps(ctx), r.d.ConsistGrps(ctx)
+	vs, _ := json.Marshal(r.d.Volumes())
+	s.vols = string(vs)
+	return s
+}
+
+// same fails the test unless a and b are equal.
+func (r *rig) same(when string, a, b snapshot) {
+	r.t.Helper()
+	if !bytes.Equal(a.model, b.model) {
+		r.t.Fatalf("%s: the catalogue's model changed:\n%s\n%s", when, a.model, b.model)
+	}
+	if !reflect.DeepEqual(a.maps, b.maps) {
+		r.t.Fatalf("%s: lsfcmap changed:\n%+v\n%+v", when, a.maps, b.maps)
+	}
+	if !reflect.DeepEqual(a.groups, b.groups) {
+		r.t.Fatalf("%s: lsfcconsistgrp changed:\n%+v\n%+v", when, a.groups, b.groups)
+	}
+	if a.vols != b.vols {
+		r.t.Fatalf("%s: lsvdisk changed:\n%s\n%s", when, a.vols, b.vols)
 	}
 }

@@ -49,7 +49,7 @@ func TestCleanRestartKeepsMappings(t *testing.T) {
 	r.mkvol("src", "t1", "t2", "t3", "off")
 	r.write("src", 0, pattern(0x72, volSize))
 	// A stopped mapping: its target is offline across the restarts.
-	if _, err := r.d.MkFcmap(ctx, api.MkFcmap{Source: "src", Target: "off", Name: "stp", CopyRate: ip(0)}); err != nil {
+	if _, err := r.d.MkFcmap(ctx, api.MkFcmap{Source: "src", Target: "off", Name: "stp", CopyRate: ip(0), GrainSize: ip(64)}); err != nil {
 		t.Fatal(err)
 	}
 	if err := r.d.StartFcmap(ctx, "stp", true, false); err != nil {
