@@ -85,9 +85,11 @@ type Mapping struct {
 	// CleanProgress is the engine's last report of cleaning progress, 0–100.
 	CleanProgress int `json:"clean_progress"`
 
-	// Incremental is fixed at creation. DiffGrains counts the grains of the difference bitmap;
-	// DiffTrusted says that the bitmap exists and may be used to skip grains at the next start
-	// (it becomes true when a copy completes, false when a copy is cut short or the record lost).
+	// Incremental is fixed at creation. DiffGrains counts the grains of the difference bitmap
+	// as the driver last fed it (DiffCount): it is exact at a start's commit, which seeds from
+	// it; lsfcmap reads the data path's live count instead (DifferenceOf). DiffTrusted says
+	// that the bitmap exists and may be used to skip grains at the next start (it becomes
+	// true when a copy completes, false when a copy is cut short or the record lost).
 	Incremental bool  `json:"incremental"`
 	DiffGrains  int64 `json:"diff_grains"`
 	DiffTrusted bool  `json:"diff_trusted"`
@@ -118,13 +120,18 @@ func (mp *Mapping) Progress() int {
 	return int(mp.Split * 100 / mp.Grains)
 }
 
-// Difference is the share of grains that the next start must copy, in percent, rounded up so
-// that 0 means none: 100 unless the difference bitmap of an incremental mapping can be trusted.
-func (mp *Mapping) Difference() int {
+// Difference is DifferenceOf(DiffGrains): the share as of the count the model was last fed.
+func (mp *Mapping) Difference() int { return mp.DifferenceOf(mp.DiffGrains) }
+
+// DifferenceOf is the share of grains that the next start must copy when the difference bitmap
+// has grains bits set, in percent, rounded up so that 0 means none: 100 unless the difference
+// bitmap of an incremental mapping can be trusted.
+func (mp *Mapping) DifferenceOf(grains int64) int {
 	if !mp.Incremental || !mp.DiffTrusted || mp.Grains <= 0 {
 		return 100
 	}
-	return int((mp.DiffGrains*100 + mp.Grains - 1) / mp.Grains)
+	grains = min(max(grains, 0), mp.Grains)
+	return int((grains*100 + mp.Grains - 1) / mp.Grains)
 }
 
 func (mp *Mapping) inChain() bool { return mp.ChainSeq != 0 }

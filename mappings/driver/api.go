@@ -375,8 +375,17 @@ func (d *Driver) fcmapView(id mappings.MappingID) api.Fcmap {
 	} else {
 		f.PartnerID = -1
 	}
-	if mp := d.model.Mappings[id]; mp != nil && mp.Restoring {
+	mp := d.model.Mappings[id]
+	if mp.Restoring {
 		f.RestoreProgress = mi.Progress
+	}
+	if d.diffs[id] {
+		// The data path's count rather than the model's last feed: a bit is set before the
+		// write it records is acknowledged, so the grains of every FLUSH or FUA write the host
+		// has seen complete are counted here.
+		if n, err := d.eng.DifferenceCount(int(id)); err == nil {
+			f.Difference = mp.DifferenceOf(int64(n))
+		}
 	}
 	if d.active[id] {
 		if p, err := d.eng.Progress(int(id)); err == nil {
