@@ -94,6 +94,13 @@ type Mapping struct {
 	DiffGrains  int64 `json:"diff_grains"`
 	DiffTrusted bool  `json:"diff_trusted"`
 
+	// Run is the copy work of the mapping's current or last run that the driver has recorded
+	// (RunFigures, when the run ends): reset at each start, so that after a run lsfcmap still
+	// shows what it did. Total adds up every run since the mapping was created; the metrics
+	// export it as counters, which never go down.
+	Run   Figures `json:"run"`
+	Total Figures `json:"total"`
+
 	// RestoreFlag records -restore from the prepare or start now in progress. Restoring is set
 	// when that -restore is real: the target was the source of an active mapping.
 	RestoreFlag bool `json:"restore_flag,omitempty"`
@@ -109,6 +116,19 @@ type Mapping struct {
 	// Volatile: an operation in flight that a daemon restart abandons.
 	StartAfterPrepare bool `json:"-"` // startfcmap -prep: start once prepared
 	Fencing           bool `json:"-"` // a Hold for this mapping's start is outstanding
+}
+
+// Figures counts the copy work done into a mapping's target (lsfcmap's grains_copied,
+// split_on_write and bytes_copied).
+type Figures struct {
+	GrainsCopied int64 `json:"grains_copied"`  // by background copy, or by the upstream's cleaning
+	SplitOnWrite int64 `json:"split_on_write"` // by host writes (copy-on-write, fills)
+	BytesCopied  int64 `json:"bytes_copied"`   // by all of those
+}
+
+// Plus is f and g added up.
+func (f Figures) Plus(g Figures) Figures {
+	return Figures{f.GrainsCopied + g.GrainsCopied, f.SplitOnWrite + g.SplitOnWrite, f.BytesCopied + g.BytesCopied}
 }
 
 // Progress is split grains / all grains in whole percent, rounded down so that 100 means every

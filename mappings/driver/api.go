@@ -387,9 +387,10 @@ func (d *Driver) fcmapView(id mappings.MappingID) api.Fcmap {
 			f.Difference = mp.DifferenceOf(int64(n))
 		}
 	}
+	run, total := mp.Run, mp.Total
 	if d.active[id] {
 		if p, err := d.eng.Progress(int(id)); err == nil {
-			f.GrainsCopied, f.SplitOnWrite, f.BytesCopied = p.GrainsCopied, p.SplitOnWrite, p.BytesCopied
+			run, total = run.Plus(figures(p)), total.Plus(figures(p))
 			f.Progress = p.Percent
 			if mi.Status == mappings.Stopping {
 				f.CleanProgress = p.CleanPercent
@@ -399,6 +400,8 @@ func (d *Driver) fcmapView(id mappings.MappingID) api.Fcmap {
 			f.CopyThroughput = r.rate()
 		}
 	}
+	f.GrainsCopied, f.SplitOnWrite, f.BytesCopied = run.GrainsCopied, run.SplitOnWrite, run.BytesCopied
+	f.GrainsCopiedTotal, f.SplitOnWriteTotal, f.BytesCopiedTotal = total.GrainsCopied, total.SplitOnWrite, total.BytesCopied
 	return f
 }
 

@@ -79,6 +79,7 @@ type Driver struct {
 	started  []mappings.MappingID          // committed by the effects being applied; resolved after them
 	diffs    map[mappings.MappingID]bool   // incremental mappings whose difference the engine records
 	deferred []mappings.Event              // events whose commit failed, fed again on recovery (metadata.go)
+	ended    []mappings.RunFigures         // runs the engine let go of in this apply, recorded at its end
 	metaKick chan struct{}
 
 	stop    chan struct{}
