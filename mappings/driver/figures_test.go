@@ -2,10 +2,14 @@ package driver
 
 import (
 	"context"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"fcnbd/internal/api"
+	"fcnbd/internal/metrics"
 )
 
 // figGrain is the grain of the figures tests: volSize / figGrain = 64 grains, so every count of
@@ -141,4 +145,92 @@ func TestRunFiguresOutliveTheRun(t *testing.T) {
 	if got, want := r.figures("inc"), [3]int64{0, 1, figGrain}; got != want {
 		t.Fatalf("after a stopped run that split one grain on write: %v, want %v", got, want)
 	}
+}
+
+// counters gathers the metrics' copy counters of every mapping, by series.
+func counters(t *testing.T, src metrics.Source) map[string]float64 {
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(metrics.Collector(src))
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Error(err)
+		return nil
+	}
+	out := map[string]float64{}
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			if c := m.GetCounter(); c != nil {
+				key := mf.GetName()
+				for _, l := range m.GetLabel() {
+					key += "," + l.GetName() + "=" + l.GetValue()
+				}
+				out[key] = c.GetValue()
+			}
+		}
+	}
+	return out
+}
+
+// TestMetricsCountersNeverDecrease: issue 13 — the Prometheus copy counters of a mapping,
+// scraped continuously, never go down: not when a copy completes and the mapping leaves the
+// engine, not when it starts again; they add up every run, and a daemon restart keeps them.
+func TestMetricsCountersNeverDecrease(t *testing.T) {
+	const grains = volSize / figGrain
+	r := newRig(t, nil)
+	ctx := context.Background()
+
+	var (
+		wg      sync.WaitGroup
+		stop    = make(chan struct{})
+		scrapes int
+		last    = map[string]float64{}
+	)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			for k, v := range counters(t, r.d) {
+				if v < last[k] {
+					t.Errorf("%s went down from %v to %v", k, last[k], v)
+				}
+				last[k] = v
+			}
+			scrapes++
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Millisecond):
+			}
+		}
+	}()
+	r.completedIncremental()
+	changed := []int{1, 30, 62}
+	r.rewrite("s", 0x71, changed...)
+	if err := r.d.StartFcmap(ctx, "inc", true, false); err != nil {
+		t.Fatal(err)
+	}
+	r.waitStatus("inc", "idle_or_copied")
+	time.Sleep(20 * time.Millisecond) // a few scrapes of the completed mapping
+	close(stop)
+	wg.Wait()
+	t.Logf("%d scrapes", scrapes)
+
+	const series = `,fcmap=inc,source=s,target=t`
+	k := int64(len(changed))
+	want := map[string]float64{
+		"fcnbd_fcmap_grains_copied_total" + series:  float64(grains + k),
+		"fcnbd_fcmap_split_on_write_total" + series: 0,
+		"fcnbd_fcmap_copied_bytes_total" + series:   float64((grains + k) * figGrain),
+	}
+	check := func(when string, got map[string]float64) {
+		t.Helper()
+		for s, v := range want {
+			if got[s] != v {
+				t.Errorf("%s: %s = %v, want %v (both runs added up)", when, s, got[s], v)
+			}
+		}
+	}
+	check("after the second run", counters(t, r.d))
+	r.restart()
+	check("after a daemon restart", counters(t, r.d))
 }
