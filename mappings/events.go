@@ -146,8 +146,7 @@ func (m *Model) Apply(ev Event) ([]Effect, error) {
 		case DiffLost:
 			mp.DiffTrusted = false
 		case RunFigures:
-			mp.Run = mp.Run.Plus(ev.Figures)
-			mp.Total = mp.Total.Plus(ev.Figures)
+			tx.m.AddFigures(id, ev.Figures)
 		case IOError:
 			if mp.State != Copying && mp.State != Stopping {
 				return stale(mp, "I/O error")

@@ -131,6 +131,18 @@ func (f Figures) Plus(g Figures) Figures {
 	return Figures{f.GrainsCopied + g.GrainsCopied, f.SplitOnWrite + g.SplitOnWrite, f.BytesCopied + g.BytesCopied}
 }
 
+// AddFigures adds f to mapping id's run and lifetime figures, and reports whether there is such
+// a mapping. It changes nothing else: the driver also uses it on the stored model at shutdown,
+// where the figures are the only change it may make.
+func (m *Model) AddFigures(id MappingID, f Figures) bool {
+	mp := m.Mappings[id]
+	if mp == nil {
+		return false
+	}
+	mp.Run, mp.Total = mp.Run.Plus(f), mp.Total.Plus(f)
+	return true
+}
+
 // Progress is split grains / all grains in whole percent, rounded down so that 100 means every
 // grain is split.
 func (mp *Mapping) Progress() int {

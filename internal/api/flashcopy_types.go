@@ -101,8 +101,8 @@ type Fcmap struct {
 	RestoreProgress   int       `json:"restore_progress"`
 	DependentMappings int       `json:"dependent_mappings"`
 
-	// The copy work of the current run, or of the last one until the next start. A run that a
-	// daemon restart interrupted counts from the restart.
+	// The copy work of the current run, or of the last one until the next start; kept across
+	// daemon restarts (a crash loses what a run in progress counted since the daemon started).
 	GrainsCopied   int64 `json:"grains_copied"`
 	SplitOnWrite   int64 `json:"split_on_write"`
 	BytesCopied    int64 `json:"bytes_copied"`

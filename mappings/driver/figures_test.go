@@ -147,6 +147,45 @@ func TestRunFiguresOutliveTheRun(t *testing.T) {
 	}
 }
 
+// TestRunFiguresAcrossDaemonRestart: a run in progress when the daemon stops keeps what it had
+// counted: lsfcmap and the metrics go on from there after the restart, and the run's figures
+// at completion include both parts.
+func TestRunFiguresAcrossDaemonRestart(t *testing.T) {
+	const grains = volSize / figGrain
+	r := newRig(t, nil)
+	ctx := context.Background()
+	r.mkvol("s", "t")
+	r.write("s", 0, pattern(0x5a, volSize))
+	if _, err := r.d.MkFcmap(ctx, api.MkFcmap{Source: "s", Target: "t", Name: "m",
+		CopyRate: ip(0), GrainSize: ip(figGrain >> 10)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.d.StartFcmap(ctx, "m", true, false); err != nil {
+		t.Fatal(err)
+	}
+	r.rewrite("s", 0x61, 1, 2)
+	want := [3]int64{0, 2, 2 * figGrain}
+	if got := r.figures("m"); got != want {
+		t.Fatalf("after two copy-on-writes: %v, want %v", got, want)
+	}
+	r.restart()
+	if got := r.figures("m"); got != want {
+		t.Fatalf("after a daemon restart: %v, want %v", got, want)
+	}
+	if f := r.fcmap("m"); f.GrainsCopiedTotal != 0 || f.SplitOnWriteTotal != 2 || f.BytesCopiedTotal != 2*figGrain {
+		t.Fatalf("totals after a daemon restart: %d/%d/%d, want 0/2/%d", f.GrainsCopiedTotal, f.SplitOnWriteTotal, f.BytesCopiedTotal, 2*figGrain)
+	}
+	r.rewrite("s", 0x62, 3)
+	if err := r.d.ChFcmap(ctx, "m", api.ChFcmap{CopyRate: ip(150)}); err != nil {
+		t.Fatal(err)
+	}
+	r.waitStatus("m", "idle_or_copied")
+	want = [3]int64{grains - 3, 3, volSize}
+	if got := r.figures("m"); got != want {
+		t.Fatalf("the run completed: %v, want %v (both parts of the run)", got, want)
+	}
+}
+
 // counters gathers the metrics' copy counters of every mapping, by series.
 func counters(t *testing.T, src metrics.Source) map[string]float64 {
 	reg := prometheus.NewPedanticRegistry()
