@@ -55,6 +55,14 @@ type DiffCount struct {
 // start copies everything.
 type DiffLost struct{ Map MappingID }
 
+// RunFigures: the engine let Map go at the end of a run (or of the part of it since the daemon
+// started), having copied Figures into its target; they are added to the run's and the
+// lifetime's figures.
+type RunFigures struct {
+	Map     MappingID
+	Figures Figures
+}
+
 // IOError: a grain copy of Map failed (read or write, source or target).
 type IOError struct{ Map MappingID }
 
@@ -83,6 +91,7 @@ func (CleanProgress) event() {}
 func (CleanComplete) event() {}
 func (DiffCount) event()     {}
 func (DiffLost) event()      {}
+func (RunFigures) event()    {}
 func (IOError) event()       {}
 func (RestoreFailed) event() {}
 func (BitmapOffline) event() {}
@@ -147,6 +156,8 @@ func (m *Model) Apply(ev Event) ([]Effect, error) {
 			mp.DiffGrains = min(max(ev.Grains, 0), mp.Grains)
 		case DiffLost:
 			mp.DiffTrusted = false
+		case RunFigures:
+			tx.m.AddFigures(id, ev.Figures)
 		case IOError:
 			if mp.State != Copying && mp.State != Stopping {
 				return stale(mp, "I/O error")
@@ -194,6 +205,8 @@ func mappingOf(ev Event) (MappingID, bool) {
 	case DiffCount:
 		return ev.Map, true
 	case DiffLost:
+		return ev.Map, true
+	case RunFigures:
 		return ev.Map, true
 	case IOError:
 		return ev.Map, true
@@ -306,6 +319,7 @@ func (tx *txn) fenceDrained(f Fence, now time.Time) {
 		mp.StartTime = now
 		mp.Split = split
 		mp.CleanProgress = 0
+		mp.Run = Figures{}
 		mp.Cleaning, mp.Fencing = false, false
 		tx.workersFor(mp)
 	}

@@ -89,12 +89,21 @@ type Mapping struct {
 	// CleanProgress is the engine's last report of cleaning progress, 0–100.
 	CleanProgress int `json:"clean_progress"`
 
-	// Incremental is fixed at creation. DiffGrains counts the grains of the difference bitmap;
-	// DiffTrusted says that the bitmap exists and may be used to skip grains at the next start
-	// (it becomes true when a copy completes, false when a copy is cut short or the record lost).
+	// Incremental is fixed at creation. DiffGrains counts the grains of the difference bitmap
+	// as the driver last fed it (DiffCount): it is exact at a start's commit, which seeds from
+	// it; lsfcmap reads the data path's live count instead (DifferenceOf). DiffTrusted says
+	// that the bitmap exists and may be used to skip grains at the next start (it becomes
+	// true when a copy completes, false when a copy is cut short or the record lost).
 	Incremental bool  `json:"incremental"`
 	DiffGrains  int64 `json:"diff_grains"`
 	DiffTrusted bool  `json:"diff_trusted"`
+
+	// Run is the copy work of the mapping's current or last run that the driver has recorded
+	// (RunFigures, when the run ends): reset at each start, so that after a run lsfcmap still
+	// shows what it did. Total adds up every run since the mapping was created; the metrics
+	// export it as counters, which never go down.
+	Run   Figures `json:"run"`
+	Total Figures `json:"total"`
 
 	// RestoreFlag records -restore from the prepare or start now in progress. Restoring is set
 	// when that -restore is real: the target was the source of an active mapping.
@@ -113,6 +122,31 @@ type Mapping struct {
 	Fencing           bool `json:"-"` // a Hold for this mapping's start is outstanding
 }
 
+// Figures counts the copy work done into a mapping's target (lsfcmap's grains_copied,
+// split_on_write and bytes_copied).
+type Figures struct {
+	GrainsCopied int64 `json:"grains_copied"`  // by background copy, or by the upstream's cleaning
+	SplitOnWrite int64 `json:"split_on_write"` // by host writes (copy-on-write, fills)
+	BytesCopied  int64 `json:"bytes_copied"`   // by all of those
+}
+
+// Plus is f and g added up.
+func (f Figures) Plus(g Figures) Figures {
+	return Figures{f.GrainsCopied + g.GrainsCopied, f.SplitOnWrite + g.SplitOnWrite, f.BytesCopied + g.BytesCopied}
+}
+
+// AddFigures adds f to mapping id's run and lifetime figures, and reports whether there is such
+// a mapping. It changes nothing else: the driver also uses it on the stored model at shutdown,
+// where the figures are the only change it may make.
+func (m *Model) AddFigures(id MappingID, f Figures) bool {
+	mp := m.Mappings[id]
+	if mp == nil {
+		return false
+	}
+	mp.Run, mp.Total = mp.Run.Plus(f), mp.Total.Plus(f)
+	return true
+}
+
 // Progress is split grains / all grains in whole percent, rounded down so that 100 means every
 // grain is split.
 func (mp *Mapping) Progress() int {
@@ -122,13 +156,18 @@ func (mp *Mapping) Progress() int {
 	return int(mp.Split * 100 / mp.Grains)
 }
 
-// Difference is the share of grains that the next start must copy, in percent, rounded up so
-// that 0 means none: 100 unless the difference bitmap of an incremental mapping can be trusted.
-func (mp *Mapping) Difference() int {
+// Difference is DifferenceOf(DiffGrains): the share as of the count the model was last fed.
+func (mp *Mapping) Difference() int { return mp.DifferenceOf(mp.DiffGrains) }
+
+// DifferenceOf is the share of grains that the next start must copy when the difference bitmap
+// has grains bits set, in percent, rounded up so that 0 means none: 100 unless the difference
+// bitmap of an incremental mapping can be trusted.
+func (mp *Mapping) DifferenceOf(grains int64) int {
 	if !mp.Incremental || !mp.DiffTrusted || mp.Grains <= 0 {
 		return 100
 	}
-	return int((mp.DiffGrains*100 + mp.Grains - 1) / mp.Grains)
+	grains = min(max(grains, 0), mp.Grains)
+	return int((grains*100 + mp.Grains - 1) / mp.Grains)
 }
 
 func (mp *Mapping) inChain() bool { return mp.ChainSeq != 0 }

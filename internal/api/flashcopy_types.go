@@ -103,11 +103,18 @@ type Fcmap struct {
 	RestoreProgress   int       `json:"restore_progress"`
 	DependentMappings int       `json:"dependent_mappings"`
 
-	// Counters since the daemon started or the mapping last started, whichever is later.
+	// The copy work of the current run, or of the last one until the next start; kept across
+	// daemon restarts (a crash loses what a run in progress counted since the daemon started).
 	GrainsCopied   int64 `json:"grains_copied"`
 	SplitOnWrite   int64 `json:"split_on_write"`
 	BytesCopied    int64 `json:"bytes_copied"`
 	CopyThroughput int64 `json:"copy_throughput"` // bytes/s over the last few seconds
+
+	// The same, added up over every run since the mapping was created: never smaller than at
+	// any earlier query while the daemon runs (the metrics' counters).
+	GrainsCopiedTotal int64 `json:"grains_copied_total"`
+	SplitOnWriteTotal int64 `json:"split_on_write_total"`
+	BytesCopiedTotal  int64 `json:"bytes_copied_total"`
 }
 
 // ConsistGrp is one consistency group as lsfcconsistgrp shows it.

@@ -16,7 +16,8 @@ func (f fake) Fcmaps(context.Context) []api.Fcmap { return f }
 
 func TestMetricsShowEachMapping(t *testing.T) {
 	src := fake{{Name: "snap", SourceName: "db", TargetName: "db_t", Status: "copying", Progress: 42,
-		GrainsCopied: 7, SplitOnWrite: 3, BytesCopied: 2621440, CopyThroughput: 1000}}
+		GrainsCopied: 2, SplitOnWrite: 1, BytesCopied: 1, CopyThroughput: 1000,
+		GrainsCopiedTotal: 7, SplitOnWriteTotal: 3, BytesCopiedTotal: 2621440}}
 	srv := httptest.NewServer(Handler(src))
 	defer srv.Close()
 	resp, err := srv.Client().Get(srv.URL)

@@ -375,12 +375,22 @@ func (d *Driver) fcmapView(id mappings.MappingID) api.Fcmap {
 	} else {
 		f.PartnerID = -1
 	}
-	if mp := d.model.Mappings[id]; mp != nil && mp.Restoring {
+	mp := d.model.Mappings[id]
+	if mp.Restoring {
 		f.RestoreProgress = mi.Progress
 	}
+	if d.diffs[id] {
+		// The data path's count rather than the model's last feed: a bit is set before the
+		// write it records is acknowledged, so the grains of every FLUSH or FUA write the host
+		// has seen complete are counted here.
+		if n, err := d.eng.DifferenceCount(int(id)); err == nil {
+			f.Difference = mp.DifferenceOf(int64(n))
+		}
+	}
+	run, total := mp.Run, mp.Total
 	if d.active[id] {
 		if p, err := d.eng.Progress(int(id)); err == nil {
-			f.GrainsCopied, f.SplitOnWrite, f.BytesCopied = p.GrainsCopied, p.SplitOnWrite, p.BytesCopied
+			run, total = run.Plus(figures(p)), total.Plus(figures(p))
 			f.Progress = p.Percent
 			if mi.Status == mappings.Stopping {
 				f.CleanProgress = p.CleanPercent
@@ -390,6 +400,8 @@ func (d *Driver) fcmapView(id mappings.MappingID) api.Fcmap {
 			f.CopyThroughput = r.rate()
 		}
 	}
+	f.GrainsCopied, f.SplitOnWrite, f.BytesCopied = run.GrainsCopied, run.SplitOnWrite, run.BytesCopied
+	f.GrainsCopiedTotal, f.SplitOnWriteTotal, f.BytesCopiedTotal = total.GrainsCopied, total.SplitOnWrite, total.BytesCopied
 	return f
 }
 

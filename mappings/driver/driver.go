@@ -79,6 +79,7 @@ type Driver struct {
 	started  []mappings.MappingID          // committed by the effects being applied; resolved after them
 	diffs    map[mappings.MappingID]bool   // incremental mappings whose difference the engine records
 	deferred []mappings.Event              // events whose commit failed, fed again on recovery (metadata.go)
+	ended    []mappings.RunFigures         // runs the engine let go of in this apply, recorded at its end
 	metaKick chan struct{}
 
 	stop    chan struct{}
@@ -209,7 +210,47 @@ func (d *Driver) Close() error {
 	}
 	err := errors.Join(append(errs, d.vols.Close())...)
 	d.wg.Wait()
+	d.recordRunsInProgress()
 	return err
+}
+
+// recordRunsInProgress adds what the engine counted for each mapping still in it to the
+// figures of the stored model, in one catalogue commit, so that the next daemon's lsfcmap and
+// metrics go on from there (its engine counts from 0). Only the figures change: the stored
+// model is what a restart must find, and the one in memory may hold what could not be
+// recorded (a suspension while the catalogue failed). The engine is closed, so nothing is
+// copied any more, and no other goroutine of the driver runs. If the commit fails, only those
+// counts are lost.
+func (d *Driver) recordRunsInProgress() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	counted := map[mappings.MappingID]mappings.Figures{}
+	for id := range d.active {
+		if p, err := d.eng.Progress(int(id)); err == nil {
+			counted[id] = figures(p)
+		}
+		delete(d.active, id) // counted once
+	}
+	if len(counted) == 0 {
+		return
+	}
+	err := d.cat.Update(func(tx *catalog.Tx) error {
+		stored := mappings.New()
+		if err := json.Unmarshal(tx.Model(), stored); err != nil {
+			return err
+		}
+		for id, f := range counted {
+			stored.AddFigures(id, f)
+		}
+		data, err := json.Marshal(stored)
+		if err != nil {
+			return err
+		}
+		return tx.PutModel(data)
+	})
+	if err != nil {
+		d.log.Warn().Err(err).Msg("the copy figures of the runs in progress were not recorded: after the restart they count from 0")
+	}
 }
 
 // buildStack is the volume manager's StackFunc: gate → cache → engine → file.

@@ -73,7 +73,19 @@ func (d *Driver) apply(next *mappings.Model, effs []mappings.Effect) error {
 	}
 	d.started = d.started[:0]
 	d.settleWaiters()
+	// Still under the same hold of d.mu, so no view sees a run that left the engine before
+	// its figures are in the model.
+	ended := d.ended
+	d.ended = nil
+	for _, ev := range ended {
+		d.eventLocked(ev)
+	}
 	return nil
+}
+
+// figures are the copy work the engine counted for a mapping.
+func figures(p cow.Progress) mappings.Figures {
+	return mappings.Figures{GrainsCopied: p.GrainsCopied, SplitOnWrite: p.SplitOnWrite, BytesCopied: p.BytesCopied}
 }
 
 func (d *Driver) do(next *mappings.Model, e mappings.Effect) error {
@@ -439,10 +451,14 @@ func (d *Driver) syncEngine() {
 				}
 			}
 			failpoint("before-engine-remove")
+			// Out of its chain or at 100 %, the mapping takes no more copies: these are its
+			// run's final figures.
+			last, _ := d.eng.Progress(int(id))
 			if err := d.eng.RemoveMapping(int(id)); err != nil {
 				d.log.Error().Err(err).Int("fcmap", int(id)).Msg("engine: remove mapping")
 				continue
 			}
+			d.ended = append(d.ended, mappings.RunFigures{Map: id, Figures: figures(last)})
 			delete(d.active, id)
 			delete(d.applied, id)
 			d.journal.drop(int(id))

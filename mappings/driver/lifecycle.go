@@ -215,7 +215,7 @@ func (d *Driver) engineEvents() {
 }
 
 // progressLoop feeds the engine's progress to the model, which decides completion, and keeps
-// the copy throughput figures.
+// the copy throughput figures. Difference counts are not fed: lsfcmap reads them at query time.
 func (d *Driver) progressLoop() {
 	defer d.wg.Done()
 	t := time.NewTicker(d.opts.ProgressInterval)
@@ -243,13 +243,13 @@ func (d *Driver) progressLoop() {
 				d.eventLocked(mappings.CleanProgress{Map: id, Percent: p.CleanPercent})
 			}
 		}
-		d.feedDiffCounts()
 		d.mu.Unlock()
 	}
 }
 
-// feedDiffCounts brings every incremental mapping's difference count in the model (lsfcmap's
-// difference) up to date with the engine. d.mu is held.
+// feedDiffCounts brings every incremental mapping's difference count in the model up to date
+// with the engine. lsfcmap does not depend on it (it reads the engine's count when asked), nor
+// does a start (beforeStartCommit feeds its members' counts). d.mu is held.
 func (d *Driver) feedDiffCounts() {
 	for id := range d.diffs {
 		mp := d.model.Mappings[id]

@@ -145,6 +145,8 @@ func eventMap(ev mappings.Event) (mappings.MappingID, bool) {
 		return ev.Map, true
 	case mappings.FlushFailed:
 		return ev.Map, true
+	case mappings.RunFigures:
+		return ev.Map, true
 	}
 	return mappings.NoMapping, false
 }
