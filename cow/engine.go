@@ -356,9 +356,6 @@ func removeVol(list []*volume, v *volume) []*volume {
 // Its refusals of a spec are consistency guards: the control plane refuses first every command
 // that could lead to one (mappings/driver TestEngineStartRefusalsAreRefusedFirst lists them),
 // so a start fails only for what arises at the start (I/O while preserving a dependant's image).
-// One exception remains while the grain-size check spans every spec rather than each connected
-// set: a group start of unconnected sets with different grain sizes, which the control plane
-// rightly accepts.
 func (e *Engine) StartMappings(specs []MappingSpec) error {
 	e.topoMu.Lock()
 	defer e.topoMu.Unlock()
