@@ -245,11 +245,11 @@ func TestEngineStartRefusalsAreRefusedFirst(t *testing.T) {
 			unreachable: "internal consistency guard: a fence names each mapping once",
 		},
 		{
-			format: "start mapping %d: %w: grain size %d differs from %d in the same dependency tree",
+			format: "start mapping %d: %w: grain size %d differs from %d of mapping %d in the same dependency tree",
 			spec:   func(v map[string]int, _ int) []cow.MappingSpec { return []cow.MappingSpec{spec(v["S"], v["T4"], 64)} },
-			// A catalogue that already mixes sizes: TestCatalogueFromBeforeTheGrainRule. Today
-			// the engine also refuses one start of two unconnected sets of different sizes (a
-			// group); that check is being narrowed to each connected set in cow/engine.go.
+			// A catalogue that already mixes sizes: TestCatalogueFromBeforeTheGrainRule. One
+			// start of two unconnected sets of different sizes (a group) is not refused:
+			// TestGroupOfUnconnectedGrainSizes.
 			user: []userAttempt{
 				{"mkfcmap -grainsize 64 beside 256 (multi-target)", fcerr.GrainMismatch,
 					mkfcmap(api.MkFcmap{Source: "S", Target: "T4", GrainSize: ip(64)})},
@@ -323,7 +323,8 @@ func startMappingsRefusals(t *testing.T) []string {
 	var out []string
 	for _, decl := range file.Decls {
 		fn, ok := decl.(*ast.FuncDecl)
-		if !ok || fn.Name.Name != "StartMappings" {
+		// StartMappings and the checks it delegates to.
+		if !ok || fn.Name.Name != "StartMappings" && fn.Name.Name != "checkGrains" {
 			continue
 		}
 		ast.Inspect(fn.Body, func(n ast.Node) bool {
@@ -502,4 +503,43 @@ func TestGroupStartLoopRefused(t *testing.T) {
 	}
 	r.expect("S", 0, pattern(0x51, volSize))
 	r.expect("T", 0, pattern(0x52, volSize))
+}
+
+// TestGroupOfUnconnectedGrainSizes: one group whose members are two unconnected sets of
+// different grain sizes starts (the grain rule is per connected set, in the control plane and
+// the engine alike), each target keeps its image and both survive a restart.
+func TestGroupOfUnconnectedGrainSizes(t *testing.T) {
+	r := newRig(t, nil)
+	ctx := context.Background()
+	r.mkvol("A", "B", "C", "D")
+	r.write("A", 0, pattern(0x31, volSize))
+	r.write("C", 0, pattern(0x32, volSize))
+	if _, err := r.d.MkConsistGrp(ctx, api.MkConsistGrp{Name: "g"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range []struct {
+		name, src, tgt string
+		grain          int
+	}{{"m64", "A", "B", 64}, {"m256", "C", "D", 256}} {
+		if _, err := r.d.MkFcmap(ctx, api.MkFcmap{Source: m.src, Target: m.tgt, Name: m.name, CopyRate: ip(0),
+			GrainSize: ip(m.grain), ConsistGrp: "g"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := r.d.StartConsistGrp(ctx, "g", true, false); err != nil {
+		t.Fatalf("start a group of two sets of 64 and 256 KiB grains: %v", err)
+	}
+	// Half of each source: a mapping at 100 % would complete and leave its chain.
+	r.write("A", 0, pattern(0x41, volSize/2))
+	r.write("C", 0, pattern(0x42, volSize/2))
+	for i := 0; i < 2; i++ {
+		for _, m := range []string{"m64", "m256"} {
+			if s := r.status(m); s != "copying" {
+				t.Fatalf("%s: %s, want copying", m, s)
+			}
+		}
+		r.expect("B", 0, pattern(0x31, volSize))
+		r.expect("D", 0, pattern(0x32, volSize))
+		r.restart()
+	}
 }
