@@ -386,18 +386,8 @@ func (e *Engine) StartMappings(specs []MappingSpec) error {
 		roots = append(roots, src, tgt)
 	}
 	vols := component(roots...)
-	// One grain size per connected set: a grain lock must cover the same bytes on every volume.
-	grain := int64(0)
-	for _, v := range vols {
-		if v.target != nil {
-			grain = v.target.grain
-		}
-	}
-	for _, s := range specs {
-		if grain != 0 && s.GrainSize != grain {
-			return fmt.Errorf("start mapping %d: %w: grain size %d differs from %d in the same dependency tree", s.ID, ErrBadSpec, s.GrainSize, grain)
-		}
-		grain = s.GrainSize
+	if err := sameGrain(specs, e.vols); err != nil {
+		return err
 	}
 
 	unlock := lockGates(vols)
@@ -448,6 +438,51 @@ func (e *Engine) StartMappings(specs []MappingSpec) error {
 	e.renumber(vols)
 	for _, m := range started {
 		e.startWorker(m, e.copyWorker)
+	}
+	return nil
+}
+
+// sameGrain checks that every connected set the start leaves has one grain size: a grain lock
+// must cover the same bytes on every volume of a set. Sets that stay apart may differ (the
+// restart of a daemon starts every active mapping in one call).
+func sameGrain(specs []MappingSpec, vols map[int]*volume) error {
+	// The sets after the start: today's components, joined by each spec's source and target.
+	root := map[*volume]*volume{}
+	var find func(v *volume) *volume
+	find = func(v *volume) *volume {
+		r, ok := root[v]
+		if !ok || r == v {
+			return v
+		}
+		r = find(r)
+		root[v] = r
+		return r
+	}
+	union := func(a, b *volume) {
+		if ra, rb := find(a), find(b); ra != rb {
+			root[ra] = rb
+		}
+	}
+	for _, s := range specs {
+		src, tgt := vols[s.Source], vols[s.Target]
+		for _, v := range component(src, tgt) {
+			union(src, v)
+		}
+	}
+	grain := map[*volume]int64{}
+	for _, s := range specs {
+		for _, v := range component(vols[s.Source], vols[s.Target]) {
+			if v.target != nil {
+				grain[find(v)] = v.target.grain
+			}
+		}
+	}
+	for _, s := range specs {
+		r := find(vols[s.Source])
+		if g, ok := grain[r]; ok && g != s.GrainSize {
+			return fmt.Errorf("start mapping %d: %w: grain size %d differs from %d in the same dependency tree", s.ID, ErrBadSpec, s.GrainSize, g)
+		}
+		grain[r] = s.GrainSize
 	}
 	return nil
 }
