@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"net"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -28,6 +29,7 @@ import (
 	"fcnbd/internal/catalog"
 	"fcnbd/internal/fcerr"
 	"fcnbd/internal/store/crashfs"
+	"fcnbd/nbd"
 )
 
 // TestTopologyRace is the race hunter of issue 13: one multi-target and cascaded tree
@@ -51,7 +53,9 @@ import (
 // FCNBD_TOPO_SEED=n replays one seed (the I/O interleaving differs, the command sequence does
 // not); FCNBD_TOPO_SEEDS=n runs n seeds (default 50); FCNBD_TOPO_STEPS=n sets the random steps
 // per seed (default 12); FCNBD_TOPO_DEADLINE=d the watchdog's deadline (default 20s);
-// FCNBD_TOPO_RESTARTS=p the percentage of steps that restart the daemon (default 16).
+// FCNBD_TOPO_RESTARTS=p the percentage of steps that restart the daemon (default 16);
+// FCNBD_TOPO_NBD=1 (0) sends the writers' requests through an in-process NBD server (straight to
+// the driver's devices); by default even seeds use NBD.
 func TestTopologyRace(t *testing.T) {
 	var seeds []uint64
 	if s := os.Getenv("FCNBD_TOPO_SEED"); s != "" {
@@ -276,6 +280,27 @@ type topoWorld struct {
 	dir  string
 	fs   *crashfs.FS
 	devs map[string]blockdev.Device
+	// srv serves the driver over NBD on the Unix socket sock, for seeds whose writers go
+	// through it (nil otherwise).
+	srv      *nbd.Server
+	sock     string
+	serveErr chan error
+}
+
+// shutdownNBD stops the world's NBD server as serve does at SIGTERM, before the driver closes.
+func (tp *topo) shutdownNBD(w *topoWorld) {
+	if w.srv == nil {
+		return
+	}
+	id := tp.live.begin("main", "", "NBD server shutdown", 0, 0)
+	defer tp.live.end(id)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := w.srv.Shutdown(ctx); err != nil {
+		tp.t.Logf("NBD shutdown: %v", err)
+	}
+	<-w.serveErr
+	os.RemoveAll(filepath.Dir(w.sock))
 }
 
 type topo struct {
@@ -293,6 +318,7 @@ type topo struct {
 	freeze   sync.RWMutex  // file operations and catalogue commits; a crash takes it
 	logger   zerolog.Logger
 
+	viaNBD   bool         // the writers' requests go through an NBD server
 	pause    sync.RWMutex // writers hold it shared per operation; verify takes it
 	stop     chan struct{}
 	stopOnce sync.Once
@@ -377,6 +403,13 @@ func runTopo(t *testing.T, seed uint64, steps, restartPct int, deadline time.Dur
 	go tp.live.watch(t, seed, deadline, watchStop)
 	defer close(watchStop)
 
+	switch os.Getenv("FCNBD_TOPO_NBD") {
+	case "0":
+	case "1":
+		tp.viaNBD = true
+	default:
+		tp.viaNBD = seed%2 == 0
+	}
 	tp.setup()
 	// However the test goroutine ends (a Fatal included), the writers stop before the test does.
 	t.Cleanup(func() {
@@ -427,6 +460,7 @@ func runTopo(t *testing.T, seed uint64, steps, restartPct int, deadline time.Dur
 	tp.stopOnce.Do(func() { close(tp.stop) })
 	tp.wg.Wait()
 	w := tp.world.Load()
+	tp.shutdownNBD(w)
 	id := tp.live.begin("main", "", "final close", 0, 0)
 	if err := w.d.Close(); err != nil {
 		t.Logf("final close: %v", err)
@@ -473,6 +507,20 @@ func (tp *topo) openWorld(dir string, fs *crashfs.FS) *topoWorld {
 		if e, ok := d.Lookup(n); ok {
 			w.devs[n] = e.Device
 		}
+	}
+	if tp.viaNBD {
+		sdir, err := os.MkdirTemp("", "fcnbd-topo-nbd-") // short: a socket path has 108 bytes
+		if err != nil {
+			tp.t.Fatal(err)
+		}
+		w.sock = filepath.Join(sdir, "nbd.sock")
+		l, err := net.Listen("unix", w.sock)
+		if err != nil {
+			tp.t.Fatal(err)
+		}
+		w.srv = nbd.NewServer(d, nbd.Options{Logger: tp.logger})
+		w.serveErr = make(chan error, 1)
+		go func() { w.serveErr <- w.srv.Serve(l) }()
 	}
 	return w
 }
@@ -549,14 +597,23 @@ func (tp *topo) setup() {
 	add("c1", "t1", "c1", grainS)
 	add("c2", "c1", "c2", grainS)
 	add("xy", "x", "y", grainX)
-	tp.live.note("seed %d: S tree %d bytes, grain %d KiB; X→Y %d bytes, grain %d KiB", tp.seed, sizeS, grainS, sizeX, grainX)
+	tp.live.note("seed %d: S tree %d bytes, grain %d KiB; X→Y %d bytes, grain %d KiB; host I/O through NBD: %v", tp.seed, sizeS, grainS, sizeX, grainX, tp.viaNBD)
 }
 
 // ---- host I/O ----
 
+// topoWriter is one writer goroutine's state: its NBD connections to the current world.
+type topoWriter struct {
+	who    string
+	gen    uint64
+	conns  map[string]*nbdDev
+	failed bool // the last request failed
+}
+
 func (tp *topo) writer(i int, rng *rand.Rand) {
 	defer tp.wg.Done()
-	who := fmt.Sprintf("writer %d", i)
+	ws := &topoWriter{who: fmt.Sprintf("writer %d", i), conns: map[string]*nbdDev{}}
+	defer ws.closeConns()
 	for {
 		select {
 		case <-tp.stop:
@@ -564,9 +621,41 @@ func (tp *topo) writer(i int, rng *rand.Rand) {
 		default:
 		}
 		tp.pause.RLock()
-		tp.hostOp(who, rng)
+		ws.failed = false
+		tp.hostOp(ws, rng)
 		tp.pause.RUnlock()
+		if ws.failed {
+			time.Sleep(time.Millisecond) // no spinning on an offline volume or a restart
+		}
 	}
+}
+
+func (ws *topoWriter) closeConns() {
+	for n, c := range ws.conns {
+		c.Close()
+		delete(ws.conns, n)
+	}
+}
+
+// device returns the device the writer uses for vol in world w: the driver's, or an NBD
+// connection to w's server (dialled again after a failure or a restart).
+func (tp *topo) device(ws *topoWriter, w *topoWorld, vol string) blockdev.Device {
+	if w.srv == nil {
+		return w.devs[vol]
+	}
+	if ws.gen != w.gen {
+		ws.closeConns()
+		ws.gen = w.gen
+	}
+	if c := ws.conns[vol]; c != nil && c.err == nil {
+		return c
+	}
+	c, err := dialNBD(w.sock, vol)
+	if err != nil {
+		return errDev{fmt.Errorf("%v: %w", err, syscall.ESHUTDOWN)}
+	}
+	ws.conns[vol] = c
+	return c
 }
 
 // pickRange chooses a request's range in v.
@@ -589,10 +678,11 @@ func pickRange(rng *rand.Rand, v *topoVol) (int64, int64) {
 }
 
 // hostOp runs one random request against the current world and checks it against the model.
-func (tp *topo) hostOp(who string, rng *rand.Rand) {
+func (tp *topo) hostOp(ws *topoWriter, rng *rand.Rand) {
+	who := ws.who
 	v := tp.vols[tp.names[rng.IntN(len(tp.names))]]
 	w := tp.world.Load()
-	dev := w.devs[v.name]
+	dev := tp.device(ws, w, v.name)
 	k := rng.IntN(100)
 	if k < 6 {
 		tp.flushOp(who, v, w, dev)
@@ -685,6 +775,10 @@ func (tp *topo) hostOp(who string, rng *rand.Rand) {
 	}
 	if err != nil {
 		tp.count(kind + " failed")
+		if os.Getenv("FCNBD_TOPO_DEBUG") != "" {
+			tp.t.Logf("%s %s %s: %v", who, kind, v.name, err)
+		}
+		ws.failed = true
 	} else {
 		tp.count(kind)
 	}
@@ -1080,12 +1174,14 @@ func (tp *topo) restart(crash bool) {
 		}
 		clone := old.fs.CrashClone(crashfs.CrashConfig{UnsyncedPercent: tp.rng.IntN(60), Seed: tp.rng.Uint64()})
 		tp.freeze.Unlock()
+		tp.shutdownNBD(old)
 		cid := tp.live.begin("main", "", "close the crashed driver", 0, 0)
 		old.d.Close()
 		old.cat.Close()
 		tp.live.end(cid)
 		next = tp.openWorld(dir, clone)
 	} else {
+		tp.shutdownNBD(old)
 		if err := old.d.Close(); err != nil {
 			tp.t.Logf("clean restart: close: %v", err)
 		}
