@@ -52,7 +52,7 @@ import (
 //
 // FCNBD_TOPO_SEED=n replays one seed (the I/O interleaving differs, the command sequence does
 // not); FCNBD_TOPO_SEEDS=n runs n seeds (default 50); FCNBD_TOPO_STEPS=n sets the random steps
-// per seed (default 12); FCNBD_TOPO_DEADLINE=d the watchdog's deadline (default 20s);
+// per seed (default 10); FCNBD_TOPO_DEADLINE=d the watchdog's deadline (default 20s);
 // FCNBD_TOPO_RESTARTS=p the percentage of steps that restart the daemon (default 16);
 // FCNBD_TOPO_NBD=1 (0) sends the writers' requests through an in-process NBD server (straight to
 // the driver's devices); by default even seeds use NBD.
@@ -71,7 +71,7 @@ func TestTopologyRace(t *testing.T) {
 			seeds = append(seeds, base+uint64(i)*7919)
 		}
 	}
-	steps := envInt(t, "FCNBD_TOPO_STEPS", 12)
+	steps := envInt(t, "FCNBD_TOPO_STEPS", 10)
 	restarts := envInt(t, "FCNBD_TOPO_RESTARTS", 16)
 	deadline := 20 * time.Second
 	if s := os.Getenv("FCNBD_TOPO_DEADLINE"); s != "" {
