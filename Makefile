@@ -48,8 +48,14 @@ bench: deps build
 	scripts/bench-fence.sh
 	scripts/bench-firstsplit.sh
 
+# TOPO_SOAK_SEEDS seeds of the randomized topology race hunter (mappings/driver
+# TestTopologyRace) with twice the steps of `make test`'s run; a hang aborts with every
+# goroutine's stack on stderr.
+TOPO_SOAK_SEEDS ?= 1000
+
 soak: deps build
 	FCNBD_SOAK=1 $(GO) test -count=1 -timeout 60m -run Soak ./test/integration/...
+	FCNBD_TOPO_SEEDS=$(TOPO_SOAK_SEEDS) FCNBD_TOPO_STEPS=20 $(GO) test -race -count=1 -timeout 240m -run '^TestTopologyRace$$' ./mappings/driver
 
 clean:
 	rm -rf bin

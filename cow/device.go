@@ -423,7 +423,10 @@ func (e *Engine) protect(v *volume, g int, view []byte, gOff int64, viewErr erro
 			switch {
 			case err == nil:
 				e.setSplit(p.d.target, g, int64(len(view)), &p.d.target.splitOnWrite)
-			case errors.Is(err, ErrJournal):
+			case errors.Is(err, ErrJournal), errors.Is(err, errShutdown):
+				// The bit is not durable: v must not change. (A closed engine is no copy
+				// failure either: stopping the mapping for it and going ahead would leave
+				// the target reading this write through its source after the restart.)
 				jerr = err
 			default:
 				if ferr := e.fail(p.d.target, err); ferr != nil {

@@ -129,6 +129,14 @@ type committer struct {
 	reqs    chan *commitReq
 	quit    chan struct{}
 	done    chan struct{}
+
+	// mu orders submissions before close: a request is queued with mu held shared and only
+	// while closed is false, and close sets closed with mu held exclusively before it tells
+	// run to quit. So every queued request is in reqs before run's final drain, which answers
+	// it; without this, a submit could queue a request after that drain (a select between a
+	// free buffer slot and a closed quit picks either) and its waiter would wait forever.
+	mu     sync.RWMutex
+	closed bool
 }
 
 func newCommitter(j BitJournal) *committer {
@@ -148,11 +156,14 @@ var errClosed = fmt.Errorf("cow: engine closed: %w", errShutdown)
 // submit queues a request; wait for its result with <-req.done.
 func (c *committer) submit(vol *volume, bits []BitUpdate) *commitReq {
 	r := &commitReq{vol: vol, bits: bits, done: make(chan error, 1)}
-	select {
-	case c.reqs <- r:
-	case <-c.quit:
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if c.closed {
 		r.done <- errClosed
+		return r
 	}
+	// run keeps draining reqs until close, which waits for this send: it cannot block forever.
+	c.reqs <- r
 	return r
 }
 
@@ -162,7 +173,15 @@ func (c *committer) commit(vol *volume, bits []BitUpdate) error {
 }
 
 func (c *committer) close() {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		<-c.done
+		return
+	}
+	c.closed = true
 	close(c.quit)
+	c.mu.Unlock()
 	<-c.done
 }
 
