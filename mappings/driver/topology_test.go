@@ -55,7 +55,8 @@ import (
 // per seed (default 10); FCNBD_TOPO_DEADLINE=d the watchdog's deadline (default 20s);
 // FCNBD_TOPO_RESTARTS=p the percentage of steps that restart the daemon (default 16);
 // FCNBD_TOPO_NBD=1 (0) sends the writers' requests through an in-process NBD server (straight to
-// the driver's devices); by default even seeds use NBD.
+// the driver's devices); by default even seeds use NBD; FCNBD_TOPO_MIB=n makes volumes of 1 to n
+// MiB (default 2).
 func TestTopologyRace(t *testing.T) {
 	var seeds []uint64
 	if s := os.Getenv("FCNBD_TOPO_SEED"); s != "" {
@@ -319,6 +320,7 @@ type topo struct {
 	logger   zerolog.Logger
 
 	viaNBD   bool         // the writers' requests go through an NBD server
+	maxMiB   int          // volumes are 1 to maxMiB MiB (plus a short last grain, sometimes)
 	pause    sync.RWMutex // writers hold it shared per operation; verify takes it
 	stop     chan struct{}
 	stopOnce sync.Once
@@ -403,6 +405,7 @@ func runTopo(t *testing.T, seed uint64, steps, restartPct int, deadline time.Dur
 	go tp.live.watch(t, seed, deadline, watchStop)
 	defer close(watchStop)
 
+	tp.maxMiB = max(envInt(t, "FCNBD_TOPO_MIB", 2), 1)
 	switch os.Getenv("FCNBD_TOPO_NBD") {
 	case "0":
 	case "1":
@@ -543,7 +546,7 @@ func (tp *topo) setup() {
 	grainS := []int{64, 256}[rng.IntN(2)]
 	grainX := []int{64, 256}[rng.IntN(2)]
 	size := func() int64 {
-		s := int64(1+rng.IntN(2)) << 20
+		s := int64(1+rng.IntN(tp.maxMiB)) << 20
 		if rng.IntN(2) == 0 {
 			s += int64(1+rng.IntN(15)) * topoBlock // a short last grain
 		}
