@@ -468,7 +468,7 @@ func (tx *txn) stop(mp *Mapping, force, split bool) {
 		switch {
 		case split:
 			tx.splits = append(tx.splits, SplitOut{Map: mp.ID, Target: mp.Target})
-			tx.toIdle(mp)
+			tx.toIdle(mp, false)
 		case force:
 			tx.forceStop(mp)
 		case mp.State == Copying:
