@@ -162,3 +162,24 @@ func TestVia(t *testing.T) {
 		})
 	}
 }
+
+// TestViaVolumeInUse: a volume that a target hangs under (Via) is in use though no mapping
+// names it: rmvolume and resizing refuse it; rmvolume -force stops the mapping, keeping it.
+func TestViaVolumeInUse(t *testing.T) {
+	f := newFx(t, 3)
+	c1, c2 := f.mk(0, 1), f.mk(1, 2)
+	f.start(c1)
+	f.start(c2)
+	f.ok(f.m.Stop(ref(c1), false, false))
+	f.apply(CleanComplete{Map: c1})
+	f.ok(f.m.RmFcmap(ref(c1), true))
+	_, err := f.m.RemoveVolume("0", false)
+	wantCode(t, err, "CMMVC5840E")
+	_, err = f.m.ResizeVolume("0", 2*mib)
+	wantCode(t, err, "CMMVC5840E")
+	f.ok(f.m.RemoveVolume("0", true))
+	f.wantState(c2, Stopped)
+	if _, ok := f.m.Upstream(2); ok {
+		t.Error("v2 still reads through the removed volume")
+	}
+}
