@@ -1,6 +1,7 @@
 package mappings
 
 import (
+	"slices"
 	"sort"
 
 	"fcnbd/internal/fcerr"
@@ -220,6 +221,16 @@ func (m *Model) ConnectedSet(id MappingID) []MappingID {
 	return sortedIDs(m.connected([]VolumeID{mp.Source, mp.Target}))
 }
 
+// linkedVolumes returns the volumes mapping x links: its source and target, and the volume its
+// target hangs under if a chain's change left it there (Via), which joins x's dependency tree
+// as much as its source does.
+func (x *Mapping) linkedVolumes() []VolumeID {
+	if x.inChain() && x.Via != nil {
+		return []VolumeID{x.Source, x.Target, *x.Via}
+	}
+	return []VolumeID{x.Source, x.Target}
+}
+
 // connected returns the mappings reachable from the given volumes through shared volumes.
 func (m *Model) connected(start []VolumeID) map[MappingID]bool {
 	seenVol := map[VolumeID]bool{}
@@ -232,11 +243,12 @@ func (m *Model) connected(start []VolumeID) map[MappingID]bool {
 		v := queue[0]
 		queue = queue[1:]
 		for _, x := range m.Mappings {
-			if x.Source != v && x.Target != v || set[x.ID] {
+			vs := x.linkedVolumes()
+			if set[x.ID] || !slices.Contains(vs, v) {
 				continue
 			}
 			set[x.ID] = true
-			for _, u := range []VolumeID{x.Source, x.Target} {
+			for _, u := range vs {
 				if !seenVol[u] {
 					seenVol[u] = true
 					queue = append(queue, u)

@@ -3,6 +3,8 @@ package mappings
 import (
 	"encoding/json"
 	"testing"
+
+	"fcnbd/internal/fcerr"
 )
 
 // TestVia: where an in-chain target hangs once a chain changed under it is where the
@@ -174,12 +176,35 @@ func TestViaVolumeInUse(t *testing.T) {
 	f.apply(CleanComplete{Map: c1})
 	f.ok(f.m.RmFcmap(ref(c1), true))
 	_, err := f.m.RemoveVolume("0", false)
-	wantCode(t, err, "CMMVC5840E")
+	wantCode(t, err, fcerr.VolumeMapped)
 	_, err = f.m.ResizeVolume("0", 2*mib)
-	wantCode(t, err, "CMMVC5840E")
+	wantCode(t, err, fcerr.VolumeMapped)
 	f.ok(f.m.RemoveVolume("0", true))
 	f.wantState(c2, Stopped)
 	if _, ok := f.m.Upstream(2); ok {
 		t.Error("v2 still reads through the removed volume")
+	}
+}
+
+// TestViaJoinsConnectedSet: a target hanging under a volume (Via) is in that volume's connected
+// set, so the grain rule holds across it, as the engine's lock keys need.
+func TestViaJoinsConnectedSet(t *testing.T) {
+	f := newFx(t, 4)
+	c1 := f.mk(0, 1, func(a *MkFcmapArgs) { g := SmallGrainKiB; a.GrainKiB = &g })
+	c2 := f.mk(1, 2)
+	f.start(c1)
+	f.start(c2)
+	f.ok(f.m.Stop(ref(c1), false, false))
+	f.apply(CleanComplete{Map: c1})
+	f.ok(f.m.RmFcmap(ref(c1), true))
+	big := LargeGrainKiB
+	_, _, err := f.m.MkFcmap(MkFcmapArgs{Source: "0", Target: "3", GrainKiB: &big})
+	wantCode(t, err, fcerr.GrainMismatch)
+	x := f.mk(0, 3)
+	if g := f.m.Mappings[x].GrainKiB; g != SmallGrainKiB {
+		t.Errorf("a mapping joining v2's tree by its Via: grain %d KiB, want %d", g, SmallGrainKiB)
+	}
+	if got := f.m.ConnectedSet(x); len(got) != 2 {
+		t.Errorf("connected set of %d: %v, want it and %d", x, got, c2)
 	}
 }
