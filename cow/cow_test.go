@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -564,4 +565,56 @@ func TestGrainSizePerTree(t *testing.T) {
 	g.write(5, 0, bytes.Repeat([]byte{0xa5}, 1<<20))
 	g.write(7, 0, bytes.Repeat([]byte{0xa7}, 1<<20))
 	g.checkAll(0, 1, 2, 3, 4, 5, 6, 7, 8)
+}
+
+// TestViaRebuildsRelinkedCascade: in a cascade T1 → C1 → C2, C1's stop relinks C2 under T1;
+// a fresh engine (a daemon start) rebuilds that with the spec's Via, and C2 keeps its image.
+func TestViaRebuildsRelinkedCascade(t *testing.T) {
+	r, _ := seedRand(t)
+	const grain = 64 * kib
+	g := newRig(t, 3, 16*grain, grain, r)
+	g.start(g.spec(1, 0, 1))
+	g.start(g.spec(2, 1, 2))
+	g.write(0, 3*grain, pattern(grain, 1)) // into C1
+	g.write(1, 0, pattern(4096, 2))        // C1's own: into C2 first
+	if err := g.e.SetRates(1, 0, 150); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := g.e.StopMapping(1, false); err != nil {
+		t.Fatal(err)
+	}
+	g.waitEvent(CleanComplete, 1, 10*time.Second)
+	if got := g.e.Upstreams(); !reflect.DeepEqual(got, map[int]int{2: 0}) {
+		t.Fatalf("upstreams after C1's stop: %v", got)
+	}
+	g.checkAll(0, 2)
+
+	e2 := New(&MemJournal{}, Options{})
+	old := g.e
+	t.Cleanup(func() { old.Close() }) // the rig closes g.e, e2 below
+	for v := range 3 {
+		if err := e2.AddVolume(v, g.size, g.files[v]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	via := 0
+	s := g.spec(2, 1, 2)
+	s.Split, s.Via = g.e.maps[2].split.Clone(), &via
+	if err := e2.StartMappings([]MappingSpec{s}); err != nil {
+		t.Fatal(err)
+	}
+	if got := e2.Upstreams(); !reflect.DeepEqual(got, map[int]int{2: 0}) {
+		t.Fatalf("upstreams after the rebuild: %v", got)
+	}
+	g.e = e2
+	for v := range 3 {
+		d, err := e2.Device(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		g.devs[v] = d
+	}
+	g.checkAll(0, 2)
+	g.write(0, 5*grain, pattern(grain, 3)) // T1's write still preserves C2's image
+	g.checkAll(0, 2)
 }

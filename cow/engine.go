@@ -64,6 +64,10 @@ type MappingSpec struct {
 	Split     *bitmap.Bitmap
 	CopyRate  int
 	CleanRate int
+	// Via, when set, rebuilds a chain as it was (daemon start): once every spec of the call
+	// is inserted, the target hangs directly under volume *Via instead of where its start put
+	// it, as a chain's change had left it (the control plane's Mapping.Via). nil for a start.
+	Via *int
 }
 
 // EventKind says what an Event reports.
@@ -351,7 +355,8 @@ func removeVol(list []*volume, v *volume) []*volume {
 // StartMappings inserts every spec's target into its chain in one step, in slice order (a later
 // target of the same source is newer), and starts background copy. It is called under the
 // start fence: no host I/O on these volumes runs meanwhile (the engine still waits for any).
-// Either every mapping starts or none does.
+// Either every mapping starts or none does. A spec with Via (a daemon start rebuilding chains,
+// in the order they were built) is inserted the same way first, then hung under its Via.
 //
 // Its refusals of a spec are consistency guards: the control plane refuses first every command
 // that could lead to one (mappings/driver TestEngineStartRefusalsAreRefusedFirst lists them),
@@ -377,6 +382,16 @@ func (e *Engine) StartMappings(specs []MappingSpec) error {
 			return fmt.Errorf("start mapping %d: %w: rates %d/%d", s.ID, ErrBadSpec, s.CopyRate, s.CleanRate)
 		case tgt.target != nil || targets[s.Target]:
 			return fmt.Errorf("start mapping %d: %w: volume %d is already a target", s.ID, ErrBadSpec, s.Target)
+		}
+		if s.Via != nil {
+			via := e.vols[*s.Via]
+			switch {
+			case via == nil:
+				return fmt.Errorf("start mapping %d: %w", s.ID, ErrNoVolume)
+			case via == tgt || via.size != tgt.size:
+				return fmt.Errorf("start mapping %d: %w: via volume %d", s.ID, ErrBadSpec, *s.Via)
+			}
+			roots = append(roots, via)
 		}
 		if m := e.maps[s.ID]; m != nil && m.getPhase() != Stopped {
 			return fmt.Errorf("start mapping %d: %w: already active", s.ID, ErrState)
@@ -439,11 +454,36 @@ func (e *Engine) StartMappings(specs []MappingSpec) error {
 		e.maps[s.ID] = m
 		started = append(started, m)
 	}
+	for _, s := range specs {
+		if s.Via == nil {
+			continue
+		}
+		tgt, via := e.vols[s.Target], e.vols[*s.Via]
+		tgt.upstream.downstream = removeVol(tgt.upstream.downstream, tgt)
+		tgt.upstream = via
+		via.downstream = append(via.downstream, tgt)
+	}
 	e.renumber(vols)
 	for _, m := range started {
 		e.startWorker(m, e.copyWorker)
 	}
 	return nil
+}
+
+// Upstreams returns, for every volume that is an active target, the volume it reads through:
+// the engine's dependency chains, to compare with the control plane's (mappings.Model.Links).
+func (e *Engine) Upstreams() map[int]int {
+	e.topoMu.Lock()
+	defer e.topoMu.Unlock()
+	out := map[int]int{}
+	for id, v := range e.vols {
+		v.gate.RLock()
+		if v.target != nil && v.upstream != nil {
+			out[id] = v.upstream.id
+		}
+		v.gate.RUnlock()
+	}
+	return out
 }
 
 // checkGrains refuses specs that would give one connected set two grain sizes: a grain lock
@@ -475,6 +515,9 @@ func (e *Engine) checkGrains(specs []MappingSpec, vols []*volume) error {
 	}
 	for _, s := range specs {
 		union(e.vols[s.Source], e.vols[s.Target])
+		if s.Via != nil {
+			union(e.vols[*s.Via], e.vols[s.Target])
+		}
 	}
 	type setGrain struct {
 		size    int64

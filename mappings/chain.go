@@ -1,6 +1,7 @@
 package mappings
 
 import (
+	"slices"
 	"sort"
 
 	"fcnbd/internal/fcerr"
@@ -8,8 +9,10 @@ import (
 
 // The dependency chains of docs/flashcopy.md §5 are not stored as lists: a mapping's ChainSeq
 // says when its target was inserted, and the chain of source S is S's in-chain mappings, newest
-// first: S ← Tn ← … ← T1. A cascade needs nothing more: a target whose mapping's source is itself
-// a target reads through that volume.
+// first: S ← Tn ← … ← T1. A target whose mapping's source is itself a target reads through that
+// volume (a cascade). Only a chain's change under a target can put it elsewhere (a target it
+// read through left with its downstream joining its upstream, or was split out keeping it):
+// Mapping.Via records that place, as the copy-on-write layer has it.
 
 // chainOf returns the in-chain mappings of source s, newest (directly under s) first.
 func (m *Model) chainOf(s VolumeID) []*Mapping {
@@ -33,8 +36,18 @@ func (m *Model) Chain(s VolumeID) []VolumeID {
 	return out
 }
 
-// upstreamOf returns the volume mp's target reads through; mp must be in a chain.
+// upstreamOf returns the volume mp's target reads through; mp must be in a chain: its Via if
+// set, else its place in its source's chain.
 func (m *Model) upstreamOf(mp *Mapping) VolumeID {
+	if mp.Via != nil {
+		return *mp.Via
+	}
+	return m.chainUpstream(mp)
+}
+
+// chainUpstream is mp's upstream by its place in its source's chain alone: the next newer
+// in-chain target of the same source, else the source.
+func (m *Model) chainUpstream(mp *Mapping) VolumeID {
 	up := mp.Source
 	var best uint64
 	for _, x := range m.Mappings {
@@ -43,6 +56,15 @@ func (m *Model) upstreamOf(mp *Mapping) VolumeID {
 		}
 	}
 	return up
+}
+
+// place puts in-chain mapping mp's target directly under volume up, as the copy-on-write layer
+// did: by its chain position when that says up, else by Via.
+func (m *Model) place(mp *Mapping, up VolumeID) {
+	mp.Via = nil
+	if m.chainUpstream(mp) != up {
+		mp.Via = &up
+	}
 }
 
 // targetMapping returns the mapping whose target is v, or nil.
@@ -199,6 +221,16 @@ func (m *Model) ConnectedSet(id MappingID) []MappingID {
 	return sortedIDs(m.connected([]VolumeID{mp.Source, mp.Target}))
 }
 
+// linkedVolumes returns the volumes mapping x links: its source and target, and the volume its
+// target hangs under if a chain's change left it there (Via), which joins x's dependency tree
+// as much as its source does.
+func (x *Mapping) linkedVolumes() []VolumeID {
+	if x.inChain() && x.Via != nil {
+		return []VolumeID{x.Source, x.Target, *x.Via}
+	}
+	return []VolumeID{x.Source, x.Target}
+}
+
 // connected returns the mappings reachable from the given volumes through shared volumes.
 func (m *Model) connected(start []VolumeID) map[MappingID]bool {
 	seenVol := map[VolumeID]bool{}
@@ -211,11 +243,12 @@ func (m *Model) connected(start []VolumeID) map[MappingID]bool {
 		v := queue[0]
 		queue = queue[1:]
 		for _, x := range m.Mappings {
-			if x.Source != v && x.Target != v || set[x.ID] {
+			vs := x.linkedVolumes()
+			if set[x.ID] || !slices.Contains(vs, v) {
 				continue
 			}
 			set[x.ID] = true
-			for _, u := range []VolumeID{x.Source, x.Target} {
+			for _, u := range vs {
 				if !seenVol[u] {
 					seenVol[u] = true
 					queue = append(queue, u)

@@ -54,8 +54,21 @@ func (m *Model) usedBy(v VolumeID) []*Mapping {
 	return out
 }
 
-// RemoveVolume forgets a volume. It is refused while any mapping uses the volume, unless force:
-// then those mappings are first stopped (as stopfcmap -force, dependants included) and deleted.
+// hungUnder returns the in-chain mappings whose target a chain's change left reading through v
+// (Via v), in id order: they need v though they don't name it.
+func (m *Model) hungUnder(v VolumeID) []*Mapping {
+	var out []*Mapping
+	for _, mp := range m.sortedMappings() {
+		if mp.inChain() && mp.Via != nil && *mp.Via == v {
+			out = append(out, mp)
+		}
+	}
+	return out
+}
+
+// RemoveVolume forgets a volume. It is refused while any mapping uses the volume, or reads
+// through it (Via), unless force: then those that use it are first stopped (as stopfcmap -force,
+// dependants included) and deleted, and those that read through it stopped likewise.
 // The caller deletes the volume's data once the effects are carried out.
 func (m *Model) RemoveVolume(ref string, force bool) ([]Effect, error) {
 	return m.run(func(tx *txn) error {
@@ -64,8 +77,14 @@ func (m *Model) RemoveVolume(ref string, force bool) ([]Effect, error) {
 			return err
 		}
 		used := tx.m.usedBy(v.ID)
-		if len(used) > 0 && !force {
-			return fcerr.New(fcerr.VolumeMapped, "volume %s is used by %d FlashCopy mapping(s)", v.Name, len(used))
+		hung := tx.m.hungUnder(v.ID)
+		if len(used)+len(hung) > 0 && !force {
+			return fcerr.New(fcerr.VolumeMapped, "volume %s is used by %d FlashCopy mapping(s)", v.Name, len(used)+len(hung))
+		}
+		for _, mp := range hung {
+			if mp.inChain() {
+				tx.forceStop(mp)
+			}
 		}
 		for _, mp := range used {
 			if tx.m.Mappings[mp.ID] == nil {
@@ -86,15 +105,15 @@ func (m *Model) RemoveVolume(ref string, force bool) ([]Effect, error) {
 	})
 }
 
-// ResizeVolume changes a volume's capacity; refused while any mapping uses it.
+// ResizeVolume changes a volume's capacity; refused while any mapping uses it or reads through it.
 func (m *Model) ResizeVolume(ref string, size int64) ([]Effect, error) {
 	return m.run(func(tx *txn) error {
 		v, err := tx.m.volume(ref)
 		if err != nil {
 			return err
 		}
-		if used := tx.m.usedBy(v.ID); len(used) > 0 {
-			return fcerr.New(fcerr.VolumeMapped, "volume %s can't be resized: it is used by %d FlashCopy mapping(s)", v.Name, len(used))
+		if n := len(tx.m.usedBy(v.ID)) + len(tx.m.hungUnder(v.ID)); n > 0 {
+			return fcerr.New(fcerr.VolumeMapped, "volume %s can't be resized: it is used by %d FlashCopy mapping(s)", v.Name, n)
 		}
 		if err := checkSize(size); err != nil {
 			return err
@@ -468,7 +487,7 @@ func (tx *txn) stop(mp *Mapping, force, split bool) {
 		switch {
 		case split:
 			tx.splits = append(tx.splits, SplitOut{Map: mp.ID, Target: mp.Target})
-			tx.toIdle(mp)
+			tx.toIdle(mp, false)
 		case force:
 			tx.forceStop(mp)
 		case mp.State == Copying:

@@ -9,7 +9,8 @@
 // IOError, …), which returns further effects. Nothing here does I/O or starts goroutines: every
 // transition of docs/flashcopy.md §3 is a table test.
 //
-// Dependency chains (§5) are derived from each active mapping's insertion order (ChainSeq);
+// Dependency chains (§5) are derived from each active mapping's insertion order (ChainSeq) and,
+// for a target that a chain's change left elsewhere, its Via;
 // Upstream, Downstream, DependentMappings and Links answer what the copy-on-write layer needs.
 // What hosts may see of a volume (§2) is VolumeAccess; effects that change it are derived by
 // comparing it before and after each transition.

@@ -103,9 +103,9 @@ type CommitStart struct {
 // StopWorkers: stop the background copy or cleaning of the mapping (idempotent).
 type StopWorkers struct{ Map MappingID }
 
-// SplitOut: the mapping, at 100 %, leaves its chain at once (stopfcmap -split). Before the
-// Relink that follows, make every downstream of Target hold each grain it still reads through
-// Target, so that the dependants keep their data.
+// SplitOut: the mapping, at 100 %, leaves its chain at once (stopfcmap -split). Its dependants
+// stay under Target, which holds every grain of the image they read through it, so that they
+// keep their data (the Relink that follows says so).
 type SplitOut struct {
 	Map    MappingID
 	Target VolumeID

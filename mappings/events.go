@@ -144,11 +144,11 @@ func (m *Model) Apply(ev Event) ([]Effect, error) {
 		case CleanComplete:
 			switch {
 			case mp.State == Stopping && mp.Progress() == 100:
-				tx.toIdle(mp)
+				tx.toIdle(mp, true)
 			case mp.State == Stopping:
 				tx.toStopped(mp)
 			case mp.State == Copying && mp.Split == mp.Grains:
-				tx.toIdle(mp)
+				tx.toIdle(mp, true)
 			default:
 				return stale(mp, "clean complete")
 			}
@@ -229,7 +229,7 @@ func (tx *txn) lose(mp *Mapping, reason, why string) {
 	mp.StatusReason = reason
 	for _, x := range deps {
 		if x.Progress() == 100 {
-			tx.toIdle(x)
+			tx.toIdle(x, false)
 		} else {
 			tx.toStopped(x)
 			x.StatusReason = "it read through the target of mapping " + mp.Name + ", " + why
@@ -313,7 +313,17 @@ func (tx *txn) fenceDrained(f Fence, now time.Time) {
 			e.RestoreOf = p.ID
 		}
 		c.Entries = append(c.Entries, e)
+		// §5: the target goes directly under its source; what hung there from the
+		// source's own chain now reads through it (the copy-on-write layer moves exactly
+		// these: targets of the source directly under it, wherever their chains put them).
+		var moved []*Mapping
+		for _, x := range m.sortedMappings() {
+			if x.inChain() && x.Source == mp.Source && m.upstreamOf(x) == mp.Source {
+				moved = append(moved, x)
+			}
+		}
 		mp.State = Copying
+		mp.Via = nil
 		mp.ChainSeq = m.NextSeq
 		m.NextSeq++
 		mp.StartTime = now
@@ -321,6 +331,9 @@ func (tx *txn) fenceDrained(f Fence, now time.Time) {
 		mp.CleanProgress = 0
 		mp.Run = Figures{}
 		mp.Cleaning, mp.Fencing = false, false
+		for _, x := range moved {
+			m.place(x, mp.Target)
+		}
 		tx.workersFor(mp)
 	}
 	if g := m.Groups[f.Group]; g != nil {

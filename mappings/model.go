@@ -114,6 +114,14 @@ type Mapping struct {
 	// source); 0 means the target is not in a chain. Non-zero exactly in copying, stopping and
 	// suspended.
 	ChainSeq uint64 `json:"chain_seq,omitempty"`
+	// Via, when set, is the volume the in-chain target hangs directly under instead of its
+	// place in its source's chain: the volume a chain's change left it under (a target it read
+	// through left its chain, and it joined that target's upstream, or stayed under a target
+	// split out), exactly as the copy-on-write layer keeps it. Unset (nil), the target's
+	// upstream follows from ChainSeq (Model.upstreamOf). A new start from Via's volume does
+	// not move it, unless Via is its source. Cleared when the mapping leaves its chain.
+	// A pointer so that a catalogue without it reads as unset (volume 0 is a volume).
+	Via *VolumeID `json:"via,omitempty"`
 	// Cleaning says a copying mapping at 100 % was told to clean its dependants.
 	Cleaning bool `json:"cleaning,omitempty"`
 

@@ -50,7 +50,7 @@ func (tx *txn) settle() {
 				continue
 			}
 			if len(tx.m.DependentMappings(mp.ID)) == 0 {
-				tx.toIdle(mp)
+				tx.toIdle(mp, false)
 				again = true
 			} else if !mp.Cleaning {
 				mp.Cleaning = true
@@ -198,12 +198,32 @@ func (tx *txn) fence(g GroupID, ms []*Mapping) {
 	tx.async = append(tx.async, Hold{Fence: f})
 }
 
-// leave clears what belongs to an activity that has ended.
-func (tx *txn) leave(mp *Mapping) {
+// leave clears what belongs to an activity that has ended. An in-chain target leaves its chain
+// as the copy-on-write layer takes it out (cow unlink): with relink (after cleaning, or with the
+// data lost: a stop, a force stop, an I/O error) every target that read directly through it
+// joins its upstream, but a restore's partner, which is that upstream (it can't read through
+// itself) and stays; without (a split, or a mapping at 100 % leaving with no cleaning) they
+// stay under it.
+func (tx *txn) leave(mp *Mapping, relink bool) {
 	if mp.inChain() || mp.State == Suspended {
 		tx.stops = append(tx.stops, mp.ID)
 	}
-	mp.ChainSeq = 0
+	if mp.inChain() {
+		m, t := tx.m, mp.Target
+		up := m.upstreamOf(mp)
+		deps := m.dependants(t)
+		mp.ChainSeq, mp.Via = 0, nil
+		for _, x := range deps {
+			if x == mp {
+				continue
+			}
+			if relink && x.Target != up {
+				m.place(x, up)
+			} else {
+				m.place(x, t)
+			}
+		}
+	}
 	mp.Resume = ""
 	mp.Cleaning = false
 	mp.RestoreFlag, mp.Restoring = false, false
@@ -211,10 +231,10 @@ func (tx *txn) leave(mp *Mapping) {
 }
 
 // toIdle ends an activity at 100 %: the target holds a complete copy. An autodelete mapping is
-// deleted at once.
-func (tx *txn) toIdle(mp *Mapping) {
+// deleted at once. relink: the target left its chain after cleaning (see leave).
+func (tx *txn) toIdle(mp *Mapping, relink bool) {
 	wasActive := mp.inChain()
-	tx.leave(mp)
+	tx.leave(mp, relink)
 	mp.State = IdleOrCopied
 	mp.StatusReason = ""
 	if wasActive && mp.Incremental {
@@ -239,7 +259,7 @@ func (tx *txn) toStopped(mp *Mapping) {
 			}
 		}
 	}
-	tx.leave(mp)
+	tx.leave(mp, true)
 	mp.State = Stopped
 }
 
@@ -249,7 +269,7 @@ func (tx *txn) forceStop(mp *Mapping) {
 	all := append([]*Mapping{mp}, tx.m.downstreamClosure(mp)...)
 	for _, x := range all {
 		if x.Progress() == 100 {
-			tx.toIdle(x)
+			tx.toIdle(x, false)
 		} else {
 			tx.toStopped(x)
 		}

@@ -122,7 +122,9 @@ func (d *Driver) reopen(diffLost []mappings.MappingID, splitLost map[mappings.Ma
 
 // restoreChains puts the active mappings (in ChainSeq order) back in the engine's chains with
 // their durable split bitmaps, through StartMappings, as a live start does: one call per
-// connected set, oldest mapping first, so that every chain is rebuilt in order. If the engine
+// connected set, oldest mapping first, so that every chain is rebuilt in order; a target that
+// a chain's change had left elsewhere (Mapping.Via) is hung there again, so that the engine's
+// chains are the model's Links. If the engine
 // refuses a set, its mappings go in one by one, in the same order, so that one mapping's state
 // keeps no other from being served. It returns, for each mapping left out, why; the others are
 // active in the engine. d.mu is held.
@@ -146,10 +148,16 @@ func (d *Driver) restoreChains(active []*mappings.Mapping, splitLost map[mapping
 				continue
 			}
 			size := src.Size
-			specs = append(specs, cow.MappingSpec{
+			spec := cow.MappingSpec{
 				ID: int(mp.ID), Source: int(mp.Source), Target: int(mp.Target), GrainSize: grain,
 				Split: d.journal.bitmap(int(mp.ID), size, grain),
-			})
+			}
+			if mp.Via != nil {
+				// A chain's change left the target outside its source's chain.
+				via := int(*mp.Via)
+				spec.Via = &via
+			}
+			specs = append(specs, spec)
 		}
 		if len(specs) == 0 {
 			continue
@@ -299,7 +307,9 @@ func (r *throughput) rate() int64 {
 }
 
 // connectedSets splits mappings (in ChainSeq order) into the sets linked through shared
-// volumes, each in ChainSeq order, the sets in the order of their oldest mapping.
+// volumes, or through a target's Via, each in ChainSeq order, the sets in the order of their
+// oldest mapping. A Via volume that is itself a target is then inserted in the same call, before
+// anything hangs under it.
 func connectedSets(ms []*mappings.Mapping) [][]*mappings.Mapping {
 	parent := map[mappings.VolumeID]mappings.VolumeID{}
 	var find func(v mappings.VolumeID) mappings.VolumeID
@@ -315,6 +325,11 @@ func connectedSets(ms []*mappings.Mapping) [][]*mappings.Mapping {
 	for _, mp := range ms {
 		if a, b := find(mp.Source), find(mp.Target); a != b {
 			parent[a] = b
+		}
+		if mp.Via != nil {
+			if a, b := find(*mp.Via), find(mp.Target); a != b {
+				parent[a] = b
+			}
 		}
 	}
 	index := map[mappings.VolumeID]int{}

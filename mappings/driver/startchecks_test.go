@@ -260,6 +260,16 @@ func TestEngineStartRefusalsAreRefusedFirst(t *testing.T) {
 			},
 		},
 		{
+			format: "start mapping %d: %w", // a Via volume the engine does not have
+			unreachable: "internal consistency guard: only a daemon start passes Via, the model's Via of a mapping, " +
+				"and the model can't lose that volume while the mapping hangs under it (rmvolume refuses it, or stops the mapping with -force)",
+		},
+		{
+			format: "start mapping %d: %w: via volume %d",
+			unreachable: "internal consistency guard: a Via is a volume the target once read through in the same chain, " +
+				"so another volume than the target, of the same size (volumes can't be resized while mapped)",
+		},
+		{
 			format:      "start mapping %d: %w", // from preserveDownstream
 			unreachable: "arises at the start: an I/O or journal error while a dependant's image is preserved; the start fails and reports it",
 		},

@@ -47,8 +47,8 @@ import (
 // deadline, so that a hang is diagnosable from one CI log.
 //
 // Data: a per-volume model of 4 KiB blocks with a known mask (topoVol). At quiescent points
-// every online volume's known blocks must read as the model and every offline one fails with
-// EIO; reads during the load are checked where no write could race with them.
+// the model's chains must be the engine's (linksDisagree), every online volume's known blocks
+// must read as the model and every offline one fails with EIO; reads during the load are checked where no write could race with them.
 //
 // FCNBD_TOPO_SEED=n replays one seed (the I/O interleaving differs, the command sequence does
 // not); FCNBD_TOPO_SEEDS=n runs n seeds (default 50); FCNBD_TOPO_STEPS=n sets the random steps
@@ -1084,6 +1084,9 @@ func (tp *topo) verify(when string) {
 	defer tp.pause.Unlock()
 	tp.count("verify")
 	w := tp.world.Load()
+	if msg := linksDisagree(w.d, 2*time.Second); msg != "" {
+		tp.fail("%s: %s%s", when, msg, tp.mapsLine())
+	}
 	for _, n := range tp.names {
 		v := tp.vols[n]
 		dev := w.devs[n]
