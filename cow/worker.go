@@ -256,18 +256,44 @@ func (e *Engine) cleanWorker(ctx context.Context, m *mapping) {
 			e.topoMu.Unlock()
 			return
 		}
-		done := false
+		done, held := false, false
+		failpoint("cow-clean-recheck")
 		e.topoChange([]*volume{m.target}, func() {
 			// Checked again with every gate held: a mapping started meanwhile with this
 			// target as source would read through it.
-			if done = e.cleanWorkLocked(m) == 0; done {
+			if done = e.cleanWorkLocked(m, false) == 0; done {
 				e.unlink(m, true)
+			} else {
+				held = e.cleanWorkLocked(m, true) == 0
 			}
 		})
+		if held {
+			// topoChange pokes every mapping of the tree, m too: that poke is not news.
+			// Another topology change can't poke meanwhile (topoMu).
+			select {
+			case <-m.wake:
+			default:
+			}
+		}
 		e.topoMu.Unlock()
 		if done {
 			e.events.push(Event{Kind: CleanComplete, Mapping: m.id})
 			return
+		}
+		if held {
+			// What is left is owed only to dependants whose grain copy failed: nothing is
+			// copied into them, and they read through the target until they leave the chain,
+			// once their failure is recorded (fail), which pokes m. Re-checking at once would
+			// take every gate of the tree over and over meanwhile.
+			t := time.NewTimer(time.Second)
+			select {
+			case <-m.wake:
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+				return
+			}
+			t.Stop()
 		}
 	}
 }
@@ -317,10 +343,14 @@ func (e *Engine) nextClean(m *mapping) (*volume, int) {
 	return best, bestG
 }
 
-// cleanWorkLocked is cleanWork for a caller that holds the gates.
-func (e *Engine) cleanWorkLocked(m *mapping) int {
+// cleanWorkLocked is cleanWork for a caller that holds the gates; skipFailed leaves out the
+// dependants whose own grain copy failed, which nextClean skips.
+func (e *Engine) cleanWorkLocked(m *mapping, skipFailed bool) int {
 	n := 0
 	for _, d := range m.target.downstream {
+		if skipFailed && d.target.failed.Load() {
+			continue
+		}
 		ds := d.target.split
 		for g := ds.NextClear(0); g >= 0; g = ds.NextClear(g + 1) {
 			if m.split.Test(g) {
