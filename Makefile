@@ -50,6 +50,7 @@ bench: deps build
 
 soak: deps build
 	FCNBD_SOAK=1 $(GO) test -count=1 -timeout 60m -run Soak ./test/integration/...
+	FCNBD_DAEMON_TOPO_SEEDS=100 $(GO) test -count=1 -timeout 90m -run TestDaemonTopology ./test/integration/...
 
 clean:
 	rm -rf bin
