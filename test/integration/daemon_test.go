@@ -203,11 +203,27 @@ func (d *daemon) start() {
 		select {
 		case err := <-d.done:
 			d.cmd = nil
-			d.t.Fatalf("fcnbd serve exited at start: %v\n%s", err, d.logs.String())
+			d.t.Fatalf("fcnbd serve exited at start: %v\n%s", err, d.output())
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-	d.t.Fatalf("fcnbd serve did not listen within 10s\n%s", d.logs.String())
+	d.t.Fatalf("fcnbd serve did not listen within 10s\n%s", d.output())
+}
+
+// output is what the daemon printed: logs, or the end of the file at logPath.
+func (d *daemon) output() string {
+	if d.logPath == "" {
+		return d.logs.String()
+	}
+	data, err := os.ReadFile(d.logPath)
+	if err != nil {
+		return err.Error()
+	}
+	const most = 64 << 10
+	if len(data) > most {
+		data = data[len(data)-most:]
+	}
+	return string(data)
 }
 
 // stop sends SIGTERM and requires a clean exit (status 0) within 20 s.
