@@ -207,7 +207,15 @@ func (d *daemon) start() {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-	d.t.Fatalf("fcnbd serve did not listen within 10s\n%s", d.output())
+	// SIGQUIT: the Go runtime prints every goroutine's stack, which says where it waits.
+	d.cmd.Process.Signal(syscall.SIGQUIT)
+	select {
+	case <-d.exited:
+	case <-time.After(10 * time.Second):
+		d.cmd.Process.Kill()
+		<-d.exited
+	}
+	d.t.Fatalf("fcnbd serve did not listen within 10s; its output after SIGQUIT:\n%s", d.output())
 }
 
 // output is what the daemon printed: logs, or the end of the file at logPath.
