@@ -44,7 +44,7 @@ import (
 //
 // FCNBD_DAEMON_TOPO_GRAIN=64|256 gives every mapping that grain size (for a daemon that
 // can't restart unconnected trees of different sizes). FCNBD_DAEMON_TOPO_SEED=n runs seed n only; FCNBD_DAEMON_TOPO_SEEDS=n runs n seeds from a
-// random base (default 3, and no new seed after 60 s, which keeps it under 90 s);
+// random base (default 3, and no new seed after 45 s, which keeps it under 90 s);
 // FCNBD_DAEMON_TOPO_STEPS sets the commands per seed (default 24).
 func TestDaemonTopology(t *testing.T) {
 	seeds := topoSeeds(t)
@@ -53,7 +53,7 @@ func TestDaemonTopology(t *testing.T) {
 	// make test's share: the default seeds stop starting once this is spent.
 	budget := time.Duration(math.MaxInt64)
 	if os.Getenv("FCNBD_DAEMON_TOPO_SEED") == "" && os.Getenv("FCNBD_DAEMON_TOPO_SEEDS") == "" {
-		budget = 60 * time.Second
+		budget = 45 * time.Second
 	}
 	began := time.Now()
 	for i, seed := range seeds {
