@@ -26,7 +26,7 @@ run: deps build
 test: deps build lint unit fuzz integration
 
 unit:
-	$(GO) test -race -timeout 10m $$($(GO) list ./... | grep -v /test/integration)
+	$(GO) test -race -timeout 14m $$($(GO) list ./... | grep -v /test/integration)
 
 integration: build
 	$(GO) test -race -count=1 -timeout 14m ./test/integration/...
@@ -56,6 +56,7 @@ TOPO_SOAK_SEEDS ?= 1000
 soak: deps build
 	FCNBD_SOAK=1 $(GO) test -count=1 -timeout 60m -run Soak ./test/integration/...
 	FCNBD_TOPO_SEEDS=$(TOPO_SOAK_SEEDS) FCNBD_TOPO_STEPS=20 $(GO) test -race -count=1 -timeout 240m -run '^TestTopologyRace$$' ./mappings/driver
+	FCNBD_DAEMON_TOPO_SEEDS=100 $(GO) test -count=1 -timeout 90m -run TestDaemonTopology ./test/integration/...
 
 clean:
 	rm -rf bin

@@ -89,6 +89,15 @@ type daemon struct {
 	cmd     *exec.Cmd
 	logs    *syncBuffer
 	done    chan error
+	// exited is closed when the process started last has exited, with its status in exitErr;
+	// unlike done it can be waited on by any number of goroutines.
+	exited  chan struct{}
+	exitErr error
+
+	// Set before start to take effect: env is added to the daemon's environment; with logPath,
+	// the daemon's stdout and stderr are appended to that file instead of kept in logs.
+	env     []string
+	logPath string
 }
 
 type syncBuffer struct {
@@ -111,6 +120,14 @@ func (s *syncBuffer) String() string {
 // startDaemon starts fcnbd serve in a fresh directory and stops it when the test ends.
 func startDaemon(t testing.TB, extra ...string) *daemon {
 	t.Helper()
+	d := newDaemon(t, extra...)
+	d.start()
+	return d
+}
+
+// newDaemon is startDaemon without the start, for a test that sets env or logPath first.
+func newDaemon(t testing.TB, extra ...string) *daemon {
+	t.Helper()
 	// Unix socket paths are limited to 108 bytes: keep them short.
 	dir, err := os.MkdirTemp("", "fcnbd-it-")
 	if err != nil {
@@ -122,12 +139,11 @@ func startDaemon(t testing.TB, extra ...string) *daemon {
 		ctl: filepath.Join(dir, "c.sock"), nbdSock: filepath.Join(dir, "n.sock"),
 		tcp: freeTCPAddr(t), extra: extra,
 	}
-	d.start()
 	t.Cleanup(func() {
 		if d.cmd != nil {
 			d.kill()
 		}
-		if t.Failed() {
+		if t.Failed() && d.logPath == "" {
 			t.Logf("daemon log:\n%s", d.logs.String())
 		}
 	})
@@ -153,11 +169,28 @@ func (d *daemon) start() {
 		d.logs = &syncBuffer{}
 	}
 	d.cmd.Stdout, d.cmd.Stderr = d.logs, d.logs
+	if len(d.env) > 0 {
+		d.cmd.Env = append(os.Environ(), d.env...)
+	}
+	if d.logPath != "" {
+		f, err := os.OpenFile(d.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+		if err != nil {
+			d.t.Fatal(err)
+		}
+		defer f.Close() // the child has its own descriptor
+		d.cmd.Stdout, d.cmd.Stderr = f, f
+	}
 	if err := d.cmd.Start(); err != nil {
 		d.t.Fatal(err)
 	}
-	d.done = make(chan error, 1)
-	go func(c *exec.Cmd) { d.done <- c.Wait() }(d.cmd)
+	done, exited := make(chan error, 1), make(chan struct{})
+	d.done, d.exited = done, exited
+	go func(c *exec.Cmd) {
+		err := c.Wait()
+		d.exitErr = err
+		close(exited)
+		done <- err
+	}(d.cmd)
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
 		if c, err := net.Dial("unix", d.ctl); err == nil {
@@ -170,11 +203,35 @@ func (d *daemon) start() {
 		select {
 		case err := <-d.done:
 			d.cmd = nil
-			d.t.Fatalf("fcnbd serve exited at start: %v\n%s", err, d.logs.String())
+			d.t.Fatalf("fcnbd serve exited at start: %v\n%s", err, d.output())
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-	d.t.Fatalf("fcnbd serve did not listen within 10s\n%s", d.logs.String())
+	// SIGQUIT: the Go runtime prints every goroutine's stack, which says where it waits.
+	d.cmd.Process.Signal(syscall.SIGQUIT)
+	select {
+	case <-d.exited:
+	case <-time.After(10 * time.Second):
+		d.cmd.Process.Kill()
+		<-d.exited
+	}
+	d.t.Fatalf("fcnbd serve did not listen within 10s; its output after SIGQUIT:\n%s", d.output())
+}
+
+// output is what the daemon printed: logs, or the end of the file at logPath.
+func (d *daemon) output() string {
+	if d.logPath == "" {
+		return d.logs.String()
+	}
+	data, err := os.ReadFile(d.logPath)
+	if err != nil {
+		return err.Error()
+	}
+	const most = 64 << 10
+	if len(data) > most {
+		data = data[len(data)-most:]
+	}
+	return string(data)
 }
 
 // stop sends SIGTERM and requires a clean exit (status 0) within 20 s.
