@@ -64,6 +64,7 @@ const (
 	OpWrite       Op = 1
 	OpDisc        Op = 2
 	OpFlush       Op = 3
+	OpTrim        Op = 4
 	OpWriteZeroes Op = 6
 )
 
@@ -75,6 +76,8 @@ func (o Op) String() string {
 		return "WRITE"
 	case OpFlush:
 		return "FLUSH"
+	case OpTrim:
+		return "TRIM"
 	case OpWriteZeroes:
 		return "WRITE_ZEROES"
 	case OpDisc:

@@ -650,7 +650,7 @@ func (tp *topo) device(ws *topoWriter, w *topoWorld, vol string) blockdev.Device
 		ws.closeConns()
 		ws.gen = w.gen
 	}
-	if c := ws.conns[vol]; c != nil && c.err == nil {
+	if c := ws.conns[vol]; c != nil && !c.failed() {
 		return c
 	}
 	c, err := dialNBD(w.sock, vol)
