@@ -60,6 +60,9 @@ func (c *conn) readStructured(cookie, off uint64, buf *[]byte) reply {
 	if len(p) >= holeProbeMin {
 		// Without an answer the whole range is read: data is always a correct reply.
 		exts, _ = blockdev.Extents(c.dev, int64(off), int64(len(p)))
+		if extentsLen(exts) != int64(len(p)) {
+			exts = nil // not the contract: trust none of it
+		}
 	}
 	if len(exts) <= 1 && (len(exts) == 0 || !exts[0].Hole) {
 		if err := c.dev.ReadAt(p, int64(off)); err != nil {
@@ -131,6 +134,11 @@ func (c *conn) blockStatus(cookie, off uint64, length uint32, one bool) reply {
 	if err != nil {
 		return errorChunk(cookie, c.result(cookie, "block_status", err).errno, nil)
 	}
+	if n := extentsLen(exts); n == 0 || n > int64(length) {
+		c.log.Warn().Int64("described", n).Uint32("length", length).
+			Msg("device described a range wrongly; reported as data")
+		exts = []blockdev.Extent{{Length: int64(length)}}
+	}
 	if one {
 		exts = exts[:min(len(exts), 1)]
 	}
@@ -147,4 +155,16 @@ func (c *conn) blockStatus(cookie, off uint64, length uint32, one bool) reply {
 		b = binary.BigEndian.AppendUint32(b, state)
 	}
 	return reply{cookie: cookie, kind: replyChunks, chunks: [][]byte{b}}
+}
+
+// extentsLen is the number of bytes exts describe.
+func extentsLen(exts []blockdev.Extent) int64 {
+	var n int64
+	for _, e := range exts {
+		if e.Length <= 0 {
+			return -1
+		}
+		n += e.Length
+	}
+	return n
 }

@@ -512,6 +512,28 @@ func TestBlockStatus(t *testing.T) {
 
 type failingExtents struct{ *memdev.Device }
 
+// lyingExtents describes every range as a hole twice its length.
+type lyingExtents struct{ *memdev.Device }
+
+func (lyingExtents) Extents(off, length int64) ([]blockdev.Extent, error) {
+	return []blockdev.Extent{{Length: 2 * length, Hole: true}}, nil
+}
+
+// TestExtentsOutsideTheContract: a device whose extents do not add up to the range is not
+// believed: its ranges are data.
+func TestExtentsOutsideTheContract(t *testing.T) {
+	_, dev, want := sparseExport(t)
+	ts := startServer(t, StaticExports{{Name: "l", Device: lyingExtents{dev}}}, Options{})
+	c := ts.openStructured(t, "l", ctxAllocationName)
+	if ds, errno := c.blockStatus(0, 4096, 4096); errno != 0 || fmt.Sprint(ds) != "[{4096 0}]" {
+		t.Fatalf("block status: %v, error %d; want one data descriptor", ds, errno)
+	}
+	data, holes, _ := c.structuredRead(0, holeProbeMin)
+	if len(holes) != 0 || !bytes.Equal(data, want[:holeProbeMin]) {
+		t.Fatalf("read: holes %v, data equal %v", holes, bytes.Equal(data, want[:holeProbeMin]))
+	}
+}
+
 func (failingExtents) Extents(off, length int64) ([]blockdev.Extent, error) {
 	return nil, errors.New("injected")
 }
