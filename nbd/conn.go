@@ -104,9 +104,9 @@ type reply struct {
 	cookie uint64
 	errno  uint32
 	kind   replyKind
-	data   *[]byte  // READ payload (pooled), nil for none
-	off    uint64   // replyData: the offset of data
-	chunks [][]byte // replyChunks: the whole reply, headers included (data's parts among them)
+	data   *[]byte   // READ payload (pooled), nil for none
+	off    uint64    // replyData: the offset of data
+	chunks *[][]byte // replyChunks: the whole reply, headers included (data's parts among them)
 }
 
 type replyKind uint8
@@ -276,21 +276,24 @@ func (c *conn) dispatch(flags, typ uint16, cookie, off uint64, length uint32) bo
 	case cmdRead:
 		c.budget.acquire(int64(length))
 		buf := getBuf(int(length))
-		if c.structured {
-			c.start(cookie, func() { c.reply(c.readStructured(cookie, off, buf), true) }, func() {
-				putBuf(buf)
-				c.budget.release(int64(length))
-			})
-			break
+		structured := c.structured
+		// A structured read that fits one data chunk takes the simple path's steps, on a stack
+		// no deeper (see readError).
+		sparse := structured && (length >= holeProbeMin || length == 0)
+		kind := replySimple
+		if structured {
+			kind = replyData
 		}
 		c.start(cookie, func() {
-			if err := c.dev.ReadAt(*buf, int64(off)); err != nil {
-				putBuf(buf)
-				c.budget.release(int64(length))
-				c.done(cookie, "read", err)
+			if sparse {
+				c.replySparse(cookie, off, buf)
 				return
 			}
-			c.reply(reply{cookie: cookie, data: buf}, true)
+			if err := c.dev.ReadAt(*buf, int64(off)); err != nil {
+				c.readError(cookie, off, buf, structured, err)
+				return
+			}
+			c.reply(reply{cookie: cookie, kind: kind, data: buf, off: off}, true)
 		}, func() {
 			putBuf(buf)
 			c.budget.release(int64(length))
@@ -335,6 +338,30 @@ func (c *conn) dispatch(flags, typ uint16, cookie, off uint64, length uint32) bo
 		c.start(cookie, func() { c.reply(c.blockStatus(cookie, off, length, one), true) }, nil)
 	}
 	return true
+}
+
+// readError replies to a READ that failed with err: a simple error reply, or with structured
+// replies an ERROR_OFFSET chunk; it frees buf and its budget. It is a function of its own so
+// that its frame is never on a request goroutine's stack while that goroutine reads or writes
+// replies: the stack stays as small as the simple path's and never has to grow, which would
+// cost more than a 4 KiB read.
+//
+//go:noinline
+func (c *conn) readError(cookie, off uint64, buf *[]byte, structured bool, err error) {
+	if structured {
+		c.reply(c.readFailed(cookie, off, buf, err), true)
+		return
+	}
+	c.budget.release(int64(len(*buf)))
+	putBuf(buf)
+	c.done(cookie, "read", err)
+}
+
+// replySparse replies to a structured READ that readSparse handles.
+//
+//go:noinline
+func (c *conn) replySparse(cookie, off uint64, buf *[]byte) {
+	c.reply(c.readSparse(cookie, off, buf), true)
 }
 
 // validate returns the NBD error for a request that must not reach the device, or 0.
@@ -387,14 +414,22 @@ func (c *conn) start(cookie uint64, run, release func()) {
 	go func() {
 		defer c.inflight.Done()
 		if c.failed.Load() {
-			if release != nil {
-				release()
-			}
-			c.reply(reply{cookie: cookie, errno: errShutdown}, true)
+			c.skip(cookie, release)
 			return
 		}
 		run()
 	}()
+}
+
+// skip is start's path for a request not run. A function of its own, so that its frame is not
+// at the bottom of every request goroutine's stack.
+//
+//go:noinline
+func (c *conn) skip(cookie uint64, release func()) {
+	if release != nil {
+		release()
+	}
+	c.reply(reply{cookie: cookie, errno: errShutdown}, true)
 }
 
 // done replies to a request that ended with err (nil for success).
@@ -573,7 +608,7 @@ func (c *conn) prepareReplies(w *replyWriter, batch []reply) {
 				w.iov = append(w.iov, w.hdrs[start:end])
 				start = end
 			}
-			w.iov = append(w.iov, r.chunks...)
+			w.iov = append(w.iov, *r.chunks...)
 		}
 	}
 	if start < len(w.hdrs) {

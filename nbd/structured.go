@@ -42,27 +42,25 @@ func errorChunk(cookie uint64, errno uint32, at *uint64) reply {
 	if at != nil {
 		b = binary.BigEndian.AppendUint64(b, *at)
 	}
-	return reply{cookie: cookie, errno: errno, kind: replyChunks, chunks: [][]byte{b}}
+	return reply{cookie: cookie, errno: errno, kind: replyChunks, chunks: &[][]byte{b}}
 }
 
-// readStructured reads a READ's range into buf, which the reply then owns (or frees, with its
-// budget, on failure), and returns the structured reply: one OFFSET_DATA chunk, or, for a read
-// of at least holeProbeMin with holes, OFFSET_DATA and OFFSET_HOLE chunks in order of offset,
-// the holes never read. A failed read is one ERROR_OFFSET chunk at the part that failed.
-func (c *conn) readStructured(cookie, off uint64, buf *[]byte) reply {
+// readSparse reads a structured READ that is empty or large enough to ask the device for its
+// holes (the others are read by dispatch like a simple READ, into one OFFSET_DATA chunk). buf
+// is the reply's from then on (or freed, with its budget, on failure). The reply is one
+// OFFSET_DATA chunk, or OFFSET_DATA and OFFSET_HOLE chunks in order of offset, the holes never
+// read; a failed read is one ERROR_OFFSET chunk at the part that failed.
+func (c *conn) readSparse(cookie, off uint64, buf *[]byte) reply {
 	p := *buf
 	if len(p) == 0 {
 		// Nothing to cover: no data chunk (which carries at least a byte), just the end.
 		hdr := appendChunkHdr(nil, chunkFlagDone, chunkNone, cookie, 0)
-		return reply{cookie: cookie, kind: replyChunks, data: buf, chunks: [][]byte{hdr}}
+		return reply{cookie: cookie, kind: replyChunks, data: buf, chunks: &[][]byte{hdr}}
 	}
-	var exts []blockdev.Extent
-	if len(p) >= holeProbeMin {
-		// Without an answer the whole range is read: data is always a correct reply.
-		exts, _ = blockdev.Extents(c.dev, int64(off), int64(len(p)))
-		if extentsLen(exts) != int64(len(p)) {
-			exts = nil // not the contract: trust none of it
-		}
+	// Without an answer the whole range is read: data is always a correct reply.
+	exts, _ := blockdev.Extents(c.dev, int64(off), int64(len(p)))
+	if extentsLen(exts) != int64(len(p)) {
+		exts = nil // not the contract: trust none of it
 	}
 	if len(exts) <= 1 && (len(exts) == 0 || !exts[0].Hole) {
 		if err := c.dev.ReadAt(p, int64(off)); err != nil {
@@ -114,7 +112,7 @@ func (c *conn) readStructured(cookie, off uint64, buf *[]byte) reply {
 	if start < len(hdrs) {
 		chunks = append(chunks, hdrs[start:])
 	}
-	return reply{cookie: cookie, kind: replyChunks, data: buf, chunks: chunks}
+	return reply{cookie: cookie, kind: replyChunks, data: buf, chunks: &chunks}
 }
 
 // readFailed frees a failed READ's buffer and budget and returns its error chunk at at.
@@ -154,7 +152,7 @@ func (c *conn) blockStatus(cookie, off uint64, length uint32, one bool) reply {
 		b = binary.BigEndian.AppendUint32(b, uint32(e.Length))
 		b = binary.BigEndian.AppendUint32(b, state)
 	}
-	return reply{cookie: cookie, kind: replyChunks, chunks: [][]byte{b}}
+	return reply{cookie: cookie, kind: replyChunks, chunks: &[][]byte{b}}
 }
 
 // extentsLen is the number of bytes exts describe.
