@@ -729,3 +729,34 @@ func (c *Cache) Close() error {
 	})
 	return err
 }
+
+var _ blockdev.Extenter = (*Cache)(nil)
+
+// Extents reports the lower device's extents with every cached page counted as data, dirty or
+// clean. The cached pages are looked up before the lower device is asked: a page not cached at
+// the lookup has every write acknowledged by then below, so the lower answer covers it.
+func (c *Cache) Extents(off, length int64) ([]blockdev.Extent, error) {
+	if err := blockdev.CheckRange(c.size, off, length); err != nil {
+		return nil, err
+	}
+	if err := c.enter(); err != nil {
+		return nil, err
+	}
+	defer c.fence.exit()
+	var cached [][2]int64 // byte ranges of cached pages, clipped to the request
+	if end := off + length; length > 0 && c.resident.Load() > 0 {
+		c.pt.each(off/PageSize, (end-1)/PageSize+1, func(idx int64) {
+			s, e := max(idx*PageSize, off), min((idx+1)*PageSize, end)
+			if n := len(cached); n > 0 && cached[n-1][1] == s {
+				cached[n-1][1] = e
+			} else {
+				cached = append(cached, [2]int64{s, e})
+			}
+		})
+	}
+	exts, err := blockdev.Extents(c.lower, off, length)
+	if err != nil {
+		return nil, fmt.Errorf("cachelayer: extents [%d,+%d): %w", off, length, err)
+	}
+	return blockdev.OverlayData(exts, off, cached), nil
+}

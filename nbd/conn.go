@@ -72,6 +72,11 @@ type conn struct {
 	mu       sync.Mutex
 	stopping bool // Shutdown asked: reads fail from now on
 
+	// Negotiated, then read-only during transmission.
+	structured bool   // NBD_OPT_STRUCTURED_REPLY: READ replies are structured
+	metaAlloc  bool   // base:allocation is selected for metaExport
+	metaExport string // the export name of the last NBD_OPT_SET_META_CONTEXT
+
 	// Transmission phase.
 	dev      blockdev.Device
 	size     uint64
@@ -93,12 +98,24 @@ type conn struct {
 	failed atomic.Bool
 }
 
-// reply is a simple reply waiting to be written.
+// reply is a reply waiting to be written: a simple reply, a structured READ reply of one
+// OFFSET_DATA chunk, or structured chunks encoded by the request.
 type reply struct {
 	cookie uint64
 	errno  uint32
-	data   *[]byte // READ payload (pooled), nil for none
+	kind   replyKind
+	data   *[]byte   // READ payload (pooled), nil for none
+	off    uint64    // replyData: the offset of data
+	chunks *[][]byte // replyChunks: the whole reply, headers included (data's parts among them)
 }
+
+type replyKind uint8
+
+const (
+	replySimple replyKind = iota
+	replyData             // one OFFSET_DATA chunk carrying all of data, flagged DONE
+	replyChunks
+)
 
 func newConn(s *Server, nc net.Conn) *conn {
 	c := &conn{
@@ -239,12 +256,17 @@ func (c *conn) dispatch(flags, typ uint16, cookie, off uint64, length uint32) bo
 				return false
 			}
 		}
+		r := reply{cookie: cookie, errno: errno}
+		if c.structured && (typ == cmdRead || typ == cmdBlockStatus) {
+			// A READ must get a structured reply once they are negotiated, even for EINVAL.
+			r = errorChunk(cookie, errno, nil)
+		}
 		// Not from the reader itself: a writer may block on a client that is not reading, and
 		// the reader must go on reading meanwhile.
 		c.inflight.Add(1)
 		go func() {
 			defer c.inflight.Done()
-			c.reply(reply{cookie: cookie, errno: errno}, false)
+			c.reply(r, false)
 		}()
 		return true
 	}
@@ -254,14 +276,24 @@ func (c *conn) dispatch(flags, typ uint16, cookie, off uint64, length uint32) bo
 	case cmdRead:
 		c.budget.acquire(int64(length))
 		buf := getBuf(int(length))
+		structured := c.structured
+		// A structured read that fits one data chunk takes the simple path's steps, on a stack
+		// no deeper (see readError).
+		sparse := structured && (length >= holeProbeMin || length == 0)
+		kind := replySimple
+		if structured {
+			kind = replyData
+		}
 		c.start(cookie, func() {
-			if err := c.dev.ReadAt(*buf, int64(off)); err != nil {
-				putBuf(buf)
-				c.budget.release(int64(length))
-				c.done(cookie, "read", err)
+			if sparse {
+				c.replySparse(cookie, off, buf)
 				return
 			}
-			c.reply(reply{cookie: cookie, data: buf}, true)
+			if err := c.dev.ReadAt(*buf, int64(off)); err != nil {
+				c.readError(cookie, off, buf, structured, err)
+				return
+			}
+			c.reply(reply{cookie: cookie, kind: kind, data: buf, off: off}, true)
 		}, func() {
 			putBuf(buf)
 			c.budget.release(int64(length))
@@ -301,15 +333,45 @@ func (c *conn) dispatch(flags, typ uint16, cookie, off uint64, length uint32) bo
 		c.start(cookie, func() {
 			c.done(cookie, "write_zeroes", c.dev.WriteZeroes(int64(off), int64(length), punch, fua))
 		}, nil)
+	case cmdBlockStatus:
+		one := flags&cmdFlagReqOne != 0
+		c.start(cookie, func() { c.reply(c.blockStatus(cookie, off, length, one), true) }, nil)
 	}
 	return true
+}
+
+// readError replies to a READ that failed with err: a simple error reply, or with structured
+// replies an ERROR_OFFSET chunk; it frees buf and its budget. It is a function of its own so
+// that its frame is never on a request goroutine's stack while that goroutine reads or writes
+// replies: the stack stays as small as the simple path's and never has to grow, which would
+// cost more than a 4 KiB read.
+//
+//go:noinline
+func (c *conn) readError(cookie, off uint64, buf *[]byte, structured bool, err error) {
+	if structured {
+		c.reply(c.readFailed(cookie, off, buf, err), true)
+		return
+	}
+	c.budget.release(int64(len(*buf)))
+	putBuf(buf)
+	c.done(cookie, "read", err)
+}
+
+// replySparse replies to a structured READ that readSparse handles.
+//
+//go:noinline
+func (c *conn) replySparse(cookie, off uint64, buf *[]byte) {
+	c.reply(c.readSparse(cookie, off, buf), true)
 }
 
 // validate returns the NBD error for a request that must not reach the device, or 0.
 func (c *conn) validate(flags, typ uint16, off uint64, length uint32) uint32 {
 	allowed := uint16(cmdFlagFUA) // valid on every command once SEND_FUA is advertised
-	if typ == cmdWriteZeroes {
+	switch typ {
+	case cmdWriteZeroes:
 		allowed |= cmdFlagNoHole
+	case cmdBlockStatus:
+		allowed |= cmdFlagReqOne
 	}
 	if flags&^allowed != 0 {
 		return errInval
@@ -332,6 +394,11 @@ func (c *conn) validate(flags, typ uint16, off uint64, length uint32) uint32 {
 		if !inRange {
 			return errInval
 		}
+	case cmdBlockStatus:
+		// Only with a context selected (which needs structured replies), and never empty.
+		if !c.metaAlloc || length == 0 || !inRange {
+			return errInval
+		}
 	default:
 		return errInval
 	}
@@ -347,14 +414,22 @@ func (c *conn) start(cookie uint64, run, release func()) {
 	go func() {
 		defer c.inflight.Done()
 		if c.failed.Load() {
-			if release != nil {
-				release()
-			}
-			c.reply(reply{cookie: cookie, errno: errShutdown}, true)
+			c.skip(cookie, release)
 			return
 		}
 		run()
 	}()
+}
+
+// skip is start's path for a request not run. A function of its own, so that its frame is not
+// at the bottom of every request goroutine's stack.
+//
+//go:noinline
+func (c *conn) skip(cookie uint64, release func()) {
+	if release != nil {
+		release()
+	}
+	c.reply(reply{cookie: cookie, errno: errShutdown}, true)
 }
 
 // done replies to a request that ended with err (nil for success).
@@ -500,20 +575,40 @@ func (c *conn) writeReplies(w *replyWriter, batch []reply) []reply {
 
 // prepareReplies sets w.iov (and w.rest) to batch's headers and data.
 func (c *conn) prepareReplies(w *replyWriter, batch []reply) {
-	// Headers first, so that iov can point into hdrs without it moving.
+	// Headers first, so that iov can point into hdrs without it moving. Chunks encoded by
+	// their request bring their own.
 	w.hdrs = w.hdrs[:0]
 	for _, r := range batch {
-		w.hdrs = binary.BigEndian.AppendUint32(w.hdrs, simpleReplyMagic)
-		w.hdrs = binary.BigEndian.AppendUint32(w.hdrs, r.errno)
-		w.hdrs = binary.BigEndian.AppendUint64(w.hdrs, r.cookie)
+		switch r.kind {
+		case replySimple:
+			w.hdrs = binary.BigEndian.AppendUint32(w.hdrs, simpleReplyMagic)
+			w.hdrs = binary.BigEndian.AppendUint32(w.hdrs, r.errno)
+			w.hdrs = binary.BigEndian.AppendUint64(w.hdrs, r.cookie)
+		case replyData:
+			w.hdrs = appendChunkHdr(w.hdrs, chunkFlagDone, chunkOffsetData, r.cookie, 8+len(*r.data))
+			w.hdrs = binary.BigEndian.AppendUint64(w.hdrs, r.off)
+		}
 	}
 	w.iov = w.iov[:0]
-	start := 0 // of the headers not yet in iov
-	for i, r := range batch {
-		end := (i + 1) * replyHdrSize
-		if r.data != nil {
+	start, end := 0, 0 // of the headers not yet in iov, and of r's
+	for _, r := range batch {
+		switch r.kind {
+		case replySimple:
+			end += replyHdrSize
+			if r.data != nil {
+				w.iov = append(w.iov, w.hdrs[start:end], *r.data)
+				start = end
+			}
+		case replyData:
+			end += readChunkHdrSize
 			w.iov = append(w.iov, w.hdrs[start:end], *r.data)
 			start = end
+		case replyChunks:
+			if start < end {
+				w.iov = append(w.iov, w.hdrs[start:end])
+				start = end
+			}
+			w.iov = append(w.iov, *r.chunks...)
 		}
 	}
 	if start < len(w.hdrs) {

@@ -9,4 +9,10 @@
 // while a write is in flight go out together in that writer's next writev, so no reply waits
 // for a hand-off to another goroutine. A failing request gets an error reply and the
 // connection goes on; only a protocol violation closes it.
+//
+// A client that negotiates structured replies gets its READ replies as chunks (structured.go):
+// one OFFSET_DATA chunk, framed by the writer like a simple reply, or, for a large read over
+// holes the device reports (blockdev.Extenter), data and hole chunks built by the request. The
+// base:allocation meta context answers BLOCK_STATUS from the same extents. A client that
+// negotiates neither gets exactly the simple replies it always did.
 package nbd

@@ -71,6 +71,10 @@ func FuzzNegotiation(f *testing.F) {
 	f.Add(seq(flags, optBytes(optInfo, infoData("a", infoName, infoDescription, infoBlockSize)),
 		optBytes(optInfo, infoData("nope")), optBytes(optGo, infoData(""))))
 	f.Add(seq(flags, optBytes(8, nil), optBytes(10, []byte("base:allocation")), optBytes(optGo, infoData("a"))))
+	f.Add(seq(flags, optBytes(optListMeta, metaData("a")), optBytes(optStructured, nil),
+		optBytes(optListMeta, metaData("a", "base:")), optBytes(optSetMeta, metaData("b", ctxAllocationName)),
+		optBytes(optSetMeta, metaData("a", ctxAllocationName)), optBytes(optGo, infoData("a")),
+		reqBytes(cmdBlockStatus, cmdFlagReqOne, 1, 3, 5000, nil), reqBytes(cmdRead, 0, 2, 100, 300<<10, nil)))
 	f.Add(seq(flags, optBytes(optList, []byte("x")), optBytes(optInfo, []byte{0, 0, 0, 9, 'a', 0, 0})))
 	f.Add(seq(flags, optBytes(0x77, bytes.Repeat([]byte{'I'}, 9000)), optBytes(optAbort, nil)))
 	f.Add(seq(be32(0)))
@@ -91,6 +95,27 @@ func FuzzTransmission(f *testing.F) {
 	f.Add(seq(reqBytes(cmdWrite, 0, 1, 0, 1000, []byte("short"))))
 	f.Add(seq(reqBytes(cmdFlush, 0, 1, 0, 0, nil), []byte{0x25, 0x60, 0x95, 0x14}))
 	hs := handshake()
+	f.Fuzz(func(t *testing.T, requests []byte) {
+		runSession(t, fuzzServer(), append(hs[:len(hs):len(hs)], requests...))
+	})
+}
+
+// structuredHandshake negotiates structured replies and base:allocation, then GO to "a".
+func structuredHandshake() []byte {
+	b := be32(flagFixedNewstyle | flagNoZeroes)
+	b = append(b, optBytes(optStructured, nil)...)
+	b = append(b, optBytes(optSetMeta, metaData("a", ctxAllocationName))...)
+	return append(b, optBytes(optGo, infoData("a"))...)
+}
+
+func FuzzStructuredTransmission(f *testing.F) {
+	seq := func(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
+	f.Add(seq(reqBytes(cmdWrite, 0, 1, 8192, 4, []byte("abcd")), reqBytes(cmdRead, 0, 2, 0, 256<<10, nil),
+		reqBytes(cmdBlockStatus, 0, 3, 1, 0xffffffff, nil), reqBytes(cmdDisc, 0, 4, 0, 0, nil)))
+	f.Add(seq(reqBytes(cmdRead, 0, 1, 120<<10, 64<<10, nil), reqBytes(cmdRead, 1<<2, 2, 0, 1, nil),
+		reqBytes(cmdRead, 0, 3, 0, 0, nil), reqBytes(cmdBlockStatus, cmdFlagReqOne, 4, 255<<10, 1<<10, nil)))
+	f.Add(seq(reqBytes(cmdBlockStatus, 0, 1, 0, 0, nil), reqBytes(cmdBlockStatus, 0xffff, 2, 1<<62, 1, nil)))
+	hs := structuredHandshake()
 	f.Fuzz(func(t *testing.T, requests []byte) {
 		runSession(t, fuzzServer(), append(hs[:len(hs):len(hs)], requests...))
 	})

@@ -75,6 +75,7 @@ func (c *conn) negotiate() (exp Export, ok bool) {
 				c.log.Debug().Str("export", string(data)).Msg("EXPORT_NAME: unknown export; closing")
 				return Export{}, false
 			}
+			c.chooseContexts(exp.Name)
 			var r [10 + 124]byte
 			binary.BigEndian.PutUint64(r[0:], uint64(exp.Device.Size()))
 			binary.BigEndian.PutUint16(r[8:], transmissionFlags)
@@ -110,7 +111,25 @@ func (c *conn) negotiate() (exp Export, ok bool) {
 				return Export{}, false
 			}
 			if found && opt == optGo {
+				c.chooseContexts(exp.Name)
 				return exp, true
+			}
+
+		case optStructured:
+			if n != 0 {
+				if !c.optReply(bw, opt, repErrInvalid, []byte("STRUCTURED_REPLY takes no data")) {
+					return Export{}, false
+				}
+				continue
+			}
+			c.structured = true
+			if !c.optReply(bw, opt, repAck) {
+				return Export{}, false
+			}
+
+		case optListMeta, optSetMeta:
+			if !c.metaContext(bw, opt, data) {
+				return Export{}, false
 			}
 
 		default:
@@ -119,6 +138,74 @@ func (c *conn) negotiate() (exp Export, ok bool) {
 			}
 		}
 	}
+}
+
+// chooseContexts keeps the meta contexts set for the export entered, name: contexts set for
+// another export's name do not carry over.
+func (c *conn) chooseContexts(name string) {
+	if c.metaExport != name {
+		c.metaAlloc = false
+	}
+}
+
+// metaContext answers NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT. The one context
+// is base:allocation: LIST with no query lists it, as does a query of its namespace ("base:");
+// SET selects it only by its full name. Unknown queries select nothing, which is not an error.
+// SET replaces the selection, even when it fails. It returns false if the connection failed.
+func (c *conn) metaContext(bw *bufio.Writer, opt uint32, data []byte) bool {
+	set := opt == optSetMeta
+	if set {
+		c.metaAlloc, c.metaExport = false, ""
+	}
+	if !c.structured {
+		return c.optReply(bw, opt, repErrInvalid, []byte("meta contexts need structured replies first"))
+	}
+	// Data: u32 name length, name, u32 query count, count × (u32 length, query).
+	if len(data) < 8 {
+		return c.optReply(bw, opt, repErrInvalid, []byte("option data too short"))
+	}
+	nameLen := uint64(binary.BigEndian.Uint32(data))
+	if nameLen > uint64(len(data)-8) {
+		return c.optReply(bw, opt, repErrInvalid, []byte("name length exceeds option data"))
+	}
+	name := string(data[4 : 4+nameLen])
+	rest := data[4+nameLen:]
+	nq := binary.BigEndian.Uint32(rest)
+	rest = rest[4:]
+	var alloc bool
+	for i := uint32(0); i < nq; i++ {
+		if len(rest) < 4 || uint64(binary.BigEndian.Uint32(rest)) > uint64(len(rest)-4) {
+			return c.optReply(bw, opt, repErrInvalid, []byte("query count or length does not match option length"))
+		}
+		ql := binary.BigEndian.Uint32(rest)
+		q := string(rest[4 : 4+ql])
+		rest = rest[4+ql:]
+		alloc = alloc || q == ctxAllocationName || (!set && q == "base:")
+	}
+	if len(rest) != 0 {
+		return c.optReply(bw, opt, repErrInvalid, []byte("option data longer than its queries"))
+	}
+	if nq == 0 && !set {
+		alloc = true
+	}
+	if nameLen > maxString {
+		return c.optReply(bw, opt, repErrTooBig, []byte("export name too long"))
+	}
+	if _, ok := c.lookup(name); !ok {
+		return c.optReply(bw, opt, repErrUnknown, fmt.Appendf(nil, "no export named %q", name))
+	}
+	if alloc {
+		var id [4]byte
+		if set {
+			// LIST's context IDs are reserved (zero); SET's are what BLOCK_STATUS replies carry.
+			binary.BigEndian.PutUint32(id[:], ctxAllocationID)
+		}
+		c.optReplyBuffered(bw, opt, repMetaContext, id[:], []byte(ctxAllocationName))
+	}
+	if set {
+		c.metaAlloc, c.metaExport = alloc, name
+	}
+	return c.optReply(bw, opt, repAck)
 }
 
 // lookup returns a usable export called name.

@@ -2,14 +2,15 @@ package nbd
 
 import "syscall"
 
-// Wire constants of the NBD protocol (fixed newstyle, simple replies), as named in the
-// NetworkBlockDevice/nbd proto.md.
+// Wire constants of the NBD protocol (fixed newstyle, simple and structured replies, block
+// status), as named in the NetworkBlockDevice/nbd proto.md.
 const (
 	nbdMagic         = 0x4e42444d41474943 // "NBDMAGIC"
 	optMagic         = 0x49484156454f5054 // "IHAVEOPT"
 	optReplyMagic    = 0x0003e889045565a9
 	requestMagic     = 0x25609513
 	simpleReplyMagic = 0x67446698
+	chunkMagic       = 0x668e33ef // NBD_STRUCTURED_REPLY_MAGIC
 
 	// Handshake flags (server) and client flags.
 	flagFixedNewstyle = 1 << 0
@@ -21,11 +22,15 @@ const (
 	optList       = 3
 	optInfo       = 6
 	optGo         = 7
+	optStructured = 8  // NBD_OPT_STRUCTURED_REPLY
+	optListMeta   = 9  // NBD_OPT_LIST_META_CONTEXT
+	optSetMeta    = 10 // NBD_OPT_SET_META_CONTEXT
 
 	// Option reply types.
 	repAck         = 1
 	repServer      = 2
 	repInfo        = 3
+	repMetaContext = 4
 	repErrUnsup    = 1<<31 + 1
 	repErrInvalid  = 1<<31 + 3
 	repErrUnknown  = 1<<31 + 6
@@ -57,10 +62,27 @@ const (
 	cmdFlush       = 3
 	cmdTrim        = 4
 	cmdWriteZeroes = 6
+	cmdBlockStatus = 7
 
 	// Command flags.
 	cmdFlagFUA    = 1 << 0
 	cmdFlagNoHole = 1 << 1
+	cmdFlagReqOne = 1 << 3
+
+	// Structured reply chunks: flags and types.
+	chunkFlagDone     = 1 << 0
+	chunkNone         = 0
+	chunkOffsetData   = 1
+	chunkOffsetHole   = 2
+	chunkBlockStatus  = 5
+	chunkError        = 1<<15 + 1
+	chunkErrorOffset  = 1<<15 + 2
+	chunkHdrSize      = 20 // bytes of a structured reply chunk header
+	readChunkHdrSize  = chunkHdrSize + 8
+	ctxAllocationName = "base:allocation"
+	ctxAllocationID   = 1      // the context ID of base:allocation on every connection
+	stateHole         = 1 << 0 // NBD_STATE_HOLE
+	stateZero         = 1 << 1 // NBD_STATE_ZERO
 
 	// NBD error values.
 	errPerm     = 1

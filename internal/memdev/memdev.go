@@ -215,3 +215,23 @@ func (d *Device) zero(off, length int64, punch bool) {
 		off += n
 	}
 }
+
+var _ blockdev.Extenter = (*Device)(nil)
+
+// Extents reports pages never written (or freed by a punch) as holes, every other page as data.
+func (d *Device) Extents(off, length int64) ([]blockdev.Extent, error) {
+	if err := blockdev.CheckRange(d.size, off, length); err != nil {
+		return nil, err
+	}
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	var exts []blockdev.Extent
+	for end := off + length; off < end; {
+		idx := off / PageSize
+		n := min(end, (idx+1)*PageSize) - off
+		_, data := d.pages[idx]
+		exts = blockdev.AppendExtent(exts, blockdev.Extent{Length: n, Hole: !data})
+		off += n
+	}
+	return exts, nil
+}

@@ -36,6 +36,18 @@ func (d *fileDevice) ReadAt(p []byte, off int64) error {
 	return nil
 }
 
+// Extents reports the backing file's holes.
+func (d *fileDevice) Extents(off, length int64) ([]blockdev.Extent, error) {
+	if err := blockdev.CheckRange(d.size, off, length); err != nil {
+		return nil, err
+	}
+	exts, err := store.Extents(d.f, off, length)
+	if err != nil {
+		return nil, fmt.Errorf("extents [%d, +%d): %w", off, length, ioErr(err))
+	}
+	return exts, nil
+}
+
 func (d *fileDevice) WriteAt(p []byte, off int64, fua bool) error {
 	if off < 0 {
 		return fmt.Errorf("write at %d: %w", off, syscall.EINVAL)
@@ -149,6 +161,15 @@ func (d *gatedDevice) ReadAt(p []byte, off int64) error {
 	}
 	defer d.gate.leave()
 	return d.inner.ReadAt(p, off)
+}
+
+// Extents forwards to the stack, which reports all data if it cannot tell.
+func (d *gatedDevice) Extents(off, length int64) ([]blockdev.Extent, error) {
+	if !d.gate.enter() {
+		return nil, d.gone()
+	}
+	defer d.gate.leave()
+	return blockdev.Extents(d.inner, off, length)
 }
 
 func (d *gatedDevice) WriteAt(p []byte, off int64, fua bool) error {

@@ -311,6 +311,14 @@ func (s *stack) ReadAt(p []byte, off int64) error {
 	return s.cache.ReadAt(p, off)
 }
 
+// Extents reports the volume's allocation as the cache sees it.
+func (s *stack) Extents(off, length int64) ([]blockdev.Extent, error) {
+	if err := s.check(); err != nil {
+		return nil, err
+	}
+	return s.cache.Extents(off, length)
+}
+
 func (s *stack) WriteAt(p []byte, off int64, fua bool) error {
 	if err := s.check(); err != nil {
 		return err
