@@ -68,6 +68,8 @@ type conn struct {
 	br     *bufio.Reader
 	log    zerolog.Logger
 	optBuf [maxOptionLen]byte
+	client Client  // who the peer is, for Exports that filter
+	tls    connTLS // NBD_OPT_STARTTLS policy and state
 
 	mu       sync.Mutex
 	stopping bool // Shutdown asked: reads fail from now on
@@ -124,6 +126,11 @@ func newConn(s *Server, nc net.Conn) *conn {
 		br:  bufio.NewReaderSize(nc, readBufferSize),
 		log: s.log.With().Str("remote", nc.RemoteAddr().String()).Logger(),
 	}
+	c.client = clientOf(nc)
+	c.tls.mode = s.opts.TLSMode
+	if c.client.Network == "unix" {
+		c.tls.mode = min(c.tls.mode, TLSOn)
+	}
 	if sc, ok := nc.(syscall.Conn); ok {
 		c.rc, _ = sc.SyscallConn()
 	}
@@ -157,7 +164,7 @@ func (c *conn) isStopping() bool {
 }
 
 func (c *conn) serve() {
-	defer c.nc.Close()
+	defer func() { c.nc.Close() }() // the TLS conn after STARTTLS: it sends close_notify
 	switch nc := c.nc.(type) {
 	case *net.TCPConn:
 		nc.SetNoDelay(true)
@@ -619,7 +626,13 @@ func (c *conn) prepareReplies(w *replyWriter, batch []reply) {
 
 // send writes w.rest, waiting for the client as long as it takes.
 func (c *conn) send(w *replyWriter) {
-	if _, err := w.rest.WriteTo(c.nc); err != nil {
+	var err error
+	if c.tls.conn != nil {
+		err = c.sendTLS(w.rest)
+	} else {
+		_, err = w.rest.WriteTo(c.nc)
+	}
+	if err != nil {
 		c.writeFailed(err)
 	}
 }

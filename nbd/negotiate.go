@@ -68,7 +68,18 @@ func (c *conn) negotiate() (exp Export, ok bool) {
 			return Export{}, false
 		}
 
+		if handled, ok := c.refuseBeforeTLS(bw, opt); handled {
+			if !ok {
+				return Export{}, false
+			}
+			continue
+		}
 		switch opt {
+		case optStartTLS:
+			if !c.startTLS(&bw, n) {
+				return Export{}, false
+			}
+
 		case optExportName:
 			exp, found := c.lookup(string(data))
 			if !found {
@@ -210,7 +221,7 @@ func (c *conn) metaContext(bw *bufio.Writer, opt uint32, data []byte) bool {
 
 // lookup returns a usable export called name.
 func (c *conn) lookup(name string) (Export, bool) {
-	exp, ok := c.s.exports.Lookup(name)
+	exp, ok := c.s.lookup(c.client, name)
 	if !ok || exp.Device == nil {
 		return Export{}, false
 	}
@@ -246,7 +257,7 @@ func (c *conn) optReplyBuffered(bw *bufio.Writer, opt, typ uint32, data ...[]byt
 
 // list answers NBD_OPT_LIST: one NBD_REP_SERVER per export (name, then description), then ACK.
 func (c *conn) list(bw *bufio.Writer) bool {
-	for _, e := range c.s.exports.List() {
+	for _, e := range c.s.list(c.client) {
 		name, desc := truncString(e.Name), truncString(e.Description)
 		var l [4]byte
 		binary.BigEndian.PutUint32(l[:], uint32(len(name)))

@@ -20,6 +20,7 @@ const (
 	optExportName = 1
 	optAbort      = 2
 	optList       = 3
+	optStartTLS   = 5 // NBD_OPT_STARTTLS
 	optInfo       = 6
 	optGo         = 7
 	optStructured = 8  // NBD_OPT_STRUCTURED_REPLY
@@ -32,7 +33,9 @@ const (
 	repInfo        = 3
 	repMetaContext = 4
 	repErrUnsup    = 1<<31 + 1
+	repErrPolicy   = 1<<31 + 2
 	repErrInvalid  = 1<<31 + 3
+	repErrTLSReqd  = 1<<31 + 5
 	repErrUnknown  = 1<<31 + 6
 	repErrShutdown = 1<<31 + 7
 	repErrTooBig   = 1<<31 + 9

@@ -2,13 +2,17 @@ package nbd
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"net"
+	"strconv"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"fcnbd/internal/blockdev"
 )
@@ -27,6 +31,66 @@ type Exports interface {
 	Lookup(name string) (Export, bool)
 	// List returns every export, for NBD_OPT_LIST.
 	List() []Export
+}
+
+// ClientExports is implemented by Exports that decide per client which exports it may see
+// (access control). When the server's Exports implements it, negotiation calls LookupFor and
+// ListFor with the client of the connection instead of Lookup and List; otherwise every
+// client sees every export.
+type ClientExports interface {
+	Exports
+	// LookupFor returns the export called name if client may use it.
+	LookupFor(client Client, name string) (Export, bool)
+	// ListFor returns the exports client may see, for NBD_OPT_LIST.
+	ListFor(client Client) []Export
+}
+
+// Client is who is at the other end of a connection, as far as the server knows. It changes
+// once during negotiation, when the client switches to TLS.
+type Client struct {
+	// Network is "tcp" or "unix".
+	Network string
+	// Addr is the peer's address: "IP:port" over TCP, "unix" over a Unix socket.
+	Addr string
+	// UID is a Unix-socket peer's user id (SO_PEERCRED); -1 over TCP or if unknown.
+	UID int
+	// TLS reports that the connection switched to TLS (NBD_OPT_STARTTLS).
+	TLS bool
+	// CommonName is the subject CN of the client's certificate once verified against the
+	// CA (ca-cert.pem); "" without TLS or without client verification.
+	CommonName string
+	// VerifiedChains are the client certificate's verified chains, leaf first; nil unless
+	// CommonName is meaningful.
+	VerifiedChains [][]*x509.Certificate
+}
+
+// String names the client for logs: its verified CN, or its address.
+func (c Client) String() string {
+	switch {
+	case c.CommonName != "":
+		return "cn=" + c.CommonName
+	case c.Network == "unix" && c.UID >= 0:
+		return "unix uid=" + strconv.Itoa(c.UID)
+	}
+	return c.Addr
+}
+
+// clientOf is what is known of nc's peer before negotiation.
+func clientOf(nc net.Conn) Client {
+	cl := Client{Network: nc.RemoteAddr().Network(), Addr: nc.RemoteAddr().String(), UID: -1}
+	uc, ok := nc.(*net.UnixConn)
+	if !ok {
+		return cl
+	}
+	cl.Network, cl.Addr = "unix", "unix"
+	if rc, err := uc.SyscallConn(); err == nil {
+		rc.Control(func(fd uintptr) {
+			if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
+				cl.UID = int(cred.Uid)
+			}
+		})
+	}
+	return cl
 }
 
 // StaticExports is a fixed list of exports.
@@ -57,6 +121,13 @@ type Options struct {
 	MaxInFlightBytes int
 	// HandshakeTimeout bounds the whole negotiation phase of a connection (default 30s).
 	HandshakeTimeout time.Duration
+	// TLSMode is the NBD_OPT_STARTTLS policy (default TLSOff). TLSRequire applies to TCP
+	// connections only: a Unix-socket connection is local and guarded by the socket file's
+	// permissions, so it may use TLS but need not (fcnbd attach's kernel client does not).
+	TLSMode TLSMode
+	// TLSConfig is the server side of TLS (see LoadTLSConfig); required unless TLSMode is
+	// TLSOff.
+	TLSConfig *tls.Config
 
 	// unixSendBuffer is the send buffer of a Unix-socket connection (default unixSendBuffer);
 	// tests make it small to fill it with a few replies.
@@ -110,6 +181,9 @@ func NewServer(exports Exports, opts Options) *Server {
 	if opts.HandshakeTimeout <= 0 {
 		opts.HandshakeTimeout = DefaultHandshakeTimeout
 	}
+	if opts.TLSMode != TLSOff && opts.TLSConfig == nil {
+		panic("nbd: TLSMode " + opts.TLSMode.String() + " without a TLSConfig")
+	}
 	if opts.unixSendBuffer <= 0 {
 		opts.unixSendBuffer = unixSendBuffer
 	}
@@ -120,6 +194,22 @@ func NewServer(exports Exports, opts Options) *Server {
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*conn]struct{}),
 	}
+}
+
+// lookup returns the export called name if client may use it.
+func (s *Server) lookup(client Client, name string) (Export, bool) {
+	if ce, ok := s.exports.(ClientExports); ok {
+		return ce.LookupFor(client, name)
+	}
+	return s.exports.Lookup(name)
+}
+
+// list returns the exports client may see.
+func (s *Server) list(client Client) []Export {
+	if ce, ok := s.exports.(ClientExports); ok {
+		return ce.ListFor(client)
+	}
+	return s.exports.List()
 }
 
 // Serve accepts connections on l until Shutdown is called (then it returns nil) or l fails.
