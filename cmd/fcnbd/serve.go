@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -53,6 +54,12 @@ func serveCommand() *cli.Command {
 				Usage: "serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9810); off by default"},
 			&cli.StringFlag{Name: "cache-size", Value: "256M", EnvVars: []string{"FCNBD_CACHE_SIZE"},
 				Usage: "write-back cache shared by all volumes (e.g. 256M, 1G); 0: write-through, no write is acknowledged before it is below the cache"},
+			&cli.StringFlag{Name: "tls", Value: "off", EnvVars: []string{"FCNBD_TLS"},
+				Usage: "NBD over TLS (NBD_OPT_STARTTLS): off, on (clients choose) or require (TCP clients must use TLS; the Unix socket stays open to local root); on and require need --tls-certs"},
+			&cli.StringFlag{Name: "tls-certs", EnvVars: []string{"FCNBD_TLS_CERTS"},
+				Usage: "directory with server-cert.pem and server-key.pem, and optionally ca-cert.pem: then every TLS client must present a certificate that CA signed"},
+			&cli.StringFlag{Name: "tls-psk", EnvVars: []string{"FCNBD_TLS_PSK"},
+				Usage: "TLS with pre-shared keys: not supported (Go's TLS has none); the daemon refuses to start with it"},
 			&cli.DurationFlag{Name: "fence-timeout", Value: 5 * time.Second, EnvVars: []string{"FCNBD_FENCE_TIMEOUT"},
 				Usage: "how long a FlashCopy start may hold the sources' I/O before it is abandoned"},
 		},
@@ -71,6 +78,10 @@ func serveCommand() *cli.Command {
 			if c.Duration("fence-timeout") <= 0 {
 				return fmt.Errorf("bad --fence-timeout %s: must be positive", c.Duration("fence-timeout"))
 			}
+			tlsMode, tlsConfig, err := tlsSettings(c.String("tls"), c.String("tls-certs"), c.String("tls-psk"))
+			if err != nil {
+				return err
+			}
 			execErr := execWithMonitorAwake()
 			log := newLogger(level)
 			if execErr != nil {
@@ -85,6 +96,8 @@ func serveCommand() *cli.Command {
 				nbdUnix:      c.String("nbd-unix"),
 				nbdTCP:       c.String("nbd-tcp"),
 				noMlock:      c.Bool("no-mlock"),
+				tlsMode:      tlsMode,
+				tlsConfig:    tlsConfig,
 				log:          log,
 			})
 		},
@@ -122,7 +135,37 @@ type serveConfig struct {
 	metrics                          string
 	fenceTimeout                     time.Duration
 	noMlock                          bool
+	tlsMode                          nbd.TLSMode
+	tlsConfig                        *tls.Config
 	log                              zerolog.Logger
+}
+
+// tlsSettings checks the TLS flags and loads the certificates: a mistake stops the daemon
+// before it serves anything, with the flag or file at fault named.
+func tlsSettings(mode, certs, psk string) (nbd.TLSMode, *tls.Config, error) {
+	if psk != "" {
+		return nbd.TLSOff, nil, fmt.Errorf("--tls-psk %s: TLS with pre-shared keys is not supported: "+
+			"Go's crypto/tls has no external-PSK support (golang/go#6379) and fcnbd does not link GnuTLS; "+
+			"use X.509 certificates with --tls-certs", psk)
+	}
+	m, err := nbd.ParseTLSMode(mode)
+	if err != nil {
+		return nbd.TLSOff, nil, fmt.Errorf("bad --tls %q: want off, on or require", mode)
+	}
+	switch {
+	case m == nbd.TLSOff && certs != "":
+		return nbd.TLSOff, nil, fmt.Errorf("--tls-certs %s given but --tls is off: say --tls on or --tls require", certs)
+	case m == nbd.TLSOff:
+		return m, nil, nil
+	case certs == "":
+		return m, nil, fmt.Errorf("--tls %s needs --tls-certs DIR (with %s, %s and optionally %s)",
+			m, nbd.TLSServerCertFile, nbd.TLSServerKeyFile, nbd.TLSCACertFile)
+	}
+	cfg, err := nbd.LoadTLSConfig(certs)
+	if err != nil {
+		return m, nil, fmt.Errorf("--tls-certs: %w", err)
+	}
+	return m, cfg, nil
 }
 
 // serve runs the daemon until SIGTERM or SIGINT, then stops accepting, lets NBD requests in
@@ -190,12 +233,16 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 			return fmt.Errorf("NBD TCP: %w", err)
 		}
 		nbdLs = append(nbdLs, l)
-		if !isLoopback(cfg.nbdTCP) {
+		switch {
+		case isLoopback(cfg.nbdTCP) || cfg.tlsMode == nbd.TLSRequire:
+		case cfg.tlsMode == nbd.TLSOn:
+			log.Warn().Str("nbd_tcp", cfg.nbdTCP).Msg("TLS is optional (--tls on): anyone who can reach this address can read and write every volume without it; --tls require enforces it")
+		default:
 			log.Warn().Str("nbd_tcp", cfg.nbdTCP).Msg("NBD has no authentication: anyone who can reach this address can read and write every volume")
 		}
 	}
 
-	nbdSrv := nbd.NewServer(vols, nbd.Options{Logger: log})
+	nbdSrv := nbd.NewServer(vols, nbd.Options{Logger: log, TLSMode: cfg.tlsMode, TLSConfig: cfg.tlsConfig})
 	httpSrv := &http.Server{Handler: api.NewHandler(vols, log).WithFlashCopy(vols).WithRecover(vols), ReadHeaderTimeout: 10 * time.Second}
 	failed := make(chan error, len(nbdLs)+2)
 	if cfg.metrics != "" {
@@ -226,7 +273,9 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 		}
 	}()
 	log.Info().Str("control", cfg.socket).Str("nbd_unix", cfg.nbdUnix).Str("nbd_tcp", cfg.nbdTCP).
-		Str("data_dir", cfg.dataDir).Int("volumes", len(vols.Volumes())).Msg("fcnbd serving")
+		Str("data_dir", cfg.dataDir).Int("volumes", len(vols.Volumes())).
+		Stringer("tls", cfg.tlsMode).Bool("tls_verify_clients", cfg.tlsConfig != nil && cfg.tlsConfig.ClientCAs != nil).
+		Msg("fcnbd serving")
 
 	var runErr error
 	select {

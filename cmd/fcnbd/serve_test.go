@@ -8,6 +8,7 @@ import (
 
 	"fcnbd/internal/catalog"
 	"fcnbd/internal/fcerr"
+	"fcnbd/nbd"
 )
 
 // TestOpenFailure: a data directory that can't be opened stops the daemon with a message that
@@ -44,5 +45,38 @@ func TestOpenFailure(t *testing.T) {
 	locked := fmt.Errorf("open x: %w (is another fcnbd daemon using this data directory?)", catalog.ErrLocked)
 	if err := openFailure(dir, locked); err != locked {
 		t.Errorf("a locked catalogue: %v, want the error as it is", err)
+	}
+}
+
+// TestTLSSettings: every wrong combination of the TLS flags stops the daemon with a message
+// naming the flag or the file at fault.
+func TestTLSSettings(t *testing.T) {
+	empty := t.TempDir()
+	for _, tc := range []struct {
+		name, mode, certs, psk string
+		want                   []string
+	}{
+		{"psk", "require", "", "/etc/keys.psk", []string{"--tls-psk", "not supported", "--tls-certs"}},
+		{"bad mode", "yes", "", "", []string{"bad --tls", "off, on or require"}},
+		{"certs with off", "off", empty, "", []string{"--tls-certs", "--tls is off"}},
+		{"on without certs", "on", "", "", []string{"--tls on needs --tls-certs", "server-cert.pem"}},
+		{"require without certs", "require", "", "", []string{"--tls require needs --tls-certs"}},
+		{"missing directory", "on", empty + "/nope", "", []string{"--tls-certs", empty + "/nope"}},
+		{"empty directory", "require", empty, "", []string{"--tls-certs", empty + "/server-cert.pem"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, _, err := tlsSettings(tc.mode, tc.certs, tc.psk)
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("message %q lacks %q", err, w)
+				}
+			}
+		})
+	}
+	if m, cfg, err := tlsSettings("off", "", ""); err != nil || m != nbd.TLSOff || cfg != nil {
+		t.Errorf("default: %v %v %v", m, cfg, err)
 	}
 }
