@@ -1,0 +1,234 @@
+package integration
+
+import (
+	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// tlsDirs are certificate directories as the daemon and the clients expect them: the server's
+// (ca-cert.pem, server-cert.pem, server-key.pem), a client's with a certificate the CA signed
+// (ca-cert.pem, client-cert.pem, client-key.pem, as libnbd's tls-certificates and qemu's
+// tls-creds-x509 read them), and a client's with the CA only.
+type tlsDirs struct {
+	server, client, noCert string
+}
+
+const tlsClientCN = "fcnbd-test-client"
+
+// makeTLSDirs generates a CA, a server certificate for 127.0.0.1 and localhost and a client
+// certificate, ECDSA P-256, valid for a day.
+func makeTLSDirs(t *testing.T) tlsDirs {
+	t.Helper()
+	root := t.TempDir()
+	dirs := tlsDirs{server: filepath.Join(root, "server"), client: filepath.Join(root, "client"),
+		noCert: filepath.Join(root, "nocert")}
+	for _, d := range []string{dirs.server, dirs.client, dirs.noCert} {
+		if err := os.Mkdir(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	caKey := tlsKey(t)
+	caTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "fcnbd test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, err := x509.ParseCertificate(caDER)
+	if err != nil {
+		t.Fatal(err)
+	}
+	issue := func(serial int64, cn string, usage x509.ExtKeyUsage, dir, prefix string) {
+		key := tlsKey(t)
+		tmpl := &x509.Certificate{
+			SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: cn},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+			BasicConstraintsValid: true,
+			// GnuTLS-based clients (qemu) check key usage when it is critical, as Go marks it.
+			KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+			ExtKeyUsage: []x509.ExtKeyUsage{usage},
+		}
+		if usage == x509.ExtKeyUsageServerAuth {
+			tmpl.DNSNames = []string{"localhost"}
+			tmpl.IPAddresses = []net.IP{net.ParseIP("127.0.0.1")}
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kder, err := x509.MarshalPKCS8PrivateKey(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		writePEMFile(t, filepath.Join(dir, prefix+"-cert.pem"), "CERTIFICATE", der)
+		writePEMFile(t, filepath.Join(dir, prefix+"-key.pem"), "PRIVATE KEY", kder)
+	}
+	issue(2, "localhost", x509.ExtKeyUsageServerAuth, dirs.server, "server")
+	issue(3, tlsClientCN, x509.ExtKeyUsageClientAuth, dirs.client, "client")
+	for _, d := range []string{dirs.server, dirs.client, dirs.noCert} {
+		writePEMFile(t, filepath.Join(d, "ca-cert.pem"), "CERTIFICATE", caDER)
+	}
+	return dirs
+}
+
+func tlsKey(t *testing.T) *ecdsa.PrivateKey {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func writePEMFile(t *testing.T, path, typ string, der []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// tlsURI is an nbds:// URI for libnbd with the client certificates in dir.
+func (d *daemon) tlsURI(vol, dir string) string {
+	return fmt.Sprintf("nbds://%s/%s?tls-certificates=%s", d.tcp, vol, dir)
+}
+
+// qemuTLS is qemu's --object for the client certificates in dir and the --image-opts of vol
+// over TLS.
+func (d *daemon) qemuTLS(vol, dir string) (object, imageOpts string) {
+	host, port, _ := net.SplitHostPort(d.tcp)
+	return "tls-creds-x509,id=tls0,endpoint=client,dir=" + dir,
+		fmt.Sprintf("driver=nbd,server.type=inet,server.host=%s,server.port=%s,export=%s,tls-creds=tls0", host, port, vol)
+}
+
+// TestTLSNbdinfo: with --tls require and a CA, libnbd lists the exports over TLS with a client
+// certificate; a plain-text client, and a TLS client without a certificate, are refused; the
+// Unix socket stays plain text.
+func TestTLSNbdinfo(t *testing.T) {
+	needTools(t, "nbdinfo")
+	dirs := makeTLSDirs(t)
+	d := startDaemon(t, "--tls", "require", "--tls-certs", dirs.server)
+	d.cli("mkvolume", "-name", "alpha", "-size", "16M")
+	d.cli("mkvolume", "-name", "beta", "-size", "8M")
+
+	list := sh(t, "nbdinfo", "--list", "--json", d.tlsURI("", dirs.client))
+	for _, name := range []string{"alpha", "beta"} {
+		if !strings.Contains(list, `"`+name+`"`) {
+			t.Errorf("nbdinfo --list over TLS misses %s:\n%s", name, list)
+		}
+	}
+	if !strings.Contains(d.output(), `"client_cn":"`+tlsClientCN+`"`) {
+		t.Errorf("the daemon's log does not name the client certificate's CN")
+	}
+	if out := sh(t, "nbdinfo", "--size", d.tlsURI("alpha", dirs.client)); strings.TrimSpace(out) != "16777216" {
+		t.Errorf("nbdinfo --size over TLS: %q", out)
+	}
+
+	refused := func(what string, args ...string) {
+		t.Helper()
+		out, err := exec.Command("nbdinfo", args...).CombinedOutput()
+		if err == nil {
+			t.Errorf("%s: nbdinfo succeeded:\n%s", what, out)
+		}
+		t.Logf("%s: %s", what, bytes.TrimSpace(out))
+	}
+	refused("plain text", "--list", "nbd://"+d.tcp+"/")
+	if !strings.Contains(d.output(), "option refused: TLS is required") {
+		t.Errorf("the plain-text client was not refused with TLS_REQD")
+	}
+	refused("no client certificate", "--list", d.tlsURI("", dirs.noCert))
+	if !strings.Contains(d.output(), "TLS handshake failed") {
+		t.Errorf("the refused handshake is not in the daemon's log")
+	}
+	// The Unix socket (0600, root's) is exempt from require.
+	sh(t, "nbdinfo", "--list", "nbd+unix:///?socket="+d.nbdSock)
+}
+
+// TestTLSQemu: qemu-img convert writes an image over TLS and reads it back, and qemu-img map
+// sees its allocation, with qemu's x509 credentials.
+func TestTLSQemu(t *testing.T) {
+	needTools(t, "qemu-img", "cmp")
+	dirs := makeTLSDirs(t)
+	d := startDaemon(t, "--tls", "require", "--tls-certs", dirs.server)
+	d.cli("mkvolume", "-name", "v", "-size", "16M")
+
+	img := filepath.Join(t.TempDir(), "src.img")
+	data := make([]byte, 16<<20)
+	rand.Read(data[:4<<20]) // 4 MiB of data, 12 MiB of zeroes
+	if err := os.WriteFile(img, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	obj, opts := d.qemuTLS("v", dirs.client)
+	sh(t, "qemu-img", "convert", "-n", "-f", "raw", "--object", obj, img, "--target-image-opts", opts)
+
+	back := filepath.Join(t.TempDir(), "back.img")
+	sh(t, "qemu-img", "convert", "-O", "raw", "--object", obj, "--image-opts", opts, back)
+	sh(t, "cmp", img, back)
+
+	out := sh(t, "qemu-img", "map", "--output=json", "--object", obj, "--image-opts", opts)
+	var m []struct {
+		Start, Length int64
+		Data, Zero    bool
+	}
+	if err := json.Unmarshal([]byte(out), &m); err != nil {
+		t.Fatalf("qemu-img map: %v\n%s", err, out)
+	}
+	at := func(off int64) (data, zero bool) {
+		for _, e := range m {
+			if e.Start <= off && off < e.Start+e.Length {
+				return e.Data, e.Zero
+			}
+		}
+		t.Fatalf("qemu-img map has no entry for %d:\n%s", off, out)
+		return
+	}
+	if data, _ := at(0); !data {
+		t.Errorf("qemu-img map: the written start is not data:\n%s", out)
+	}
+	if _, zero := at(12 << 20); !zero {
+		t.Errorf("qemu-img map: the zero tail does not read as zero:\n%s", out)
+	}
+
+	// Without a client certificate qemu is refused.
+	obj, opts = d.qemuTLS("v", dirs.noCert)
+	if out, err := exec.Command("qemu-img", "info", "--object", obj, "--image-opts", opts).CombinedOutput(); err == nil {
+		t.Errorf("qemu-img without a client certificate was let in:\n%s", out)
+	}
+}
+
+// TestTLSStartupErrors: bad TLS settings stop the daemon at once with the file or flag named.
+func TestTLSStartupErrors(t *testing.T) {
+	dirs := makeTLSDirs(t)
+	os.Remove(filepath.Join(dirs.client, "client-key.pem"))
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--tls", "require", "--tls-certs", dirs.client}, filepath.Join(dirs.client, "server-cert.pem")},
+		{[]string{"--tls", "on"}, "--tls on needs --tls-certs"},
+		{[]string{"--tls", "require", "--tls-psk", "/nonexistent.psk"}, "pre-shared keys is not supported"},
+	} {
+		out, err := exec.Command(fcnbdBin(t), append([]string{"serve", "--data-dir", t.TempDir(),
+			"--socket", filepath.Join(t.TempDir(), "c.sock")}, tc.args...)...).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), tc.want) {
+			t.Errorf("fcnbd serve %s: %v, output %q; want an error with %q", strings.Join(tc.args, " "), err, out, tc.want)
+		}
+	}
+}
