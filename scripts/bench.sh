@@ -6,7 +6,8 @@
 #
 # Env: FCNBD_BIN (default bin/fcnbd), BENCH_DIR (default .cache/bench), BENCH_SIZE (default
 # 1G), BENCH_RUNTIME seconds per measurement (default 10), BENCH_ROUNDS (default 2: each
-# server measured this many times per row, alternating; the median is reported).
+# server measured this many times per row, alternating; the median is reported), BENCH_ONLY=tls
+# (only the TLS row, see bench_tls).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${FCNBD_BIN:-$PWD/bin/fcnbd}
@@ -30,6 +31,75 @@ bytes=$(numfmt --from=iec "$size")
 # differently from fcnbd's volume.
 head -c "$bytes" /dev/urandom > "$dir/src.img"
 truncate -s "$bytes" "$dir/nbdkit.img" "$dir/qemu.img"
+
+# ---- TLS row: seqread-1m over loopback TCP and TLS, fcnbd --tls require against nbdkit
+# --tls=require with the same CA-signed server certificate. fio's nbd engine does not let a URI
+# name a certificate directory (libnbd refuses tls-certificates unless the program allows local
+# files, which fio does not), so fio connects through nbds://...?tls-verify-peer=false without
+# a client certificate, and neither server verifies clients (no ca-cert.pem in fcnbd's
+# directory; nbdkit, which needs one, without --tls-verify-peer): the handshake differs, the data path does not.
+# Run after the peer rows; BENCH_ONLY=tls runs only this row.
+bench_tls() {
+  local t=$dir/tls certs=$dir/tls/certs fport nport
+  mkdir -p "$t/fcnbd" "$certs" "$t/results"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=bench-ca \
+    -addext keyUsage=critical,keyCertSign,cRLSign -keyout "$t/ca-key.pem" -out "$t/ca-cert.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+    -keyout "$certs/server-key.pem" -out "$t/server.csr" 2>/dev/null
+  openssl x509 -req -in "$t/server.csr" -CA "$t/ca-cert.pem" -CAkey "$t/ca-key.pem" -days 1 \
+    -extfile <(printf '%s\n' subjectAltName=IP:127.0.0.1,DNS:localhost extendedKeyUsage=serverAuth \
+      keyUsage=critical,digitalSignature,keyEncipherment) -out "$certs/server-cert.pem" 2>/dev/null
+  # nbdkit wants ca-cert.pem even when it does not verify clients; fcnbd would verify with it.
+  mkdir -p "$t/nbdkit-certs"; cp "$certs"/server-*.pem "$t/ca-cert.pem" "$t/nbdkit-certs/"
+  free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+  fport=$(free_port); nport=$(free_port)
+  truncate -s "$bytes" "$t/nbdkit.img"
+
+  local tpids=()
+  "$bin" serve --data-dir "$t/fcnbd" --socket "$t/c.sock" --nbd-unix "" --nbd-tcp "127.0.0.1:$fport" \
+    --tls require --tls-certs "$certs" --log-level warn &
+  tpids+=($!); pids+=($!)
+  wait_sock "$t/c.sock"
+  "$bin" --socket "$t/c.sock" mkvolume -name bench -size "$size" >/dev/null
+  nbdkit -f -i 127.0.0.1 -p "$nport" --tls=require --tls-certificates="$t/nbdkit-certs" file "$t/nbdkit.img" &
+  tpids+=($!); pids+=($!)
+  declare -A turi=(
+    [fcnbd]="nbds://127.0.0.1:$fport/bench?tls-verify-peer=false"
+    [nbdkit]="nbds://127.0.0.1:$nport/?tls-verify-peer=false"
+  )
+  local s r
+  for s in fcnbd nbdkit; do
+    for _ in $(seq 100); do nbdinfo --size "${turi[$s]}" >/dev/null 2>&1 && break; sleep 0.1; done
+    nbdcopy "$dir/src.img" "${turi[$s]}"
+  done
+  sync
+  for r in $(seq "$rounds"); do
+    for s in fcnbd nbdkit; do
+      echo "bench: tls seqread-1m $s round $r" >&2
+      sync
+      fio --name=tls-seqread-1m --ioengine=nbd --uri="${turi[$s]}" --rw=read --bs=1m --iodepth=8 \
+        --size="$size" --time_based --runtime="$runtime" --ramp_time=2 \
+        --output-format=json --output="$t/results/$s.$r.json" >/dev/null
+    done
+  done
+  kill "${tpids[@]}" 2>/dev/null || true; wait "${tpids[@]}" 2>/dev/null || true
+  python3 - "$t/results" "$rounds" <<'PY'
+import json, os, statistics, sys
+res, rounds = sys.argv[1], int(sys.argv[2])
+m = {}
+for s in ["fcnbd", "nbdkit"]:
+    runs = [json.load(open(os.path.join(res, f"{s}.{r}.json")))["jobs"][0]["read"] for r in range(1, rounds + 1)]
+    m[s] = (statistics.median(j["bw_bytes"] / 2**20 for j in runs),
+            statistics.median(j["clat_ns"]["percentile"].get("99.000000", 0) / 1000.0 for j in runs))
+print()
+print("TLS (TCP loopback, server certificate only): sequential 1 MiB reads, iodepth 8")
+print(f"{'row':<18}{'server':<10}{'MiB/s':>10}{'p99 µs':>10}{'fcnbd/peer':>12}")
+for s in ["fcnbd", "nbdkit"]:
+    ratio = "" if s == "fcnbd" else f"{m['fcnbd'][0] / m[s][0]:.2f}x"
+    print(f"{'tls-seqread-1m':<18}{s:<10}{m[s][0]:>10.1f}{m[s][1]:>10.0f}{ratio:>12}")
+PY
+}
+if [ "${BENCH_ONLY:-}" = tls ]; then bench_tls; exit 0; fi
 
 "$bin" serve --data-dir "$dir/fcnbd" --socket "$dir/c.sock" --nbd-unix "$dir/fcnbd.sock" --nbd-tcp "" --log-level warn &
 pids+=($!)
@@ -97,6 +167,8 @@ for row in rows:
         per = " ".join(f"{x[0]:.0f}" for x in samples[s])
         print(f"{row:<14}{s:<10}{iops:>10.0f}{mib:>10.1f}{p99:>10.0f}{ratio:>12}  {per}")
 PY
+
+bench_tls
 
 # ---- FlashCopy rows: the cost of copy-on-write and the background copy rate ----
 # fcsrc gets a copy-rate-0 mapping to fctgt; 4 KiB random writes over the first quarter of fcsrc
