@@ -16,6 +16,7 @@ packages=(
   qemu-system-x86 # VM test harness
   xz-utils        # VM test harness: unpacking the kernel package
   cpio            # VM test harness: building the initramfs
+  openssl         # make bench: the TLS row's certificates
 )
 
 missing=()

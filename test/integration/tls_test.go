@@ -232,3 +232,23 @@ func TestTLSStartupErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestTLSNbdClient: Debian's nbd-client lists the exports over TLS with its -certfile,
+// -keyfile and -cacertfile options (list mode needs no kernel driver).
+func TestTLSNbdClient(t *testing.T) {
+	needTools(t, "nbd-client")
+	dirs := makeTLSDirs(t)
+	d := startDaemon(t, "--tls", "require", "--tls-certs", dirs.server)
+	d.cli("mkvolume", "-name", "db0", "-size", "8M")
+	host, port, _ := net.SplitHostPort(d.tcp)
+	out := sh(t, "nbd-client", "-certfile", filepath.Join(dirs.client, "client-cert.pem"),
+		"-keyfile", filepath.Join(dirs.client, "client-key.pem"),
+		"-cacertfile", filepath.Join(dirs.client, "ca-cert.pem"), "-tlshostname", "localhost",
+		"-l", host, port)
+	if !strings.Contains(out, "db0") {
+		t.Errorf("nbd-client -l over TLS does not list db0:\n%s", out)
+	}
+	if out, err := exec.Command("nbd-client", "-l", host, port).CombinedOutput(); err == nil || strings.Contains(string(out), "db0:") {
+		t.Errorf("nbd-client -l without TLS: %v\n%s", err, out)
+	}
+}
