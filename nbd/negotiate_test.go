@@ -242,8 +242,8 @@ func TestUnknownOptionsSkipped(t *testing.T) {
 		opt  uint32
 		data []byte
 	}{
-		// STRUCTURED_REPLY and the meta context options are tested in structured_test.go.
-		{5, nil},                    // STARTTLS
+		// STRUCTURED_REPLY and the meta context options are tested in structured_test.go,
+		// STARTTLS (POLICY when TLS is off) in tls_test.go.
 		{11, nil},                   // EXTENDED_HEADERS
 		{4, []byte{optMagic >> 56}}, // PEEK_EXPORT, data looks like a magic
 		{0xdeadbeef, bytes.Repeat([]byte("IHAVEOPT"), 512)}, // 4 KiB of magic-looking data
