@@ -3,6 +3,7 @@ package nbd
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -11,6 +12,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/binary"
 	"encoding/pem"
+	"io"
 	"math/big"
 	"net"
 	"os"
@@ -508,5 +510,44 @@ func TestLoadTLSConfigErrors(t *testing.T) {
 	}
 	if _, err := LoadTLSConfig(filepath.Join(q.dir, "nope")); err == nil || !strings.Contains(err.Error(), "nope") {
 		t.Errorf("missing directory: %v", err)
+	}
+}
+
+// TestTLSShutdownAndTimeout: Shutdown ends a TLS connection in transmission cleanly, and a
+// client that stalls its TLS handshake is cut off by HandshakeTimeout.
+func TestTLSShutdownAndTimeout(t *testing.T) {
+	p := newTestPKI(t)
+	exports, _ := newTestExports()
+	ts := startServer(t, exports, Options{TLSMode: TLSRequire, TLSConfig: p.serverConfig(t),
+		HandshakeTimeout: 300 * time.Millisecond})
+	cert, _ := p.issue(t, "client1", x509.ExtKeyUsageClientAuth)
+
+	stalled := ts.dial(t)
+	stalled.greet(flagFixedNewstyle | flagNoZeroes)
+	stalled.option(optStartTLS, nil)
+	if r := stalled.optReply(); r.typ != repAck {
+		t.Fatalf("STARTTLS: %#x", r.typ)
+	}
+	stalled.expectClosed() // no ClientHello within HandshakeTimeout
+
+	c := ts.dial(t)
+	c.greet(flagFixedNewstyle | flagNoZeroes)
+	if err := c.startTLS(p, &cert); err != nil {
+		t.Fatal(err)
+	}
+	c.goExport("a")
+	c.mustDo(cmdWrite, 0, 0, 4096, pattern(4096, 1))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := ts.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown with a TLS client connected: %v", err)
+	}
+	// The server closed with close_notify (GnuTLS clients complain of a TLS connection "not
+	// properly terminated" otherwise): one record, then EOF. Go's client accepts either, so
+	// the record is looked for under TLS.
+	raw := c.nc.(*tls.Conn).NetConn()
+	raw.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if b, err := io.ReadAll(raw); err != nil || len(b) == 0 {
+		t.Fatalf("after Shutdown the client reads %d bytes, then %v; want a close_notify record, then EOF", len(b), err)
 	}
 }
