@@ -15,4 +15,9 @@
 // holes the device reports (blockdev.Extenter), data and hole chunks built by the request. The
 // base:allocation meta context answers BLOCK_STATUS from the same extents. A client that
 // negotiates neither gets exactly the simple replies it always did.
+//
+// NBD_OPT_STARTTLS (tls.go) switches a connection to crypto/tls during negotiation, under the
+// policy of Options.TLSMode; negotiation and transmission then go through the tls.Conn, the
+// writer gathering a batch's replies into full records. Who the client is (Client: address,
+// Unix peer uid, verified certificate) reaches Exports that implement ClientExports.
 package nbd

@@ -252,3 +252,25 @@ func TestTLSNbdClient(t *testing.T) {
 		t.Errorf("nbd-client -l without TLS: %v\n%s", err, out)
 	}
 }
+
+// TestTLSNonLoopbackWarning: a non-loopback --nbd-tcp is not warned about with --tls require,
+// which authenticates every TCP client, and is with --tls on, which leaves TLS to the client.
+func TestTLSNonLoopbackWarning(t *testing.T) {
+	dirs := makeTLSDirs(t)
+	_, port, _ := net.SplitHostPort(freeTCPAddr(t))
+	d := startDaemon(t, "--nbd-tcp", "0.0.0.0:"+port, "--tls", "require", "--tls-certs", dirs.server)
+	if ls := waitLog(t, d, "fcnbd serving"); len(ls) != 1 || ls[0]["tls"] != "require" || ls[0]["tls_verify_clients"] != true {
+		t.Fatalf("serving lines %v", ls)
+	}
+	for _, msg := range []string{"no authentication", "TLS is optional"} {
+		if ls := logLines(t, d.output(), msg); len(ls) != 0 {
+			t.Errorf("warned with --tls require: %v", ls)
+		}
+	}
+	d.stop()
+
+	d = startDaemon(t, "--nbd-tcp", "0.0.0.0:"+port, "--tls", "on", "--tls-certs", dirs.server)
+	if ls := waitLog(t, d, "TLS is optional"); len(ls) != 1 || ls[0]["level"] != "warn" {
+		t.Errorf("--tls on on a non-loopback address: warning lines %v", ls)
+	}
+}
