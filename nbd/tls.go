@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 )
 
 // TLSMode is the server's TLS policy, with nbdkit's --tls semantics.
@@ -134,6 +135,7 @@ type connTLS struct {
 	mode TLSMode       // the policy for this connection
 	conn *tls.Conn     // nil until NBD_OPT_STARTTLS succeeded
 	out  *bufio.Writer // over conn: gathers a batch of replies into full records
+	cork *corkConn     // under conn: gathers the records into large writes
 }
 
 // refuseBeforeTLS applies TLSRequire to option opt received in plain text. It returns
@@ -174,7 +176,8 @@ func (c *conn) startTLS(bw **bufio.Writer, n uint32) bool {
 	if !c.optReply(*bw, optStartTLS, repAck) {
 		return false
 	}
-	tc := tls.Server(c.nc, c.s.opts.TLSConfig)
+	cork := &corkConn{Conn: c.nc}
+	tc := tls.Server(cork, c.s.opts.TLSConfig)
 	if err := tc.Handshake(); err != nil {
 		c.log.Warn().Err(err).Msg("TLS handshake failed; closing")
 		return false
@@ -188,6 +191,7 @@ func (c *conn) startTLS(bw **bufio.Writer, n uint32) bool {
 	c.mu.Unlock()
 	c.s.mu.Unlock()
 	c.tls.conn = tc
+	c.tls.cork = cork
 	c.tls.out = bufio.NewWriterSize(tc, readBufferSize)
 	c.br.Reset(tc)
 	*bw = bufio.NewWriterSize(tc, 4096)
@@ -212,12 +216,83 @@ func (c *conn) startTLS(bw **bufio.Writer, n uint32) bool {
 	return true
 }
 
-// sendTLS writes bufs over TLS, gathered into as few records as their sizes allow.
+// sendTLS writes bufs over TLS, gathered into as few records as their sizes allow, and the
+// records into as few system calls.
 func (c *conn) sendTLS(bufs net.Buffers) error {
+	c.tls.cork.setCorked(true)
 	for _, b := range bufs {
 		if _, err := c.tls.out.Write(b); err != nil {
+			c.tls.cork.setCorked(false)
 			return err
 		}
 	}
-	return c.tls.out.Flush()
+	err := c.tls.out.Flush()
+	return errors.Join(err, c.tls.cork.setCorked(false))
+}
+
+// corkMax is the most a corked connection holds before writing it out.
+const corkMax = 256 << 10
+
+// corkConn is the connection under a tls.Conn. crypto/tls writes each record (16 KiB at most)
+// with a system call of its own, which for a 1 MiB read reply is 64 of them; while corked,
+// records are gathered and written corkMax at a time instead. Writes are serialized by
+// crypto/tls, but the reader may write (an alert, a key update) while the writer corks, hence
+// mu.
+type corkConn struct {
+	net.Conn
+	mu     sync.Mutex
+	corked bool
+	buf    *[]byte // pooled while corked, nil otherwise
+	err    error   // the first write error; every later write fails with it
+}
+
+func (c *corkConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil {
+		return 0, c.err
+	}
+	if !c.corked {
+		return c.Conn.Write(p)
+	}
+	if c.buf == nil {
+		c.buf = getBuf(corkMax)
+		*c.buf = (*c.buf)[:0]
+	}
+	if len(*c.buf)+len(p) > corkMax {
+		if err := c.flushLocked(); err != nil {
+			return 0, err
+		}
+	}
+	if len(p) >= corkMax {
+		return c.Conn.Write(p)
+	}
+	*c.buf = append(*c.buf, p...)
+	return len(p), nil
+}
+
+// setCorked corks or uncorks c; uncorking writes out what is held.
+func (c *corkConn) setCorked(on bool) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.corked = on
+	if on {
+		return nil
+	}
+	err := c.flushLocked()
+	putBuf(c.buf)
+	c.buf = nil
+	return err
+}
+
+func (c *corkConn) flushLocked() error {
+	if c.err != nil {
+		return c.err
+	}
+	if c.buf == nil || len(*c.buf) == 0 {
+		return nil
+	}
+	_, c.err = c.Conn.Write(*c.buf)
+	*c.buf = (*c.buf)[:0]
+	return c.err
 }
