@@ -157,8 +157,9 @@ func TestTLSNbdinfo(t *testing.T) {
 	if !strings.Contains(d.output(), "TLS handshake failed") {
 		t.Errorf("the refused handshake is not in the daemon's log")
 	}
-	// The Unix socket (0600, root's) is exempt from require.
+	// The Unix socket (0600, root's) is exempt from require, and offers TLS all the same.
 	sh(t, "nbdinfo", "--list", "nbd+unix:///?socket="+d.nbdSock)
+	sh(t, "nbdinfo", "--list", "nbds+unix:///?socket="+d.nbdSock+"&tls-certificates="+dirs.client)
 }
 
 // TestTLSQemu: qemu-img convert writes an image over TLS and reads it back, and qemu-img map
