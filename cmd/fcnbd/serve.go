@@ -45,7 +45,7 @@ func serveCommand() *cli.Command {
 			&cli.StringFlag{Name: "nbd-unix", Value: defaultNBDUnix, EnvVars: []string{"FCNBD_NBD_UNIX"},
 				Usage: "NBD Unix socket (\"\" disables it)"},
 			&cli.StringFlag{Name: "nbd-tcp", Value: defaultNBDTCP, EnvVars: []string{"FCNBD_NBD_TCP"},
-				Usage: "NBD TCP address (\"\" disables it); NBD has no authentication: keep it on loopback"},
+				Usage: "NBD TCP address (\"\" disables it); NBD has no authentication without --tls require and a CA: keep it on loopback"},
 			&cli.StringFlag{Name: "log-level", Value: "info", EnvVars: []string{"FCNBD_LOG_LEVEL"},
 				Usage: "trace, debug, info, warn or error"},
 			&cli.BoolFlag{Name: "no-mlock", EnvVars: []string{"FCNBD_NO_MLOCK"},
@@ -233,8 +233,11 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 			return fmt.Errorf("NBD TCP: %w", err)
 		}
 		nbdLs = append(nbdLs, l)
+		verified := cfg.tlsConfig != nil && cfg.tlsConfig.ClientCAs != nil
 		switch {
-		case isLoopback(cfg.nbdTCP) || cfg.tlsMode == nbd.TLSRequire:
+		case isLoopback(cfg.nbdTCP) || cfg.tlsMode == nbd.TLSRequire && verified:
+		case cfg.tlsMode == nbd.TLSRequire:
+			log.Warn().Str("nbd_tcp", cfg.nbdTCP).Msg("TLS without client certificates (no " + nbd.TLSCACertFile + " in --tls-certs): the traffic is encrypted, but anyone who can reach this address can read and write every volume")
 		case cfg.tlsMode == nbd.TLSOn:
 			log.Warn().Str("nbd_tcp", cfg.nbdTCP).Msg("TLS is optional (--tls on): anyone who can reach this address can read and write every volume without it; --tls require enforces it")
 		default:

@@ -254,8 +254,9 @@ func TestTLSNbdClient(t *testing.T) {
 	}
 }
 
-// TestTLSNonLoopbackWarning: a non-loopback --nbd-tcp is not warned about with --tls require,
-// which authenticates every TCP client, and is with --tls on, which leaves TLS to the client.
+// TestTLSNonLoopbackWarning: a non-loopback --nbd-tcp is not warned about with --tls require
+// and a CA, which authenticates every TCP client, and is with --tls on, which leaves TLS to the
+// client, and with --tls require without a CA, which authenticates nobody.
 func TestTLSNonLoopbackWarning(t *testing.T) {
 	dirs := makeTLSDirs(t)
 	_, port, _ := net.SplitHostPort(freeTCPAddr(t))
@@ -273,5 +274,13 @@ func TestTLSNonLoopbackWarning(t *testing.T) {
 	d = startDaemon(t, "--nbd-tcp", "0.0.0.0:"+port, "--tls", "on", "--tls-certs", dirs.server)
 	if ls := waitLog(t, d, "TLS is optional"); len(ls) != 1 || ls[0]["level"] != "warn" {
 		t.Errorf("--tls on on a non-loopback address: warning lines %v", ls)
+	}
+	d.stop()
+
+	// Without ca-cert.pem TLS encrypts but authenticates no client: still a warning.
+	os.Remove(filepath.Join(dirs.server, "ca-cert.pem"))
+	d = startDaemon(t, "--nbd-tcp", "0.0.0.0:"+port, "--tls", "require", "--tls-certs", dirs.server)
+	if ls := waitLog(t, d, "TLS without client certificates"); len(ls) != 1 || ls[0]["level"] != "warn" {
+		t.Errorf("--tls require without a CA on a non-loopback address: warning lines %v", ls)
 	}
 }
