@@ -284,3 +284,40 @@ func TestTLSNonLoopbackWarning(t *testing.T) {
 		t.Errorf("--tls require without a CA on a non-loopback address: warning lines %v", ls)
 	}
 }
+
+// nbdshTLSOn connects with libnbd against --tls on twice: with TLS disabled (plain text is
+// allowed), then with TLS allowed (the server accepts STARTTLS), each through option mode to
+// LIST, GO and I/O. (This libnbd has no opt_starttls to send a second STARTTLS by hand; the
+// unit tests do.)
+const nbdshTLSOn = `
+import nbd
+for mode, want in ((nbd.TLS_DISABLE, False), (nbd.TLS_ALLOW, True)):
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.set_tls(mode)
+    h.set_tls_certificates(CERTS)
+    h.connect_tcp(HOST, PORT)
+    assert h.get_tls_negotiated() == want, (mode, h.get_tls_negotiated())
+    names = []
+    h.opt_list(lambda n, d: names.append(n))
+    assert names == ["alpha"], names
+    h.set_export_name("alpha")
+    h.opt_go()
+    h.pwrite(bytes([65 + mode]) * 65536, 4096)
+    assert h.pread(65536, 4096) == bytes([65 + mode]) * 65536
+    h.shutdown()
+print("nbdsh-tls-on-ok")
+`
+
+func TestTLSNbdshOn(t *testing.T) {
+	needTools(t, "nbdsh")
+	dirs := makeTLSDirs(t)
+	d := startDaemon(t, "--tls", "on", "--tls-certs", dirs.server)
+	d.cli("mkvolume", "-name", "alpha", "-size", "8M")
+	host, port, _ := net.SplitHostPort(d.tcp)
+	script := "CERTS = " + pyString(dirs.client) + "\nHOST = " + pyString(host) + "\nPORT = " + pyString(port) + "\n" + nbdshTLSOn
+	out := sh(t, "/usr/bin/python3", "-c", script)
+	if !strings.Contains(out, "nbdsh-tls-on-ok") {
+		t.Fatalf("nbdsh script did not finish:\n%s", out)
+	}
+}
