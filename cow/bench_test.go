@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"syscall"
 	"testing"
 	"time"
 
@@ -109,6 +110,7 @@ func BenchmarkBackgroundCopy(b *testing.B) {
 			}
 			for i := 0; i < b.N; i++ {
 				dropCaches()
+				c0 := cpuTime()
 				t0 := time.Now()
 				tgt, err := dir.Create("tgt", c.size)
 				if err != nil {
@@ -130,11 +132,13 @@ func BenchmarkBackgroundCopy(b *testing.B) {
 					}
 				}
 				engine := time.Since(t0)
+				engineCPU := cpuTime() - c0
 				e.Close()
 				tgt.Close()
 				os.Remove(filepath.Join(dir.Path, "tgt"))
 
 				dropCaches()
+				c0 = cpuTime()
 				t0 = time.Now()
 				out, err := os.Create(filepath.Join(dir.Path, "dd"))
 				if err != nil {
@@ -152,6 +156,9 @@ func BenchmarkBackgroundCopy(b *testing.B) {
 					b.Fatal(err)
 				}
 				dd := time.Since(t0)
+				ddCPU := cpuTime() - c0
+				b.ReportMetric(engineCPU.Seconds(), "engine-cpu-s")
+				b.ReportMetric(ddCPU.Seconds(), "dd-cpu-s")
 				out.Close()
 				os.Remove(out.Name())
 				b.ReportMetric(engine.Seconds(), "engine-s")
@@ -176,4 +183,11 @@ func benchGrain() int64 {
 		return int64(k) * kib
 	}
 	return 64 * kib
+}
+
+// cpuTime is the process's user and system CPU time so far.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

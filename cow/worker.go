@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"runtime"
 	"slices"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -123,21 +125,34 @@ func batchLimit(r int) int64 {
 	return min(copyBatchBytes, RateBytes(r)*int64(copyBatchTime)/int64(time.Second))
 }
 
+// copyStreams is how many batches of one mapping are copied at once: while one is being made
+// durable (synced and committed), the next is read and written.
+const copyStreams = 2
+
 // copyWorker is the background copy (lowest unsplit grain first, at the copy rate) and, once
 // every grain is split, the cleaning a copying mapping needs before it can complete. The rate
-// is charged for the bytes a batch reads, not for the grains whose image is a hole.
+// is charged for the bytes a batch reads, not for the grains whose image is a hole. It plans
+// the batches and waits for the rate itself; each batch is copied by a goroutine of its own, up
+// to copyStreams at once (and within the engine's background slots).
 func (e *Engine) copyWorker(ctx context.Context, m *mapping) {
 	next := 0
 	batch := make([]int, 0, 64)
-	for !m.split.Full() {
+	inflight := make(chan struct{}, copyStreams)
+	var wg sync.WaitGroup
+	var stopped atomic.Bool // a batch found the mapping no longer copying, or failed it
+plan:
+	for !m.split.Full() && !stopped.Load() {
 		var data int64
 		batch, data = e.nextBatch(m, batch[:0], next, batchLimit(int(m.copyRate.Load())))
 		if len(batch) == 0 {
+			// What is left is below next: start again from the lowest, once the batches in
+			// flight are published (so as not to copy their grains twice).
+			wg.Wait()
 			next = 0
 			continue
 		}
 		if !waitRate(ctx, m, int(max(data, 1)), func() int { return int(m.copyRate.Load()) }, m.split.Full) {
-			return
+			break
 		}
 		if m.split.Full() {
 			break
@@ -148,14 +163,26 @@ func (e *Engine) copyWorker(ctx context.Context, m *mapping) {
 			continue
 		}
 		if !e.slot(ctx) {
-			return
+			break
 		}
-		ok := e.copyGrains(m, batch)
-		e.unslot()
-		if !ok {
-			return
+		select {
+		case inflight <- struct{}{}:
+		case <-ctx.Done():
+			e.unslot()
+			break plan
 		}
-		next = batch[len(batch)-1] + 1
+		b := slices.Clone(batch)
+		wg.Go(func() {
+			defer func() { <-inflight; e.unslot() }()
+			if !e.copyGrains(m, b) {
+				stopped.Store(true)
+			}
+		})
+		next = b[len(b)-1] + 1
+	}
+	wg.Wait()
+	if stopped.Load() || ctx.Err() != nil || !m.split.Full() {
+		return
 	}
 	// flashcopy.md §5: a copying mapping at 100 % that still has dependants cleans (at its clean
 	// rate; 0 means none) until nothing reads through its target.
@@ -304,6 +331,8 @@ func (e *Engine) copyGrains(m *mapping, batch []int) bool {
 	if len(copied) == 0 {
 		return true
 	}
+	// While the batch is made durable, the disk can already read the next one.
+	e.prefetchView(m, batch[len(batch)-1]+1, copyBatchBytes)
 	failpoint("cow-after-copy-write")
 	if err := e.commit.commit(t, []BitUpdate{{Mapping: m.id, Grains: copied}}); err != nil {
 		e.fail(m, err)
@@ -317,6 +346,22 @@ func (e *Engine) copyGrains(m *mapping, batch []int) bool {
 		e.setSplit(m, g, n, &m.grainsCopied)
 	}
 	return true
+}
+
+// prefetchView asks the store that holds grain from of m's target's upstream view to start
+// reading up to n bytes from there (a hint: nothing is locked, and a wrong guess costs only a
+// read-ahead).
+func (e *Engine) prefetchView(m *mapping, from int, n int64) {
+	g := m.split.NextClear(from)
+	if g < 0 {
+		return
+	}
+	h, err := holder(m.target.upstream, g)
+	if err != nil {
+		return
+	}
+	off, _ := m.split.Extent(g)
+	store.Prefetch(h.file, off, min(n, m.target.size-off))
 }
 
 // copyPiece copies the consecutive grains of piece that are not split yet into m's target,

@@ -188,3 +188,24 @@ func (o *osFile) StartWriteback(off, length int64) {
 
 // StartWriteback forwards to the wrapped file.
 func (s *stickyFile) StartWriteback(off, length int64) { StartWriteback(s.File, off, length) }
+
+// Prefetcher is implemented by a File that can start reading a range into memory without
+// waiting for it (posix_fadvise WILLNEED), so that a later read finds it there.
+type Prefetcher interface {
+	Prefetch(off, length int64)
+}
+
+// Prefetch starts reading [off, off+length) of f if f can; it is only a hint.
+func Prefetch(f File, off, length int64) {
+	if p, ok := f.(Prefetcher); ok {
+		p.Prefetch(off, length)
+	}
+}
+
+// Prefetch implements Prefetcher.
+func (o *osFile) Prefetch(off, length int64) {
+	_ = unix.Fadvise(int(o.f.Fd()), off, length, unix.FADV_WILLNEED)
+}
+
+// Prefetch forwards to the wrapped file.
+func (s *stickyFile) Prefetch(off, length int64) { Prefetch(s.File, off, length) }
