@@ -47,6 +47,7 @@ bench: deps build
 	scripts/bench.sh
 	scripts/bench-fence.sh
 	scripts/bench-firstsplit.sh
+	scripts/bench-copy.sh
 
 # TOPO_SOAK_SEEDS seeds of the randomized topology race hunter (mappings/driver
 # TestTopologyRace) with twice the steps of `make test`'s run; a hang aborts with every

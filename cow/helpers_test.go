@@ -114,6 +114,13 @@ func newRig(t testing.TB, vols int, size, grain int64, r *rand.Rand) *rig {
 	for v := range vols {
 		f := newMemFile(fmt.Sprintf("vol%d", v), size)
 		fill(r, f.data)
+		// Holes, as sparse files have: a few runs of zeroes (memFile's Extents reports a block
+		// of zeroes as a hole), so that the background copy's sparse path (holes neither read
+		// nor written) runs under every randomized test.
+		for range r.IntN(4) {
+			off := r.Int64N(size)
+			clear(f.data[off:min(off+r.Int64N(4*grain)+1, size)])
+		}
 		g.files[v] = f
 		g.model[v] = bytes.Clone(f.data)
 		if err := g.e.AddVolume(v, size, f); err != nil {

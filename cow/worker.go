@@ -1,11 +1,20 @@
 package cow
 
 import (
+	"cmp"
 	"context"
+	"fmt"
 	"runtime"
+	"slices"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/time/rate"
+
+	"fcnbd/bitmap"
+	"fcnbd/internal/blockdev"
+	"fcnbd/internal/store"
 )
 
 // RateBytes is the bandwidth of a copy or clean rate (flashcopy.md §3): 0 for rate 0, 128 KiB/s
@@ -98,51 +107,82 @@ func (e *Engine) unslot() {
 	runtime.Gosched()
 }
 
-// copyBatchBytes is the most a background copy batch covers: its grains are copied one by one
-// and then made durable together, with one target sync and one journal commit. A batch is also
-// kept to about copyBatchTime's worth at the copy rate, so that a slow copy still progresses
-// grain by grain.
+// A background copy batch holds at most copyBatchBytes of grains that hold data (about
+// copyBatchTime's worth at the copy rate, so that a slow copy still progresses grain by grain)
+// and at most copyBatchGrains grains in all: grains whose image is a hole cost no I/O, only
+// their bits. Its data is copied in pieces of up to copyChunkBytes of consecutive grains, each
+// under the locks of its grains, in one read and one write per run that one store holds; then
+// the whole batch is made durable with one target sync and one journal commit.
 const (
-	copyBatchBytes = 4 << 20
-	copyBatchTime  = 64 * time.Millisecond
+	copyBatchBytes  = 16 << 20
+	copyBatchTime   = 64 * time.Millisecond
+	copyBatchGrains = 16384
+	copyChunkBytes  = 1 << 20
 )
 
-// batchLimit is the byte size of a copy batch at rate r.
+// batchLimit is the most data bytes of a copy batch at rate r.
 func batchLimit(r int) int64 {
 	return min(copyBatchBytes, RateBytes(r)*int64(copyBatchTime)/int64(time.Second))
 }
 
+// copyStreams is how many batches of one mapping are copied at once: while one is being made
+// durable (synced and committed), the next is read and written.
+const copyStreams = 2
+
 // copyWorker is the background copy (lowest unsplit grain first, at the copy rate) and, once
-// every grain is split, the cleaning a copying mapping needs before it can complete.
+// every grain is split, the cleaning a copying mapping needs before it can complete. The rate
+// is charged for the bytes a batch reads, not for the grains whose image is a hole. It plans
+// the batches and waits for the rate itself; each batch is copied by a goroutine of its own, up
+// to copyStreams at once (and within the engine's background slots).
 func (e *Engine) copyWorker(ctx context.Context, m *mapping) {
 	next := 0
-	batch := make([]int, 0, max(copyBatchBytes/m.grain, 1))
-	for !m.split.Full() {
-		batch = m.nextBatch(batch[:0], next, batchLimit(int(m.copyRate.Load())))
+	batch := make([]int, 0, 64)
+	inflight := make(chan struct{}, copyStreams)
+	var wg sync.WaitGroup
+	var stopped atomic.Bool // a batch found the mapping no longer copying, or failed it
+plan:
+	for !m.split.Full() && !stopped.Load() {
+		var data int64
+		batch, data = e.nextBatch(m, batch[:0], next, batchLimit(int(m.copyRate.Load())))
 		if len(batch) == 0 {
+			// What is left is below next: start again from the lowest, once the batches in
+			// flight are published (so as not to copy their grains twice).
+			wg.Wait()
 			next = 0
 			continue
 		}
-		if !waitRate(ctx, m, m.batchBytes(batch), func() int { return int(m.copyRate.Load()) }, m.split.Full) {
-			return
+		if !waitRate(ctx, m, int(max(data, 1)), func() int { return int(m.copyRate.Load()) }, m.split.Full) {
+			break
 		}
 		if m.split.Full() {
 			break
 		}
 		// The wait may have been long: take the batch again from its first grain.
-		batch = m.nextBatch(batch[:0], batch[0], batchLimit(int(m.copyRate.Load())))
+		batch, _ = e.nextBatch(m, batch[:0], batch[0], batchLimit(int(m.copyRate.Load())))
 		if len(batch) == 0 {
 			continue
 		}
 		if !e.slot(ctx) {
-			return
+			break
 		}
-		ok := e.copyGrains(m, batch)
-		e.unslot()
-		if !ok {
-			return
+		select {
+		case inflight <- struct{}{}:
+		case <-ctx.Done():
+			e.unslot()
+			break plan
 		}
-		next = batch[len(batch)-1] + 1
+		b := slices.Clone(batch)
+		wg.Go(func() {
+			defer func() { <-inflight; e.unslot() }()
+			if !e.copyGrains(m, b) {
+				stopped.Store(true)
+			}
+		})
+		next = b[len(b)-1] + 1
+	}
+	wg.Wait()
+	if stopped.Load() || ctx.Err() != nil || !m.split.Full() {
+		return
 	}
 	// flashcopy.md §5: a copying mapping at 100 % that still has dependants cleans (at its clean
 	// rate; 0 means none) until nothing reads through its target.
@@ -152,35 +192,111 @@ func (e *Engine) copyWorker(ctx context.Context, m *mapping) {
 	e.events.push(Event{Kind: CopyComplete, Mapping: m.id})
 }
 
-// nextBatch appends to batch the unsplit grains from grain from on, lowest first: at least one,
-// and more while they add up to less than limit bytes.
-func (m *mapping) nextBatch(batch []int, from int, limit int64) []int {
-	var n int64
-	for g := m.split.NextClear(from); g >= 0 && (len(batch) == 0 || n < limit); g = m.split.NextClear(g + 1) {
-		_, l := m.split.Extent(g)
-		batch = append(batch, g)
-		n += l
+// nextBatch appends to batch the unsplit grains of m from grain from on, lowest first: at least
+// one, and more while the grains whose image holds data add up to less than limit bytes and
+// the batch has fewer than copyBatchGrains grains. data is those grains' bytes, as the stores
+// said when asked: only a hint, since the image may change before the copy takes the locks
+// (copyGrains decides again under them). A failed question counts the grain as data.
+func (e *Engine) nextBatch(m *mapping, batch []int, from int, limit int64) (_ []int, data int64) {
+	t := m.target
+	t.gate.RLock()
+	defer t.gate.RUnlock()
+	up := t.upstream
+	if t.target != m {
+		up = nil // unlinked: copyGrains will find out; no hint needed
 	}
-	return batch
+	for g := m.split.NextClear(from); g >= 0; {
+		run := m.unsplitRun(g, copyBatchGrains-len(batch))
+		holes := make([]bool, run)
+		if up != nil {
+			holes = imageHoles(up, m.split, g, run)
+		}
+		for i := range run {
+			if len(batch) > 0 && (data >= limit || len(batch) >= copyBatchGrains) {
+				return batch, data
+			}
+			batch = append(batch, g+i)
+			if !holes[i] {
+				_, n := m.split.Extent(g + i)
+				data += n
+			}
+		}
+		if len(batch) >= copyBatchGrains {
+			break
+		}
+		g = m.split.NextClear(g + run)
+	}
+	return batch, data
 }
 
-func (m *mapping) batchBytes(batch []int) int {
-	var n int64
-	for _, g := range batch {
-		_, l := m.split.Extent(g)
-		n += l
+// unsplitRun is the number of consecutive unsplit grains of m from g (which is unsplit), at most
+// limit (at least 1).
+func (m *mapping) unsplitRun(g, limit int) int {
+	n := 1
+	for n < limit && g+n < m.split.Len() && !m.split.Test(g+n) {
+		n++
 	}
-	return int(n)
+	return n
+}
+
+// imageHoles reports, for each of the n grains from g, whether v's image of it is all hole,
+// asking each store that holds a run of them (as readView walks) once. Errors count as data.
+func imageHoles(v *volume, split *bitmap.Bitmap, g, n int) []bool {
+	holes := make([]bool, n)
+	for i := 0; i < n; {
+		h, err := holder(v, g+i)
+		if err != nil {
+			i++
+			continue
+		}
+		j := i + 1
+		for j < n {
+			if next, err := holder(v, g+j); err != nil || next != h {
+				break
+			}
+			j++
+		}
+		off, _ := split.Extent(g + i)
+		lastOff, lastLen := split.Extent(g + j - 1)
+		exts, err := fileExtents(h, off, lastOff+lastLen-off)
+		if err == nil {
+			markHoles(holes[i:j], exts, split, g+i)
+		}
+		i = j
+	}
+	return holes
+}
+
+// markHoles sets holes[k] for each grain first+k that exts (which start at that grain's offset)
+// cover entirely with holes.
+func markHoles(holes []bool, exts []blockdev.Extent, split *bitmap.Bitmap, first int) {
+	base, _ := split.Extent(first)
+	pos, ei := base, 0 // exts[ei] starts at pos
+	for k := range holes {
+		off, n := split.Extent(first + k)
+		for ei < len(exts) && pos+exts[ei].Length <= off {
+			pos += exts[ei].Length
+			ei++
+		}
+		hole := true
+		for p, i := pos, ei; p < off+n; p, i = p+exts[i].Length, i+1 {
+			if i >= len(exts) || !exts[i].Hole {
+				hole = false
+				break
+			}
+		}
+		holes[k] = hole
+	}
 }
 
 // copyGrains fills the grains of batch in m's target from its upstream view, with the
 // copy-on-write order for the whole batch: every grain written, the target synced and all their
-// bits committed at once, and only then the bits published. Each grain is copied under its
-// exclusive lock, but the lock is not held until the bit is published: a host write to the grain
-// meanwhile finds the bit clear and copies the grain itself (the same data, since the upstream
-// view of an unsplit grain can only change after a copy-on-write into this target), which is
-// safe. The target's gate is held throughout, so the topology cannot change under the batch. It
-// returns false if the mapping is no longer copying or failed.
+// bits committed at once, and only then the bits published. Each piece of the batch is copied
+// under its grains' exclusive locks, but the locks are not held until the bits are published: a
+// host write to a grain meanwhile finds the bit clear and copies the grain itself (the same
+// data, since the upstream view of an unsplit grain can only change after a copy-on-write into
+// this target), which is safe. The target's gate is held throughout, so the topology cannot
+// change under the batch. It returns false if the mapping is no longer copying or failed.
 func (e *Engine) copyGrains(m *mapping, batch []int) bool {
 	t := m.target
 	t.gate.RLock()
@@ -188,54 +304,152 @@ func (e *Engine) copyGrains(m *mapping, batch []int) bool {
 	if t.target != m || m.getPhase() != Copying || m.failed.Load() {
 		return false
 	}
-	buf := getBuf(m.grain)
+	buf := getBuf(max(copyChunkBytes, m.grain))
 	defer putBuf(buf)
 	copied := make([]int, 0, len(batch)) // the journal may keep it
-	for _, g := range batch {
-		done, err := e.copyOne(m, g, *buf)
+	var bytes int64
+	for i := 0; i < len(batch); {
+		// A piece: consecutive grains, up to copyChunkBytes (at least one grain).
+		j := i + 1
+		_, size := m.split.Extent(batch[i])
+		for j < len(batch) && batch[j] == batch[j-1]+1 {
+			_, n := m.split.Extent(batch[j])
+			if size+n > int64(len(*buf)) {
+				break
+			}
+			size += n
+			j++
+		}
+		var err error
+		copied, bytes, err = e.copyPiece(m, batch[i:j], *buf, copied, bytes)
 		if err != nil {
 			e.fail(m, err)
 			return false
 		}
-		if done {
-			copied = append(copied, g)
-		}
+		i = j
 	}
 	if len(copied) == 0 {
 		return true
 	}
+	// While the batch is made durable, the disk can already read the next one.
+	e.prefetchView(m, batch[len(batch)-1]+1, copyBatchBytes)
 	failpoint("cow-after-copy-write")
 	if err := e.commit.commit(t, []BitUpdate{{Mapping: m.id, Grains: copied}}); err != nil {
 		e.fail(m, err)
 		return false
 	}
-	for _, g := range copied {
-		_, n := m.split.Extent(g)
+	for k, g := range copied {
+		var n int64
+		if k == 0 {
+			n = bytes // the batch's bytes, counted once
+		}
 		e.setSplit(m, g, n, &m.grainsCopied)
 	}
 	return true
 }
 
-// copyOne copies grain g into m's target under the grain's exclusive lock, unless it is split
-// already; done reports whether it copied.
-func (e *Engine) copyOne(m *mapping, g int, buf []byte) (done bool, err error) {
+// prefetchView asks the store that holds grain from of m's target's upstream view to start
+// reading up to n bytes from there (a hint: nothing is locked, and a wrong guess costs only a
+// read-ahead).
+func (e *Engine) prefetchView(m *mapping, from int, n int64) {
+	g := m.split.NextClear(from)
+	if g < 0 {
+		return
+	}
+	h, err := holder(m.target.upstream, g)
+	if err != nil {
+		return
+	}
+	off, _ := m.split.Extent(g)
+	store.Prefetch(h.file, off, min(n, m.target.size-off))
+}
+
+// copyPiece copies the consecutive grains of piece that are not split yet into m's target,
+// under their exclusive locks (taken in ascending order, as every multi-grain holder does), and
+// appends them to copied. The grains are walked in runs that one store holds for the target's
+// upstream view; each run is asked for its holes: data is read and written in one piece, and a
+// hole leaves a hole in the target (punched, if the target's own file holds stale data there),
+// neither read nor written. buf holds the piece.
+func (e *Engine) copyPiece(m *mapping, piece []int, buf []byte, copied []int, bytes int64) ([]int, int64, error) {
 	t := m.target
-	k := lockKey{t.comp, g}
-	l := e.locks.acquire(k, true)
-	defer e.locks.release(k, l, true)
-	if m.split.Test(g) {
-		return false, nil
+	for _, g := range piece {
+		k := lockKey{t.comp, g}
+		l := e.locks.acquire(k, true)
+		defer e.locks.release(k, l, true)
 	}
-	off, n := m.split.Extent(g)
-	data := buf[:n]
-	// The target's downstream need nothing: its view of g does not change.
-	if err := e.readView(t.upstream, g, data, off); err != nil {
-		return false, err
+	for i := 0; i < len(piece); {
+		if m.split.Test(piece[i]) {
+			i++
+			continue
+		}
+		h, err := holder(t.upstream, piece[i])
+		if err != nil {
+			return copied, bytes, err
+		}
+		j := i + 1
+		for j < len(piece) && !m.split.Test(piece[j]) {
+			if next, err := holder(t.upstream, piece[j]); err != nil || next != h {
+				break
+			}
+			j++
+		}
+		off, _ := m.split.Extent(piece[i])
+		lastOff, lastLen := m.split.Extent(piece[j-1])
+		n, rerr, werr := copyRange(h, t, off, lastOff+lastLen-off, buf)
+		if err := cmp.Or(rerr, werr); err != nil {
+			return copied, bytes, err
+		}
+		copied = append(copied, piece[i:j]...)
+		bytes += n
+		i = j
 	}
-	if err := writeFull(t, data, off); err != nil {
-		return false, err
+	return copied, bytes, nil
+}
+
+// copyRange makes [off, off+length) of dst read as it reads in src's store: the data extents
+// read and written, the holes punched in dst where dst's own file holds data. It returns the
+// bytes read and written, and the error of a failed read of src or of a failed write of dst.
+func copyRange(src, dst *volume, off, length int64, buf []byte) (copied int64, readErr, writeErr error) {
+	exts, err := fileExtents(src, off, length)
+	if err != nil {
+		exts = []blockdev.Extent{{Length: length}} // copy it all
 	}
-	return true, nil
+	pos := off
+	for _, x := range exts {
+		if x.Hole {
+			if err := punchIfData(dst, pos, x.Length); err != nil {
+				return copied, nil, err
+			}
+			pos += x.Length
+			continue
+		}
+		for end := pos + x.Length; pos < end; {
+			n := min(end-pos, int64(len(buf)))
+			if err := readFull(src, buf[:n], pos); err != nil {
+				return copied, err, nil
+			}
+			if err := writeFull(dst, buf[:n], pos); err != nil {
+				return copied, nil, err
+			}
+			copied += n
+			pos += n
+		}
+	}
+	store.StartWriteback(dst.file, off, length)
+	return copied, nil, nil
+}
+
+// punchIfData makes [off, off+length) of v's store read as zeroes, punching only if it holds
+// data there.
+func punchIfData(v *volume, off, length int64) error {
+	exts, err := fileExtents(v, off, length)
+	if err == nil && len(exts) == 1 && exts[0].Hole {
+		return nil
+	}
+	if err := v.file.Punch(off, length); err != nil {
+		return fmt.Errorf("punch volume %d at %d: %w", v.id, off, err)
+	}
+	return nil
 }
 
 // cleanWorker runs while m is stopping: clean at the clean rate (0 means 50), then take the
@@ -299,18 +513,21 @@ func (e *Engine) cleanWorker(ctx context.Context, m *mapping) {
 }
 
 // clean copies, highest grain first, every grain m's target holds into each downstream volume
-// that does not hold it, until none is left. It returns false if ctx ended or m failed.
+// that does not hold it, until none is left, in batches as the background copy makes them
+// (charged to the rate for the bytes they read). It returns false if ctx ended or m failed.
 func (e *Engine) clean(ctx context.Context, m *mapping, rateOf func() int) bool {
+	var grains []int
 	for {
-		d, g := e.nextClean(m)
+		var d *volume
+		var data int64
+		d, grains, data = e.nextClean(m, grains[:0], batchLimit(rateOf()))
 		if d == nil {
 			return ctx.Err() == nil && !m.failed.Load()
 		}
-		_, n := m.split.Extent(g)
-		if !waitRate(ctx, m, int(n), rateOf, nil) || !e.slot(ctx) {
+		if !waitRate(ctx, m, int(max(data, 1)), rateOf, nil) || !e.slot(ctx) {
 			return false
 		}
-		ok := e.cleanGrain(m, d, g)
+		ok := e.cleanGrains(m, d, grains)
 		e.unslot()
 		if !ok {
 			return false
@@ -318,13 +535,16 @@ func (e *Engine) clean(ctx context.Context, m *mapping, rateOf func() int) bool 
 	}
 }
 
-// nextClean finds the highest grain some downstream volume of m's target reads through it.
-func (e *Engine) nextClean(m *mapping) (*volume, int) {
+// nextClean finds the highest grain some downstream volume d of m's target reads through it,
+// and returns it with the grains below it that d also reads through the target, down to the
+// first that it does not, while their data adds up to less than limit bytes (as the target's
+// store says: a hint) and they are fewer than copyBatchGrains; grains are in descending order.
+func (e *Engine) nextClean(m *mapping, grains []int, limit int64) (_ *volume, _ []int, data int64) {
 	t := m.target
 	t.gate.RLock()
 	defer t.gate.RUnlock()
 	if t.target != m {
-		return nil, -1
+		return nil, grains, 0
 	}
 	var best *volume
 	bestG := -1
@@ -340,7 +560,26 @@ func (e *Engine) nextClean(m *mapping) (*volume, int) {
 			}
 		}
 	}
-	return best, bestG
+	if best == nil {
+		return nil, grains, 0
+	}
+	ds := best.target.split
+	low := bestG
+	for low > 0 && bestG-low+1 < copyBatchGrains && !ds.Test(low-1) && m.split.Test(low-1) {
+		low--
+	}
+	holes := imageHoles(t, m.split, low, bestG-low+1)
+	for g := bestG; g >= low; g-- {
+		if len(grains) > 0 && data >= limit {
+			break
+		}
+		grains = append(grains, g)
+		if !holes[g-low] {
+			_, n := m.split.Extent(g)
+			data += n
+		}
+	}
+	return best, grains, data
 }
 
 // cleanWorkLocked is cleanWork for a caller that holds the gates; skipFailed leaves out the
@@ -361,9 +600,11 @@ func (e *Engine) cleanWorkLocked(m *mapping, skipFailed bool) int {
 	return n
 }
 
-// cleanGrain copies grain g of m's target into downstream volume d, in the copy-on-write order.
-// A failure stops d's mapping (it is d that could not be given its data).
-func (e *Engine) cleanGrain(m *mapping, d *volume, g int) bool {
+// cleanGrains copies the grains (descending) of m's target into downstream volume d, in the
+// copy-on-write order for the whole batch as copyGrains does: each piece under its grains'
+// locks, then d synced and the bits committed at once, then published. A failed read stops m; a
+// failed write or commit stops d's mapping (it is d that could not be given its data).
+func (e *Engine) cleanGrains(m *mapping, d *volume, grains []int) bool {
 	t := m.target
 	t.gate.RLock()
 	defer t.gate.RUnlock()
@@ -371,30 +612,81 @@ func (e *Engine) cleanGrain(m *mapping, d *volume, g int) bool {
 		return true // the topology moved; nextClean looks again
 	}
 	dm := d.target
-	k := lockKey{t.comp, g}
-	l := e.locks.acquire(k, true)
-	defer e.locks.release(k, l, true)
-	if dm.split.Test(g) || !m.split.Test(g) || dm.failed.Load() {
-		return true
-	}
-	off, n := m.split.Extent(g)
-	buf := getBuf(m.grain)
+	slices.Reverse(grains) // ascending, the lock order
+	buf := getBuf(max(copyChunkBytes, m.grain))
 	defer putBuf(buf)
-	data := (*buf)[:n]
-	if err := readFull(t, data, off); err != nil {
-		e.fail(m, err)
-		return false
+	done := make([]int, 0, len(grains)) // the journal may keep it
+	var bytes int64
+	for i := 0; i < len(grains); {
+		j := i + 1
+		_, size := m.split.Extent(grains[i])
+		for j < len(grains) && grains[j] == grains[j-1]+1 {
+			_, n := m.split.Extent(grains[j])
+			if size+n > int64(len(*buf)) {
+				break
+			}
+			size += n
+			j++
+		}
+		var readErr, writeErr error
+		done, bytes, readErr, writeErr = e.cleanPiece(m, d, grains[i:j], *buf, done, bytes)
+		if readErr != nil {
+			e.fail(m, readErr)
+			return false
+		}
+		if writeErr != nil {
+			e.fail(dm, writeErr)
+			return true
+		}
+		i = j
 	}
-	if err := writeFull(d, data, off); err != nil {
-		e.fail(dm, err)
+	if len(done) == 0 {
 		return true
 	}
 	failpoint("cow-after-clean-write")
-	if err := e.commit.commit(d, []BitUpdate{{Mapping: dm.id, Grains: []int{g}}}); err != nil {
+	if err := e.commit.commit(d, []BitUpdate{{Mapping: dm.id, Grains: done}}); err != nil {
 		e.fail(dm, err)
 		return true
 	}
-	e.setSplit(dm, g, n, &dm.grainsCopied)
-	m.cleaned.Add(1)
+	for k, g := range done {
+		var n int64
+		if k == 0 {
+			n = bytes
+		}
+		e.setSplit(dm, g, n, &dm.grainsCopied)
+	}
+	m.cleaned.Add(int64(len(done)))
 	return true
+}
+
+// cleanPiece copies, under their exclusive locks, the consecutive grains of piece that d still
+// reads through m's target into d, a run at a time, and appends them to done.
+func (e *Engine) cleanPiece(m *mapping, d *volume, piece []int, buf []byte, done []int, bytes int64) (_ []int, _ int64, readErr, writeErr error) {
+	t, dm := m.target, d.target
+	for _, g := range piece {
+		k := lockKey{t.comp, g}
+		l := e.locks.acquire(k, true)
+		defer e.locks.release(k, l, true)
+	}
+	owed := func(g int) bool { return !dm.split.Test(g) && m.split.Test(g) && !dm.failed.Load() }
+	for i := 0; i < len(piece); {
+		if !owed(piece[i]) {
+			i++
+			continue
+		}
+		j := i + 1
+		for j < len(piece) && owed(piece[j]) {
+			j++
+		}
+		off, _ := m.split.Extent(piece[i])
+		lastOff, lastLen := m.split.Extent(piece[j-1])
+		n, rerr, werr := copyRange(t, d, off, lastOff+lastLen-off, buf)
+		if rerr != nil || werr != nil {
+			return done, bytes, rerr, werr
+		}
+		done = append(done, piece[i:j]...)
+		bytes += n
+		i = j
+	}
+	return done, bytes, nil, nil
 }
