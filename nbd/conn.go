@@ -80,7 +80,7 @@ type conn struct {
 	// Transmission phase.
 	dev      blockdev.Device
 	size     uint64
-	flags    uint16 // the transmission flags advertised for dev
+	flags    uint16        // the transmission flags advertised for dev
 	slots    chan struct{} // one token per request between header read and reply written
 	budget   byteBudget    // payload bytes held by READ and WRITE buffers
 	inflight sync.WaitGroup
