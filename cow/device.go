@@ -181,7 +181,9 @@ var _ blockdev.FastZeroer = (*device)(nil)
 // zeroes without writing (store.ZeroFast); otherwise it refuses with blockdev.ErrNotFast before
 // anything changes (see fastOK). A whole grain of a target that does not hold it yet is fast:
 // it needs no fill, only its split bit committed after the zeroing, as for any whole-grain
-// write.
+// write. On a volume recording differences (incremental), the difference bits are journalled
+// before the store is asked; should the store then refuse, they only mark a range as changed
+// that was not, which costs a later refresh a copy and is never wrong.
 func (d *device) WriteZeroesFast(off, length int64, mayPunch, fua bool) error {
 	return d.write(&op{punch: mayPunch, fua: fua, fast: true}, off, length)
 }

@@ -15,4 +15,7 @@
 // holes the device reports (blockdev.Extenter), data and hole chunks built by the request. The
 // base:allocation meta context answers BLOCK_STATUS from the same extents. A client that
 // negotiates neither gets exactly the simple replies it always did.
+//
+// CACHE and FAST_ZERO are advertised per export, for a device that implements them
+// (blockdev.Prefetcher, blockdev.FastZeroer; see exportFlags); a refused fast zero is ENOTSUP.
 package nbd
