@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"errors"
 	"math/rand/v2"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"fcnbd/internal/blockdev"
 	"fcnbd/internal/memdev"
@@ -173,4 +175,74 @@ func TestWriteZeroesFast(t *testing.T) {
 			t.Fatalf("fast=%v: lower after flush wrong: %v", fast, err)
 		}
 	}
+}
+
+// WriteZeroesFast makes recDev a blockdev.FastZeroer that refuses a third of the requests (by
+// their offset, off%3 == 1, so that a test knows which), as a layer below that would have to
+// copy does.
+func (d *recDev) WriteZeroesFast(off, n int64, mayPunch, fua bool) error {
+	if err := blockdev.CheckRange(d.Size(), off, n); err != nil {
+		return err
+	}
+	if off%3 == 1 {
+		return blockdev.ErrNotFast
+	}
+	return d.WriteZeroes(off, n, mayPunch, fua)
+}
+
+// TestPrefetchRacesWrites: prefetches of a range run while one writer writes it through the
+// cache below (whole pages, so the cached copies are dropped and prefetched again) and checks
+// every read against its model. A prefetch that installed what it read below before such a
+// write would serve the old data from then on.
+func TestPrefetchRacesWrites(t *testing.T) {
+	const span = 256 << 10
+	c, d := newTestCache(t, 1*MiB, NewPool(16*MiB), Options{MaxCachedWrite: PageSize})
+	d.SetHook(func(op memdev.Op, off, length int64) error {
+		if op == memdev.OpRead {
+			time.Sleep(20 * time.Microsecond) // widen the window between a prefetch's read and its install
+		}
+		return nil
+	})
+	ref := make([]byte, span)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if err := c.Prefetch(0, span); err != nil {
+					t.Errorf("prefetch: %v", err)
+					return
+				}
+			}
+		})
+	}
+	r := rand.New(rand.NewPCG(3, 4))
+	got := make([]byte, span)
+	iters := 1000
+	if testing.Short() {
+		iters = 300
+	}
+	for i := range iters {
+		off := r.Int64N(span/PageSize-1) * PageSize
+		p := bytes.Repeat([]byte{byte(i)}, 2*PageSize) // two pages: written through
+		if err := c.WriteAt(p, off, false); err != nil {
+			t.Fatal(err)
+		}
+		copy(ref[off:], p)
+		if err := c.ReadAt(got, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, ref) {
+			close(stop)
+			wg.Wait()
+			t.Fatalf("iteration %d: a read after a write-through differs from the model", i)
+		}
+	}
+	close(stop)
+	wg.Wait()
 }
