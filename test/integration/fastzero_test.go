@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -114,6 +115,15 @@ func TestNbdshFastZero(t *testing.T) {
 	d.cli("mkvolume", "-name", "fz", "-size", "16M")
 	qemuIOClean(t, d, "fz", "write -P 0xaa 0 8M", "flush")
 	nbdsh(t, d.uri("fz"), "nbdsh-fast-zero-ok", nbdshFastZeroPlain)
+	// The backing file gave the punched 2 MiB back: 8 MiB written, 6 MiB allocated (the range
+	// zeroed with NO_HOLE keeps its blocks).
+	var st syscall.Stat_t
+	if err := syscall.Stat(filepath.Join(d.dir, "vol-0.img"), &st); err != nil {
+		t.Fatal(err)
+	}
+	if alloc := st.Blocks * 512; alloc > 6*mib+64<<10 {
+		t.Fatalf("volume file allocates %d bytes after punching 2 MiB of 8 MiB", alloc)
+	}
 
 	d.cli("mkvolume", "-name", "src", "-size", "16M")
 	d.cli("mkvolume", "-name", "tgt", "-size", "16M")
