@@ -183,7 +183,9 @@ var _ blockdev.FastZeroer = (*device)(nil)
 // it needs no fill, only its split bit committed after the zeroing, as for any whole-grain
 // write. On a volume recording differences (incremental), the difference bits are journalled
 // before the store is asked; should the store then refuse, they only mark a range as changed
-// that was not, which costs a later refresh a copy and is never wrong.
+// that was not, which costs a later refresh a copy and is never wrong. A store that cannot zero
+// fast refuses at the first of its calls, before any range changed: every call goes to the
+// same file.
 func (d *device) WriteZeroesFast(off, length int64, mayPunch, fua bool) error {
 	return d.write(&op{punch: mayPunch, fua: fua, fast: true}, off, length)
 }
