@@ -523,6 +523,46 @@ func (c *Cache) WriteZeroes(off, length int64, mayPunch bool, fua bool) error {
 	return c.rangeOp(off, length, func() error { return c.lower.WriteZeroes(off, length, mayPunch, fua) })
 }
 
+var _ blockdev.FastZeroer = (*Cache)(nil)
+
+// WriteZeroesFast is WriteZeroes for FAST_ZERO: the lower device decides (it refuses with
+// blockdev.ErrNotFast if it would have to copy or write data), and only once it has zeroed the
+// range are the cached pages changed; a refusal leaves the cache as it was.
+func (c *Cache) WriteZeroesFast(off, length int64, mayPunch bool, fua bool) error {
+	if err := blockdev.CheckRange(c.size, off, length); err != nil {
+		return err
+	}
+	if length == 0 {
+		return nil
+	}
+	if err := c.enter(); err != nil {
+		return err
+	}
+	defer c.fence.exit()
+	first, last := off/PageSize, (off+length-1)/PageSize
+	end := off + length
+	// The stripes order the zeroing after destage runs of older data for the range, and keep
+	// fills from reading it, as in rangeOp.
+	c.stripes.lock(first, last)
+	defer c.stripes.unlock(first, last)
+	if err := blockdev.WriteZeroesFast(c.lower, off, length, mayPunch, fua); err != nil {
+		return fmt.Errorf("cachelayer: fast zero [%d,+%d): %w", off, length, err)
+	}
+	// Below is zero now. Pages wholly covered go, clean or dirty (their data is older than the
+	// zeroing); partly covered ones get the covered part zeroed, clean staying clean since below
+	// holds the same zeroes, dirty ones to be destaged with the zeroes in them.
+	c.forResident(first, last+1, func(sh *shard, pg *page) {
+		ps, lo, hi, whole := c.overlap(pg, off, end)
+		if whole {
+			c.dropLocked(sh, pg)
+			return
+		}
+		clear(pg.data[lo-ps : hi-ps])
+		pg.gen++
+	})
+	return nil
+}
+
 func (c *Cache) rangeOp(off, length int64, below func() error) error {
 	if err := blockdev.CheckRange(c.size, off, length); err != nil {
 		return err

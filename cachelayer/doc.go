@@ -22,7 +22,8 @@
 //     each page (clean and still cached, or dirty again).
 //   - Flush destages every page whose age is not newer than the sequence at its start, waiting
 //     for runs others hold, then flushes below. Failed pages stay dirty: a later Flush retries.
-//   - Reads are served from cached pages; misses go below directly and are not cached. A read
+//   - Reads are served from cached pages; misses go below directly and are not cached (only
+//     Prefetch, NBD's CACHE, loads pages for reading: clean, bounded by the pool share). A read
 //     whose misses interleave with cached pages reads the span of its misses below in one call
 //     and copies the cached pages over it.
 //   - The fence counts admitted requests and background runs; Hold waits for the count to drain.

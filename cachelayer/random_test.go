@@ -3,12 +3,14 @@ package cachelayer
 import (
 	"bytes"
 	"context"
+	"errors"
 	"math/rand/v2"
 	"runtime"
 	"sync"
 	"testing"
 	"time"
 
+	"fcnbd/internal/blockdev"
 	"fcnbd/internal/memdev"
 )
 
@@ -16,7 +18,7 @@ import (
 // owns a region whose edges are not page aligned, so neighbours share pages; every read must
 // equal the reference, and after the final Flush lower must equal it too. A controller toggles
 // destage, write-through and the fence meanwhile, and the budget is small enough to force
-// eviction and write-through.
+// eviction and write-through. Prefetches and fast zeroes (a third refused below) are in the mix.
 func TestRandomized(t *testing.T) {
 	const (
 		goroutines = 6
@@ -95,6 +97,25 @@ func TestRandomized(t *testing.T) {
 						return
 					}
 					clear(ref[base+off : base+off+n])
+				case k < 19 && rng.IntN(2) == 0:
+					if err := c.Prefetch(base+off, n); err != nil {
+						t.Errorf("prefetch: %v", err)
+						return
+					}
+				case k < 19:
+					err := c.WriteZeroesFast(base+off, n, rng.IntN(2) == 0, rng.IntN(2) == 0)
+					switch {
+					case (base+off)%3 == 1:
+						if !errors.Is(err, blockdev.ErrNotFast) {
+							t.Errorf("fast zero the lower refuses: %v", err)
+							return
+						}
+					case err != nil:
+						t.Errorf("fast zero: %v", err)
+						return
+					default:
+						clear(ref[base+off : base+off+n])
+					}
 				default:
 					if err := c.Flush(); err != nil {
 						t.Errorf("flush: %v", err)

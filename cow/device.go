@@ -8,6 +8,7 @@ import (
 	"syscall"
 
 	"fcnbd/internal/blockdev"
+	"fcnbd/internal/store"
 )
 
 // device is one volume as seen from the cache: reads routed through the chain, writes with
@@ -128,6 +129,7 @@ func writeFull(v *volume, p []byte, off int64) error {
 type op struct {
 	data  []byte // nil: zeroes
 	punch bool   // zeroes may be punched
+	fast  bool   // zeroes by a metadata operation only (FAST_ZERO), else refused
 	fua   bool
 }
 
@@ -136,6 +138,11 @@ func (o *op) apply(v *volume, base, off, length int64) error {
 	switch {
 	case o.data != nil:
 		return writeFull(v, o.data[off-base:off-base+length], off)
+	case o.fast:
+		if err := store.ZeroFast(v.file, off, length, o.punch); err != nil {
+			return fmt.Errorf("zero volume %d at %d: %w", v.id, off, err)
+		}
+		return nil
 	case o.punch:
 		if err := v.file.Punch(off, length); err != nil {
 			return fmt.Errorf("punch volume %d at %d: %w", v.id, off, err)
@@ -168,6 +175,42 @@ func (d *device) WriteZeroes(off, length int64, mayPunch, fua bool) error {
 	return d.write(&op{punch: mayPunch, fua: fua}, off, length)
 }
 
+var _ blockdev.FastZeroer = (*device)(nil)
+
+// WriteZeroesFast is WriteZeroes when no grain of the range needs a copy-on-write and the store
+// zeroes without writing (store.ZeroFast); otherwise it refuses with blockdev.ErrNotFast before
+// anything changes (see fastOK). A whole grain of a target that does not hold it yet is fast:
+// it needs no fill, only its split bit committed after the zeroing, as for any whole-grain
+// write. On a volume recording differences (incremental), the difference bits are journalled
+// before the store is asked; should the store then refuse, they only mark a range as changed
+// that was not, which costs a later refresh a copy and is never wrong. A store that cannot zero
+// fast refuses at the first of its calls, before any range changed: every call goes to the
+// same file.
+func (d *device) WriteZeroesFast(off, length int64, mayPunch, fua bool) error {
+	return d.write(&op{punch: mayPunch, fua: fua, fast: true}, off, length)
+}
+
+// fastOK reports whether zeroing [off, off+length) of linked volume v copies no grain data:
+// no downstream volume lacks one of its grains, and where v is a target, every grain it does
+// not hold is covered whole. Bits only go from clear to set while the links stay (the caller
+// holds the gate), so a "true" stays true for the request.
+func (v *volume) fastOK(off, length int64) bool {
+	grain := v.grainSize()
+	for pos, end := off, off+length; pos < end; {
+		g := int(pos / grain)
+		gOff := int64(g) * grain
+		segEnd := min(gOff+grain, end)
+		if v.downstreamNeeds(g) {
+			return false
+		}
+		if m := v.target; m != nil && !m.split.Test(g) && (pos != gOff || segEnd != min(gOff+grain, v.size)) {
+			return false
+		}
+		pos = segEnd
+	}
+	return true
+}
+
 // Flush syncs the volume's file (through the group commit, so concurrent flushes and
 // copy-on-write syncs share one fdatasync). Split bits are durable before the write they allow,
 // so no journal commit is owed here.
@@ -191,6 +234,9 @@ func (d *device) write(o *op, off, length int64) error {
 	v, e := d.v, d.e
 	if length == 0 {
 		return nil
+	}
+	if o.fast && v.linked() && !v.fastOK(off, length) {
+		return fmt.Errorf("volume %d [%d,+%d): a grain needs copy-on-write: %w", v.id, off, length, blockdev.ErrNotFast)
 	}
 	if len(v.diffs) > 0 {
 		if err := e.recordDifference(v, off, length); err != nil {

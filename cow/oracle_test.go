@@ -1,11 +1,14 @@
 package cow
 
 import (
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"sync"
 	"testing"
 	"time"
+
+	"fcnbd/internal/blockdev"
 )
 
 // TestModelOracle drives every volume with concurrent random writes, trims and reads (one
@@ -127,7 +130,8 @@ func runOracle(t *testing.T, r *rand.Rand, seed uint64) {
 }
 
 // randomOp is one host operation on volume v: mostly writes of random sizes (some whole grains,
-// some across grain boundaries), some trims and zeroings, and a read checked against the model.
+// some across grain boundaries), some trims and zeroings (fast ones too), and a read checked
+// against the model.
 func randomOp(g *rig, r *rand.Rand, v int) error {
 	off := r.Int64N(g.size)
 	var n int64
@@ -154,9 +158,16 @@ func randomOp(g *rig, r *rand.Rand, v int) error {
 		g.mu.Unlock()
 	case k < 7:
 		var err error
-		if r.IntN(2) == 0 {
+		switch r.IntN(3) {
+		case 0:
 			err = g.devs[v].Trim(off, n)
-		} else {
+		case 1:
+			// FAST_ZERO: refused where a grain would be copied, and then nothing changed.
+			err = blockdev.WriteZeroesFast(g.devs[v], off, n, r.IntN(2) == 0, false)
+			if errors.Is(err, blockdev.ErrNotFast) {
+				return g.check(v, off, n)
+			}
+		default:
 			err = g.devs[v].WriteZeroes(off, n, r.IntN(2) == 0, false)
 		}
 		if err != nil {

@@ -82,6 +82,7 @@ type conn struct {
 	// Transmission phase.
 	dev      blockdev.Device
 	size     uint64
+	flags    uint16        // the transmission flags advertised for dev
 	slots    chan struct{} // one token per request between header read and reply written
 	budget   byteBudget    // payload bytes held by READ and WRITE buffers
 	inflight sync.WaitGroup
@@ -194,6 +195,7 @@ func (c *conn) transmit(dev blockdev.Device) {
 	n := c.s.opts.MaxInFlight
 	c.dev = dev
 	c.size = uint64(dev.Size())
+	c.flags = exportFlags(dev)
 	c.slots = make(chan struct{}, n)
 	c.budget.init(int64(c.s.opts.MaxInFlightBytes))
 	c.queue = make([]reply, 0, n)
@@ -337,8 +339,18 @@ func (c *conn) dispatch(flags, typ uint16, cookie, off uint64, length uint32) bo
 		}, nil)
 	case cmdWriteZeroes:
 		punch := flags&cmdFlagNoHole == 0
+		if flags&cmdFlagFastZero != 0 {
+			c.start(cookie, func() {
+				c.done(cookie, "write_zeroes_fast", blockdev.WriteZeroesFast(c.dev, int64(off), int64(length), punch, fua))
+			}, nil)
+			break
+		}
 		c.start(cookie, func() {
 			c.done(cookie, "write_zeroes", c.dev.WriteZeroes(int64(off), int64(length), punch, fua))
+		}, nil)
+	case cmdCache:
+		c.start(cookie, func() {
+			c.done(cookie, "cache", blockdev.Prefetch(c.dev, int64(off), int64(length)))
 		}, nil)
 	case cmdBlockStatus:
 		one := flags&cmdFlagReqOne != 0
@@ -377,6 +389,9 @@ func (c *conn) validate(flags, typ uint16, off uint64, length uint32) uint32 {
 	switch typ {
 	case cmdWriteZeroes:
 		allowed |= cmdFlagNoHole
+		if c.flags&tflagSendFastZero != 0 {
+			allowed |= cmdFlagFastZero
+		}
 	case cmdBlockStatus:
 		allowed |= cmdFlagReqOne
 	}
@@ -399,6 +414,11 @@ func (c *conn) validate(flags, typ uint16, off uint64, length uint32) uint32 {
 	case cmdFlush:
 	case cmdTrim, cmdWriteZeroes:
 		if !inRange {
+			return errInval
+		}
+	case cmdCache:
+		// Any length: the cache bounds what it loads (blockdev.Prefetcher).
+		if c.flags&tflagSendCache == 0 || !inRange {
 			return errInval
 		}
 	case cmdBlockStatus:

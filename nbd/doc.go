@@ -20,4 +20,7 @@
 // policy of Options.TLSMode; negotiation and transmission then go through the tls.Conn, the
 // writer gathering a batch's replies into full records. Who the client is (Client: address,
 // Unix peer uid, verified certificate) reaches Exports that implement ClientExports.
+//
+// CACHE and FAST_ZERO are advertised per export, for a device that implements them
+// (blockdev.Prefetcher, blockdev.FastZeroer; see exportFlags); a refused fast zero is ENOTSUP.
 package nbd

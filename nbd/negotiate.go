@@ -89,7 +89,7 @@ func (c *conn) negotiate() (exp Export, ok bool) {
 			c.chooseContexts(exp.Name)
 			var r [10 + 124]byte
 			binary.BigEndian.PutUint64(r[0:], uint64(exp.Device.Size()))
-			binary.BigEndian.PutUint16(r[8:], transmissionFlags)
+			binary.BigEndian.PutUint16(r[8:], exportFlags(exp.Device))
 			reply := r[:]
 			if noZeroes {
 				reply = r[:10]
@@ -305,7 +305,7 @@ func (c *conn) info(bw *bufio.Writer, opt uint32, data []byte) (exp Export, foun
 	var b [14]byte
 	binary.BigEndian.PutUint16(b[0:], infoExport)
 	binary.BigEndian.PutUint64(b[2:], uint64(exp.Device.Size()))
-	binary.BigEndian.PutUint16(b[10:], transmissionFlags)
+	binary.BigEndian.PutUint16(b[10:], exportFlags(exp.Device))
 	c.optReplyBuffered(bw, opt, repInfo, b[:12])
 	if wantName {
 		binary.BigEndian.PutUint16(b[0:], infoName)

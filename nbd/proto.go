@@ -1,6 +1,10 @@
 package nbd
 
-import "syscall"
+import (
+	"syscall"
+
+	"fcnbd/internal/blockdev"
+)
 
 // Wire constants of the NBD protocol (fixed newstyle, simple and structured replies, block
 // status), as named in the NetworkBlockDevice/nbd proto.md.
@@ -53,8 +57,11 @@ const (
 	tflagSendTrim        = 1 << 5
 	tflagSendWriteZeroes = 1 << 6
 	tflagCanMultiConn    = 1 << 8
+	tflagSendCache       = 1 << 10 // NBD_FLAG_SEND_CACHE: the device is a blockdev.Prefetcher
+	tflagSendFastZero    = 1 << 11 // NBD_FLAG_SEND_FAST_ZERO: the device is a blockdev.FastZeroer
 
-	// transmissionFlags is exactly what the server implements.
+	// transmissionFlags is exactly what the server implements for every device; exportFlags
+	// adds what depends on the device.
 	transmissionFlags = tflagHasFlags | tflagSendFlush | tflagSendFUA | tflagSendTrim |
 		tflagSendWriteZeroes | tflagCanMultiConn
 
@@ -64,13 +71,15 @@ const (
 	cmdDisc        = 2
 	cmdFlush       = 3
 	cmdTrim        = 4
+	cmdCache       = 5
 	cmdWriteZeroes = 6
 	cmdBlockStatus = 7
 
 	// Command flags.
-	cmdFlagFUA    = 1 << 0
-	cmdFlagNoHole = 1 << 1
-	cmdFlagReqOne = 1 << 3
+	cmdFlagFUA      = 1 << 0
+	cmdFlagNoHole   = 1 << 1
+	cmdFlagReqOne   = 1 << 3
+	cmdFlagFastZero = 1 << 4
 
 	// Structured reply chunks: flags and types.
 	chunkFlagDone     = 1 << 0
@@ -100,6 +109,19 @@ const (
 	requestSize  = 28 // bytes of a request header
 	replyHdrSize = 16 // bytes of a simple reply header
 )
+
+// exportFlags is the transmission flags of an export of dev: CACHE and FAST_ZERO are
+// advertised only for devices that implement them.
+func exportFlags(dev blockdev.Device) uint16 {
+	f := uint16(transmissionFlags)
+	if _, ok := dev.(blockdev.Prefetcher); ok {
+		f |= tflagSendCache
+	}
+	if _, ok := dev.(blockdev.FastZeroer); ok {
+		f |= tflagSendFastZero
+	}
+	return f
+}
 
 // Limits.
 const (

@@ -6,8 +6,9 @@
 #
 # Env: FCNBD_BIN (default bin/fcnbd), BENCH_DIR (default .cache/bench), BENCH_SIZE (default
 # 1G), BENCH_RUNTIME seconds per measurement (default 10), BENCH_ROUNDS (default 2: each
-# server measured this many times per row, alternating; the median is reported), BENCH_ONLY=tls
-# (only the TLS row, see bench_tls).
+# server measured this many times per row, alternating; the median is reported).
+# BENCH_ROWS: comma-separated sections to run (default all): peers (the fio rows), sparse (the
+# sparse nbdcopy row), tls (seqread-1m over TLS, see bench_tls), flashcopy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${FCNBD_BIN:-$PWD/bin/fcnbd}
@@ -15,6 +16,7 @@ dir=${BENCH_DIR:-$PWD/.cache/bench}
 size=${BENCH_SIZE:-1G}
 runtime=${BENCH_RUNTIME:-10}
 rounds=${BENCH_ROUNDS:-2}
+want() { [ -z "${BENCH_ROWS:-}" ] || [[ ",$BENCH_ROWS," == *",$1,"* ]]; }
 
 rm -rf "$dir"; mkdir -p "$dir/fcnbd" "$dir/results"
 pids=()
@@ -29,7 +31,9 @@ bytes=$(numfmt --from=iec "$size")
 # file was written shapes its page cache (large folios after large writes make each later
 # 4 KiB pwrite into them several times dearer), so the peers' files must not be written
 # differently from fcnbd's volume.
+if want peers || want flashcopy || want tls; then
 head -c "$bytes" /dev/urandom > "$dir/src.img"
+fi
 truncate -s "$bytes" "$dir/nbdkit.img" "$dir/qemu.img"
 
 # ---- TLS row: seqread-1m over loopback TCP and TLS, fcnbd --tls require against nbdkit
@@ -38,7 +42,7 @@ truncate -s "$bytes" "$dir/nbdkit.img" "$dir/qemu.img"
 # files, which fio does not), so fio connects through nbds://...?tls-verify-peer=false without
 # a client certificate, and neither server verifies clients (no ca-cert.pem in fcnbd's
 # directory; nbdkit, which needs one, without --tls-verify-peer): the handshake differs, the data path does not.
-# Run after the peer rows; BENCH_ONLY=tls runs only this row.
+# Run after the peer rows; BENCH_ROWS=tls runs only this row.
 bench_tls() {
   local t=$dir/tls certs=$dir/tls/certs fport nport
   mkdir -p "$t/fcnbd" "$certs" "$t/results"
@@ -99,7 +103,6 @@ for s in ["fcnbd", "nbdkit"]:
     print(f"{'tls-seqread-1m':<18}{s:<10}{m[s][0]:>10.1f}{m[s][1]:>10.0f}{ratio:>12}")
 PY
 }
-if [ "${BENCH_ONLY:-}" = tls ]; then bench_tls; exit 0; fi
 
 "$bin" serve --data-dir "$dir/fcnbd" --socket "$dir/c.sock" --nbd-unix "$dir/fcnbd.sock" --nbd-tcp "" --log-level warn &
 pids+=($!)
@@ -118,6 +121,7 @@ declare -A uri=(
   [qemu-nbd]="nbd+unix:///bench?socket=$dir/qemu.sock"
 )
 servers=(fcnbd nbdkit qemu-nbd)
+if want peers; then
 for s in "${servers[@]}"; do
   nbdcopy "$dir/src.img" "${uri[$s]}"
 done
@@ -167,10 +171,73 @@ for row in rows:
         per = " ".join(f"{x[0]:.0f}" for x in samples[s])
         print(f"{row:<14}{s:<10}{iops:>10.0f}{mib:>10.1f}{p99:>10.0f}{ratio:>12}  {per}")
 PY
+fi # peers
 
-bench_tls
+# ---- Sparse copy row: nbdcopy of a 1 GiB volume that is 10 % written, fcnbd against nbdkit ----
+# The same data, 1 MiB of random bytes at the start of every 10 MiB, is written into a sparse
+# file that nbdkit's file plugin serves (cp --sparse=always keeps its holes), and into a fresh
+# fcnbd volume through NBD (nbdcopy from that file, which zeroes holes by punching). Timed:
+# nbdcopy from each server to a new file in the same directory, which leaves holes as holes
+# (base:allocation tells nbdcopy where they are); the copies' allocation is printed to show it.
+# Env: BENCH_SPARSE_SIZE (default 1G).
+sparse_row() {
+  local ssize sbytes step n out t0 t1 s r
+  ssize=${BENCH_SPARSE_SIZE:-1G}
+  sbytes=$(numfmt --from=iec "$ssize")
+  step=$((10 << 20))
+  truncate -s "$sbytes" "$dir/sparse-src.img"
+  for ((n = 0; n * step < sbytes; n++)); do
+    head -c 1M /dev/urandom | dd of="$dir/sparse-src.img" bs=1M seek=$((n * 10)) conv=notrunc status=none
+  done
+  cp --sparse=always "$dir/sparse-src.img" "$dir/sparse-nbdkit.img"
+  "$bin" --socket "$dir/c.sock" mkvolume -name sparse -size "$ssize" >/dev/null
+  nbdcopy "$dir/sparse-src.img" "nbd+unix:///sparse?socket=$dir/fcnbd.sock"
+  nbdkit -f -U "$dir/sparse-nbdkit.sock" file "$dir/sparse-nbdkit.img" &
+  pids+=($!)
+  wait_sock "$dir/sparse-nbdkit.sock"
+  declare -A suri=(
+    [fcnbd]="nbd+unix:///sparse?socket=$dir/fcnbd.sock"
+    [nbdkit]="nbd+unix:///?socket=$dir/sparse-nbdkit.sock"
+  )
+  : > "$dir/results/sparse"
+  for r in $(seq "$rounds"); do
+    for s in fcnbd nbdkit; do
+      echo "bench: sparse nbdcopy $s round $r" >&2
+      out="$dir/sparse-out.img"
+      rm -f "$out"
+      truncate -s "$sbytes" "$out"
+      sync
+      t0=$(date +%s.%N)
+      nbdcopy "${suri[$s]}" "$out"
+      t1=$(date +%s.%N)
+      cmp "$dir/sparse-src.img" "$out" || { echo "bench: sparse copy from $s differs" >&2; exit 1; }
+      echo "$s $r $t0 $t1 $(du -B1 "$out" | cut -f1) $sbytes" >> "$dir/results/sparse"
+    done
+  done
+  python3 - "$dir/results/sparse" <<'PY'
+import statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    s, r, t0, t1, alloc, n = line.split()
+    runs.setdefault(s, []).append((float(t1) - float(t0), int(alloc), int(n)))
+print()
+print("Sparse copy: nbdcopy of a volume 10 % written, to a new sparse file on the same disk")
+print(f"{'row':<16}{'server':<10}{'seconds':>10}{'MiB/s':>10}{'copy MiB':>10}{'fcnbd/peer':>12}  seconds per round")
+t = {s: statistics.median(x[0] for x in v) for s, v in runs.items()}
+for s in ("fcnbd", "nbdkit"):
+    v = runs[s]
+    n, alloc = v[0][2], max(x[1] for x in v)
+    ratio = "" if s == "fcnbd" else f"{t[s] / t['fcnbd']:.2f}x"
+    per = " ".join(f"{x[0]:.2f}" for x in v)
+    print(f"{'nbdcopy-sparse':<16}{s:<10}{t[s]:>10.2f}{n / t[s] / 2**20:>10.0f}{alloc / 2**20:>10.0f}{ratio:>12}  {per}")
+PY
+}
+if want sparse; then sparse_row; fi
+
+if want tls; then bench_tls; fi
 
 # ---- FlashCopy rows: the cost of copy-on-write and the background copy rate ----
+if ! want flashcopy; then exit 0; fi
 # fcsrc gets a copy-rate-0 mapping to fctgt; 4 KiB random writes over the first quarter of fcsrc
 # are measured without a mapping, while grains split for the first time, and once every grain of
 # that quarter is split. Then a second mapping from fcsrc (same grain size: one dependency tree

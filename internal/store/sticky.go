@@ -35,3 +35,8 @@ func (s *stickyFile) Sync() error {
 	}
 	return nil
 }
+
+// ZeroFast forwards to the wrapped file (see FastZeroer).
+func (s *stickyFile) ZeroFast(off, length int64, punch bool) error {
+	return ZeroFast(s.File, off, length, punch)
+}

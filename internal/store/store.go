@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 
 	"golang.org/x/sys/unix"
+
+	"fcnbd/internal/blockdev"
 )
 
 // File is one volume's backing store.
@@ -24,6 +26,23 @@ type File interface {
 	// Punch deallocates [off, off+length); it reads as zeroes afterwards.
 	Punch(off, length int64) error
 	Close() error
+}
+
+// FastZeroer is implemented by a File that can zero a range with a metadata operation alone
+// (NBD's FAST_ZERO). Files without it are never asked to: ZeroFast refuses for them.
+type FastZeroer interface {
+	// ZeroFast makes [off, off+length) read as zeroes without writing zeroes: deallocated
+	// (punch) or turned into allocated-but-unwritten blocks (not punch). If the filesystem
+	// cannot, it returns an error wrapping blockdev.ErrNotFast and the range is unchanged.
+	ZeroFast(off, length int64, punch bool) error
+}
+
+// ZeroFast calls f's ZeroFast, or refuses with blockdev.ErrNotFast if f has none.
+func ZeroFast(f File, off, length int64, punch bool) error {
+	if z, ok := f.(FastZeroer); ok {
+		return z.ZeroFast(off, length, punch)
+	}
+	return blockdev.ErrNotFast
 }
 
 // FS creates, opens and removes backing files by name.
@@ -149,6 +168,24 @@ func (o *osFile) Punch(off, length int64) error {
 	if errors.Is(err, unix.EOPNOTSUPP) {
 		// Filesystems without hole punching still get the contract: the range reads as zeroes.
 		return writeZeroes(o.f, off, length)
+	}
+	return err
+}
+
+// ZeroFast implements FastZeroer with one fallocate: PUNCH_HOLE, or ZERO_RANGE to keep the
+// blocks allocated. Where the filesystem supports neither it refuses, unlike Punch, which falls
+// back to writing zeroes.
+func (o *osFile) ZeroFast(off, length int64, punch bool) error {
+	if length == 0 {
+		return nil
+	}
+	mode := uint32(unix.FALLOC_FL_ZERO_RANGE | unix.FALLOC_FL_KEEP_SIZE)
+	if punch {
+		mode = unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE
+	}
+	err := unix.Fallocate(int(o.f.Fd()), mode, off, length)
+	if errors.Is(err, unix.EOPNOTSUPP) {
+		return fmt.Errorf("fallocate %s: %v: %w", o.f.Name(), err, blockdev.ErrNotFast)
 	}
 	return err
 }

@@ -106,6 +106,23 @@ func (d *fileDevice) WriteZeroes(off, length int64, mayPunch, fua bool) error {
 	return nil
 }
 
+// WriteZeroesFast zeroes with one fallocate, or refuses (store.ZeroFast).
+func (d *fileDevice) WriteZeroesFast(off, length int64, mayPunch, fua bool) error {
+	if err := blockdev.CheckRange(d.size, off, length); err != nil {
+		return err
+	}
+	if err := store.ZeroFast(d.f, off, length, mayPunch); err != nil {
+		if blockdev.IsNotFast(err) {
+			return err
+		}
+		return fmt.Errorf("write zeroes [%d, +%d): %w", off, length, ioErr(err))
+	}
+	if fua {
+		return d.Flush()
+	}
+	return nil
+}
+
 // ioErr keeps an errno the store reported (ENOSPC from a full disk means something to the
 // client) and makes anything else EIO.
 func ioErr(err error) error {
@@ -202,4 +219,22 @@ func (d *gatedDevice) WriteZeroes(off, length int64, mayPunch, fua bool) error {
 	}
 	defer d.gate.leave()
 	return d.inner.WriteZeroes(off, length, mayPunch, fua)
+}
+
+// WriteZeroesFast forwards FAST_ZERO's zeroing; a stack without it refuses (not fast).
+func (d *gatedDevice) WriteZeroesFast(off, length int64, mayPunch, fua bool) error {
+	if !d.gate.enter() {
+		return d.gone()
+	}
+	defer d.gate.leave()
+	return blockdev.WriteZeroesFast(d.inner, off, length, mayPunch, fua)
+}
+
+// Prefetch forwards NBD_CMD_CACHE; a stack without a cache only has the range checked.
+func (d *gatedDevice) Prefetch(off, length int64) error {
+	if !d.gate.enter() {
+		return d.gone()
+	}
+	defer d.gate.leave()
+	return blockdev.Prefetch(d.inner, off, length)
 }

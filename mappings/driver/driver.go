@@ -351,6 +351,22 @@ func (s *stack) WriteZeroes(off, length int64, mayPunch, fua bool) error {
 	return s.cache.WriteZeroes(off, length, mayPunch, fua)
 }
 
+// WriteZeroesFast is FAST_ZERO's zeroing; the cache and the engine below decide.
+func (s *stack) WriteZeroesFast(off, length int64, mayPunch, fua bool) error {
+	if err := s.check(); err != nil {
+		return err
+	}
+	return s.cache.WriteZeroesFast(off, length, mayPunch, fua)
+}
+
+// Prefetch loads the range into the volume's cache (NBD_CMD_CACHE).
+func (s *stack) Prefetch(off, length int64) error {
+	if err := s.check(); err != nil {
+		return err
+	}
+	return s.cache.Prefetch(off, length)
+}
+
 // Close is called by the volume manager after a final Flush when the volume is deleted or the
 // daemon stops.
 func (s *stack) Close() error {
