@@ -235,6 +235,7 @@ func (d *device) write(o *op, off, length int64) error {
 	if length == 0 {
 		return nil
 	}
+	e.hostWrites.Add(1)
 	if o.fast && v.linked() && !v.fastOK(off, length) {
 		return fmt.Errorf("volume %d [%d,+%d): a grain needs copy-on-write: %w", v.id, off, length, blockdev.ErrNotFast)
 	}

@@ -120,6 +120,8 @@ type Engine struct {
 	commit  *committer
 	locks   lockTable
 	bgSlots chan struct{}
+	// hostWrites counts host writes (every volume); the background copy yields while it moves.
+	hostWrites atomic.Int64
 
 	// topoMu serialises topology changes (start, stop, split, remove, volume add/remove) and
 	// guards vols, maps and nextComp. The links inside volumes are additionally guarded by the

@@ -125,6 +125,9 @@ func batchLimit(r int) int64 {
 	return min(copyBatchBytes, RateBytes(r)*int64(copyBatchTime)/int64(time.Second))
 }
 
+// yieldBatchBytes bounds a batch's data while hosts are writing: the copy gives way to them.
+const yieldBatchBytes = 4 << 20
+
 // copyStreams is how many batches of one mapping are copied at once: while one is being made
 // durable (synced and committed), the next is read and written.
 const copyStreams = 2
@@ -140,10 +143,21 @@ func (e *Engine) copyWorker(ctx context.Context, m *mapping) {
 	inflight := make(chan struct{}, copyStreams)
 	var wg sync.WaitGroup
 	var stopped atomic.Bool // a batch found the mapping no longer copying, or failed it
+	hostSeen := e.hostWrites.Load()
 plan:
 	for !m.split.Full() && !stopped.Load() {
+		// Host I/O keeps priority: while hosts write (anywhere in the engine), one batch at a
+		// time, of at most yieldBatchBytes.
+		busy := false
+		if h := e.hostWrites.Load(); h != hostSeen {
+			hostSeen, busy = h, true
+		}
+		limit := batchLimit(int(m.copyRate.Load()))
+		if busy {
+			limit = min(limit, yieldBatchBytes)
+		}
 		var data int64
-		batch, data = e.nextBatch(m, batch[:0], next, batchLimit(int(m.copyRate.Load())))
+		batch, data = e.nextBatch(m, batch[:0], next, limit)
 		if len(batch) == 0 {
 			// What is left is below next: start again from the lowest, once the batches in
 			// flight are published (so as not to copy their grains twice).
@@ -158,7 +172,7 @@ plan:
 			break
 		}
 		// The wait may have been long: take the batch again from its first grain.
-		batch, _ = e.nextBatch(m, batch[:0], batch[0], batchLimit(int(m.copyRate.Load())))
+		batch, _ = e.nextBatch(m, batch[:0], batch[0], min(limit, batchLimit(int(m.copyRate.Load()))))
 		if len(batch) == 0 {
 			continue
 		}
@@ -179,6 +193,9 @@ plan:
 			}
 		})
 		next = b[len(b)-1] + 1
+		if busy {
+			wg.Wait()
+		}
 	}
 	wg.Wait()
 	if stopped.Load() || ctx.Err() != nil || !m.split.Full() {
