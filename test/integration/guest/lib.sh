@@ -2,7 +2,9 @@
 # The runner's Go harness copies this file to /guest/lib.sh for every run.
 #
 # Settings (environment, from --env): NBD_HOST (default 10.0.2.100), NBD_PORT (10809),
-# NBD_EXPORT (default ""), NBD_DEV (/dev/nbd0), NBD_CONNS (2), MNT (/mnt/vol).
+# NBD_EXPORT (default ""), NBD_DEV (/dev/nbd0), NBD_CONNS (2), MNT (/mnt/vol), NBD_TLS (a directory
+# with ca-cert.pem, client-cert.pem, client-key.pem: nbd_attach then connects over TLS, checking
+# the server's certificate for "localhost").
 set -euo pipefail
 : "${NBD_HOST:=10.0.2.100}" "${NBD_PORT:=10809}" "${NBD_EXPORT:=}" "${NBD_DEV:=/dev/nbd0}"
 : "${NBD_CONNS:=2}" "${MNT:=/mnt/vol}"
@@ -16,7 +18,7 @@ trap 'rc=$?; [ $rc = 0 ] || echo "GUEST-FAIL: line $LINENO: $BASH_COMMAND (exit 
 nbd_attach() {
   local i
   for i in 1 2 3 4 5 6 7 8 9 10; do
-    if nbd-client "$NBD_HOST" "$NBD_PORT" "$NBD_DEV" -N "$NBD_EXPORT" -b 4096 -C "$NBD_CONNS" "$@"; then
+    if nbd-client "$NBD_HOST" "$NBD_PORT" "$NBD_DEV" -N "$NBD_EXPORT" -b 4096 -C "$NBD_CONNS" $(nbd_tls_args) "$@"; then
       break
     fi
     [ $i = 10 ] && die "nbd-client could not attach $NBD_EXPORT"
@@ -30,6 +32,12 @@ nbd_attach() {
 }
 
 # nbd_detach — disconnect $NBD_DEV and wait until the kernel shows it idle.
+# nbd_tls_args prints nbd-client's TLS options when NBD_TLS names a certificate directory.
+nbd_tls_args() {
+  [ -n "${NBD_TLS:-}" ] || return 0
+  echo "-certfile $NBD_TLS/client-cert.pem -keyfile $NBD_TLS/client-key.pem -cacertfile $NBD_TLS/ca-cert.pem -tlshostname localhost"
+}
+
 nbd_detach() {
   local i
   nbd-client -d "$NBD_DEV" || die "nbd-client -d $NBD_DEV failed"
