@@ -73,9 +73,10 @@ type conn struct {
 	stopping bool // Shutdown asked: reads fail from now on
 
 	// Negotiated, then read-only during transmission.
-	structured bool   // NBD_OPT_STRUCTURED_REPLY: READ replies are structured
-	metaAlloc  bool   // base:allocation is selected for metaExport
-	metaExport string // the export name of the last NBD_OPT_SET_META_CONTEXT
+	structured bool     // NBD_OPT_STRUCTURED_REPLY: READ replies are structured
+	metaAlloc  bool     // base:allocation is selected for metaExport
+	metaExport string   // the export name of the last NBD_OPT_SET_META_CONTEXT
+	metaDirty  []string // dirty bitmaps selected for metaExport; context IDs from ctxDirtyFirstID
 
 	// Transmission phase.
 	dev      blockdev.Device
@@ -396,7 +397,7 @@ func (c *conn) validate(flags, typ uint16, off uint64, length uint32) uint32 {
 		}
 	case cmdBlockStatus:
 		// Only with a context selected (which needs structured replies), and never empty.
-		if !c.metaAlloc || length == 0 || !inRange {
+		if (!c.metaAlloc && len(c.metaDirty) == 0) || length == 0 || !inRange {
 			return errInval
 		}
 	default:
