@@ -156,6 +156,10 @@ func Open(opts Options) (*Driver, error) {
 					d.log.Warn().Err(err).Int("fcmap", int(id)).Msg("difference bitmap unreadable: the next start copies everything")
 					d.journal.installKind(diffKey(int(id)), chunks{})
 					diffLost = append(diffLost, id)
+				} else if err := d.journal.loadIfAny(tx, startKey(int(id))); err != nil {
+					// Without it the mapping's dirty bitmaps are all dirty until its next start.
+					d.log.Warn().Err(err).Int("fcmap", int(id)).Msg("start difference unreadable: its dirty bitmaps report every grain until the next start")
+					d.journal.dropKind(startKey(int(id)))
 				}
 			}
 		}
