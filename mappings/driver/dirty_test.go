@@ -1,0 +1,117 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"reflect"
+	"syscall"
+	"testing"
+
+	"fcnbd/internal/api"
+	"fcnbd/internal/blockdev"
+)
+
+// dirty returns the dirty extents of bitmap name over the whole of volume vol, as [off, end)
+// pairs of its dirty runs.
+func (r *rig) dirty(vol, name string) [][2]int64 {
+	r.t.Helper()
+	dev := r.vol(vol)
+	db, ok := dev.(blockdev.DirtyBitmaps)
+	if !ok {
+		r.t.Fatalf("volume %s offers no dirty bitmaps", vol)
+	}
+	exts, err := db.DirtyExtents(name, 0, dev.Size())
+	if err != nil {
+		r.t.Fatalf("dirty extents of %s on %s: %v", name, vol, err)
+	}
+	var out [][2]int64
+	var pos int64
+	for _, e := range exts {
+		if e.Dirty {
+			out = append(out, [2]int64{pos, pos + e.Length})
+		}
+		pos += e.Length
+	}
+	if pos != dev.Size() {
+		r.t.Fatalf("dirty extents cover %d bytes of %d", pos, dev.Size())
+	}
+	return out
+}
+
+// TestDirtyBitmaps: the driver's rule of which grains an incremental mapping's bitmap reports
+// on its source and target (see dirty.go), including writes still in a volume's write-back
+// cache, through a restart, and the names offered.
+func TestDirtyBitmaps(t *testing.T) {
+	const grain = 64 << 10
+	r := newRig(t, nil)
+	ctx := context.Background()
+	r.mkvol("s", "t", "u")
+	if _, err := r.d.MkFcmap(ctx, api.MkFcmap{Source: "s", Target: "t", Name: "inc", Incremental: true,
+		CopyRate: ip(150), GrainSize: ip(64)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.d.MkFcmap(ctx, api.MkFcmap{Source: "s", Target: "u", Name: "plain", CopyRate: ip(0)}); err != nil {
+		t.Fatal(err)
+	}
+	for vol, want := range map[string][]string{"s": {"inc"}, "t": {"inc"}, "u": nil} {
+		if got := r.vol(vol).(blockdev.DirtyBitmaps).DirtyBitmapNames(); !reflect.DeepEqual(got, want) {
+			t.Errorf("bitmaps of %s: %v, want %v", vol, got, want)
+		}
+	}
+	all := [][2]int64{{0, volSize}}
+	check := func(vol string, want [][2]int64, why string) {
+		t.Helper()
+		if got := r.dirty(vol, "inc"); !reflect.DeepEqual(got, want) {
+			t.Errorf("%s: %s reports %v, want %v", why, vol, got, want)
+		}
+	}
+	check("s", all, "never started")
+	check("t", all, "never started")
+	if err := r.d.StartFcmap(ctx, "inc", true, false); err != nil {
+		t.Fatal(err)
+	}
+	r.waitStatus("inc", "idle_or_copied")
+	check("s", nil, "after the first start")
+	check("t", all, "the first start copied everything")
+
+	// A write that stays in the source's write-back cache is dirty at once.
+	c, err := r.d.Cache("s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.PauseDestage()
+	r.write("s", 3*grain+5, pattern(1, 10))
+	r.write("t", 7*grain, pattern(2, grain+1)) // two grains
+	g3, g78 := [2]int64{3 * grain, 4 * grain}, [2]int64{7 * grain, 9 * grain}
+	check("s", [][2]int64{g3, g78}, "cached source and target writes")
+	c.ResumeDestage()
+
+	if err := r.d.StartFcmap(ctx, "inc", true, false); err != nil {
+		t.Fatal(err)
+	}
+	check("s", nil, "after the second start")
+	check("t", [][2]int64{g3, g78}, "the second start recopied the difference")
+	r.write("s", 20*grain, pattern(3, 1))
+	g20 := [2]int64{20 * grain, 21 * grain}
+	check("s", [][2]int64{g20}, "a source write after the start")
+	check("t", [][2]int64{g3, g78, g20}, "a source write after the start")
+	r.waitStatus("inc", "idle_or_copied")
+
+	r.restart()
+	check("s", [][2]int64{g20}, "after a restart")
+	check("t", [][2]int64{g3, g78, g20}, "after a restart")
+
+	nightly := "nightly"
+	if err := r.d.ChFcmap(ctx, "inc", api.ChFcmap{Name: &nightly}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.vol("t").(blockdev.DirtyBitmaps).DirtyExtents("inc", 0, grain); !errors.Is(err, syscall.ENOENT) {
+		t.Errorf("the old name after a rename: %v, want ENOENT", err)
+	}
+	if got := r.dirty("t", "nightly"); !reflect.DeepEqual(got, [][2]int64{g3, g78, g20}) {
+		t.Errorf("renamed: %v", got)
+	}
+	if _, err := r.vol("u").(blockdev.DirtyBitmaps).DirtyExtents("plain", 0, grain); !errors.Is(err, syscall.ENOENT) {
+		t.Errorf("a plain mapping's bitmap: %v, want ENOENT", err)
+	}
+}
