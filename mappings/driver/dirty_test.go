@@ -9,6 +9,7 @@ import (
 
 	"fcnbd/internal/api"
 	"fcnbd/internal/blockdev"
+	"fcnbd/internal/catalog"
 )
 
 // dirty returns the dirty extents of bitmap name over the whole of volume vol, as [off, end)
@@ -114,4 +115,46 @@ func TestDirtyBitmaps(t *testing.T) {
 	if _, err := r.vol("u").(blockdev.DirtyBitmaps).DirtyExtents("plain", 0, grain); !errors.Is(err, syscall.ENOENT) {
 		t.Errorf("a plain mapping's bitmap: %v, want ENOENT", err)
 	}
+
+	// A difference record unreadable at open: every grain is dirty, also once the record
+	// reads again, until the next start.
+	id := r.fcmap("nightly").ID
+	corrupt := func(chunk []byte) {
+		t.Helper()
+		r.close()
+		cat, err := catalog.Open(r.dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cat.Update(func(tx *catalog.Tx) error {
+			return tx.PutBitmapChunk(uint64(id), catalog.DifferenceBitmap, 0, chunk)
+		}); err != nil {
+			t.Fatal(err)
+		}
+		cat.Close()
+		r.open()
+	}
+	corrupt([]byte{1, 2, 3})
+	for _, v := range []string{"s", "t"} {
+		if got := r.dirty(v, "nightly"); !reflect.DeepEqual(got, all) {
+			t.Errorf("difference lost: %s reports %v, want all", v, got)
+		}
+	}
+	corrupt(make([]byte, chunkBits/8))
+	for _, v := range []string{"s", "t"} {
+		if got := r.dirty(v, "nightly"); !reflect.DeepEqual(got, all) {
+			t.Errorf("difference readable again: %s reports %v, want all", v, got)
+		}
+	}
+	if err := r.d.StartFcmap(ctx, "nightly", true, false); err != nil {
+		t.Fatal(err)
+	}
+	check = func(vol string, want [][2]int64, why string) {
+		t.Helper()
+		if got := r.dirty(vol, "nightly"); !reflect.DeepEqual(got, want) {
+			t.Errorf("%s: %s reports %v, want %v", why, vol, got, want)
+		}
+	}
+	check("s", nil, "the start after the loss")
+	check("t", all, "the start after the loss copies everything")
 }

@@ -168,6 +168,20 @@ func Open(opts Options) (*Driver, error) {
 		d.eng.Close()
 		return nil, err
 	}
+	if len(diffLost) > 0 {
+		// The difference since the last start is lost, so that start's record must go too:
+		// kept, it could be trusted again once the difference record reads (see dirty.go).
+		if err := d.cat.Update(func(tx *catalog.Tx) error {
+			for _, id := range diffLost {
+				if err := tx.DeleteBitmap(uint64(id), catalog.StartDifferenceBitmap); err != nil {
+					return err
+				}
+			}
+			return nil
+		}); err != nil {
+			d.log.Warn().Err(err).Msg("could not delete the start difference of a mapping whose difference bitmap is lost")
+		}
+	}
 	d.model = model
 
 	vols, err := volume.Open(volume.Options{Catalog: opts.Catalog, FS: opts.FS, Stack: d.buildStack, Logger: opts.Logger})
