@@ -78,6 +78,9 @@ type Driver struct {
 	held     map[mappings.VolumeID]bool    // sources the fence in progress holds
 	started  []mappings.MappingID          // committed by the effects being applied; resolved after them
 	diffs    map[mappings.MappingID]bool   // incremental mappings whose difference the engine records
+	// startMu is held by a start from installing its targets' targetWrites to its commit, and
+	// shared by a dirty bitmap's read of them with the start difference (dirty.go).
+	startMu sync.RWMutex
 	deferred []mappings.Event              // events whose commit failed, fed again on recovery (metadata.go)
 	ended    []mappings.RunFigures         // runs the engine let go of in this apply, recorded at its end
 	metaKick chan struct{}
@@ -93,6 +96,9 @@ type stack struct {
 	online atomic.Bool
 	cache  *cachelayer.Cache
 	d      *Driver
+	// tw: the grains written on this volume since the last start, in this process, of the
+	// incremental mapping it is the target of (nil if none; see dirty.go).
+	tw atomic.Pointer[targetWrites]
 }
 
 // Open loads the model and every volume, brings the data path in line with the model (chains,
@@ -341,6 +347,7 @@ func (s *stack) WriteAt(p []byte, off int64, fua bool) error {
 	if err := s.check(); err != nil {
 		return err
 	}
+	s.recordTargetWrite(off, int64(len(p)))
 	return s.cache.WriteAt(p, off, fua)
 }
 
@@ -359,6 +366,7 @@ func (s *stack) Trim(off, length int64) error {
 	if err := s.check(); err != nil {
 		return err
 	}
+	s.recordTargetWrite(off, length)
 	return s.cache.Trim(off, length)
 }
 
@@ -366,6 +374,7 @@ func (s *stack) WriteZeroes(off, length int64, mayPunch, fua bool) error {
 	if err := s.check(); err != nil {
 		return err
 	}
+	s.recordTargetWrite(off, length)
 	return s.cache.WriteZeroes(off, length, mayPunch, fua)
 }
 

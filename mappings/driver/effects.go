@@ -141,6 +141,7 @@ func (d *Driver) do(next *mappings.Model, e mappings.Effect) error {
 		d.journal.drop(int(e.Map))
 		d.journal.dropKind(diffKey(int(e.Map)))
 		d.journal.dropKind(startKey(int(e.Map)))
+		d.forgetTargetWrites(e.Map)
 		if err := d.cat.Update(func(tx *catalog.Tx) error {
 			for _, k := range []catalog.BitmapKind{catalog.SplitBitmap, catalog.DifferenceBitmap, catalog.StartDifferenceBitmap, catalog.FailureRecord} {
 				if err := tx.DeleteBitmap(uint64(e.Map), k); err != nil {
@@ -219,8 +220,14 @@ func (d *Driver) commitStart(next *mappings.Model, e mappings.CommitStart) error
 	}
 	imgs := d.startDifferences(next, e, specs)
 	imgs.splits = ids
+	d.startMu.Lock()
+	d.startTargetWrites(next, e)
 	failpoint("start-before-commit")
 	diffs, err := d.journal.commitStart(imgs, func(tx *catalog.Tx) error { return tx.PutModel(data) })
+	if err != nil {
+		d.dropTargetWrites(e)
+	}
+	d.startMu.Unlock()
 	if err != nil {
 		for _, id := range ids {
 			d.eng.StopMapping(id, true)
