@@ -66,6 +66,10 @@ type Driver struct {
 	stacksMu sync.Mutex
 	stacks   map[mappings.VolumeID]*stack
 
+	// startMu is held by a start from installing its targets' targetWrites to its commit, and
+	// shared by a dirty bitmap's read of them with the start difference (dirty.go).
+	startMu sync.RWMutex
+
 	// mu serialises every change of the model and the execution of its effects.
 	mu       sync.Mutex
 	model    *mappings.Model
@@ -78,9 +82,6 @@ type Driver struct {
 	held     map[mappings.VolumeID]bool    // sources the fence in progress holds
 	started  []mappings.MappingID          // committed by the effects being applied; resolved after them
 	diffs    map[mappings.MappingID]bool   // incremental mappings whose difference the engine records
-	// startMu is held by a start from installing its targets' targetWrites to its commit, and
-	// shared by a dirty bitmap's read of them with the start difference (dirty.go).
-	startMu sync.RWMutex
 	deferred []mappings.Event              // events whose commit failed, fed again on recovery (metadata.go)
 	ended    []mappings.RunFigures         // runs the engine let go of in this apply, recorded at its end
 	metaKick chan struct{}
