@@ -10,6 +10,8 @@ import (
 	"fcnbd/internal/api"
 	"fcnbd/internal/blockdev"
 	"fcnbd/internal/catalog"
+	"fcnbd/internal/store/errorfs"
+	"fcnbd/mappings"
 )
 
 // dirty returns the dirty extents of bitmap name over the whole of volume vol, as [off, end)
@@ -175,4 +177,48 @@ func TestDirtyBitmaps(t *testing.T) {
 	}
 	check("s", nil, "the start after the loss")
 	check("t", all, "the start after the loss copies everything")
+}
+
+// TestDirtyBitmapFailedStartCommit: a start whose commit fails leaves the target without its
+// own record of writes (which the start had replaced with an empty one), so the target's
+// bitmap falls back to the live difference and keeps the writes since the previous start.
+func TestDirtyBitmapFailedStartCommit(t *testing.T) {
+	const grain = 64 << 10
+	fr := newFaultRig(t, errorfs.NewSwitch(errorfs.OnOp(errorfs.OpWrite)), nil)
+	r := fr.rig
+	ctx := context.Background()
+	r.mkvol("s", "t")
+	if _, err := r.d.MkFcmap(ctx, api.MkFcmap{Source: "s", Target: "t", Name: "inc", Incremental: true,
+		CopyRate: ip(150), GrainSize: ip(64)}); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if err := r.d.StartFcmap(ctx, "inc", true, false); err != nil {
+			t.Fatal(err)
+		}
+		r.waitStatus("inc", "idle_or_copied")
+	}
+	r.write("t", 9*grain, pattern(1, 1))
+	g9 := [][2]int64{{9 * grain, 10 * grain}}
+	if got := r.dirty("t", "inc"); !reflect.DeepEqual(got, g9) {
+		t.Fatalf("target write: %v, want %v", got, g9)
+	}
+	tid := mappings.VolumeID(r.fcmap("inc").TargetID)
+	if tw := r.d.stackOf(tid).tw.Load(); tw == nil || !tw.bm.Test(9) {
+		t.Fatalf("the target's own record of writes: %+v", tw)
+	}
+	if err := r.d.PrestartFcmap(ctx, "inc", false); err != nil {
+		t.Fatal(err)
+	}
+	r.waitStatus("inc", "prepared")
+	fr.metaDown.Store(true)
+	if err := r.d.StartFcmap(ctx, "inc", false, false); err == nil {
+		t.Fatal("start with the catalogue down succeeded")
+	} else {
+		t.Logf("start: %v", err)
+	}
+	if tw := r.d.stackOf(tid).tw.Load(); tw != nil {
+		t.Fatalf("after a failed start commit the target keeps a record of writes: %+v (grain 9: %v)", tw, tw.bm.Test(9))
+	}
+	fr.metaDown.Store(false)
 }
