@@ -73,10 +73,12 @@ type conn struct {
 	stopping bool // Shutdown asked: reads fail from now on
 
 	// Negotiated, then read-only during transmission.
-	structured bool     // NBD_OPT_STRUCTURED_REPLY: READ replies are structured
-	metaAlloc  bool     // base:allocation is selected for metaExport
-	metaExport string   // the export name of the last NBD_OPT_SET_META_CONTEXT
-	metaDirty  []string // dirty bitmaps selected for metaExport; context IDs from ctxDirtyFirstID
+	structured bool   // NBD_OPT_STRUCTURED_REPLY: READ replies are structured
+	metaAlloc  bool   // base:allocation is selected for metaExport
+	metaExport string // the export name of the last NBD_OPT_SET_META_CONTEXT
+
+	// The dirty bitmaps selected for metaExport (metactx.go); context IDs from ctxDirtyFirstID.
+	metaDirty []string
 
 	// Transmission phase.
 	dev      blockdev.Device
