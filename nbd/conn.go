@@ -79,6 +79,9 @@ type conn struct {
 	metaAlloc  bool   // base:allocation is selected for metaExport
 	metaExport string // the export name of the last NBD_OPT_SET_META_CONTEXT
 
+	// The dirty bitmaps selected for metaExport (metactx.go); context IDs from ctxDirtyFirstID.
+	metaDirty []string
+
 	// Transmission phase.
 	dev      blockdev.Device
 	size     uint64
@@ -423,7 +426,7 @@ func (c *conn) validate(flags, typ uint16, off uint64, length uint32) uint32 {
 		}
 	case cmdBlockStatus:
 		// Only with a context selected (which needs structured replies), and never empty.
-		if !c.metaAlloc || length == 0 || !inRange {
+		if (!c.metaAlloc && len(c.metaDirty) == 0) || length == 0 || !inRange {
 			return errInval
 		}
 	default:

@@ -13,7 +13,9 @@
 // A client that negotiates structured replies gets its READ replies as chunks (structured.go):
 // one OFFSET_DATA chunk, framed by the writer like a simple reply, or, for a large read over
 // holes the device reports (blockdev.Extenter), data and hole chunks built by the request. The
-// base:allocation meta context answers BLOCK_STATUS from the same extents. A client that
+// base:allocation meta context answers BLOCK_STATUS from the same extents; qemu's
+// qemu:dirty-bitmap:NAME contexts (metactx.go) answer it from the device's dirty bitmaps
+// (blockdev.DirtyBitmaps), one chunk per selected context. A client that
 // negotiates neither gets exactly the simple replies it always did.
 //
 // NBD_OPT_STARTTLS (tls.go) switches a connection to crypto/tls during negotiation, under the

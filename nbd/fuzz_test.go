@@ -27,6 +27,7 @@ func fuzzServer() *Server {
 	return NewServer(StaticExports{
 		{Name: "a", Description: "fuzz", Device: a},
 		{Name: "", Device: memdev.New(4096)},
+		{Name: "d", Device: &dirtyDev{Device: memdev.New(256 << 10), bitmaps: map[string][]int{"m": {1, 3}, "broken": nil}}},
 	}, Options{MaxInFlight: 8, HandshakeTimeout: 5 * time.Second})
 }
 
@@ -75,6 +76,10 @@ func FuzzNegotiation(f *testing.F) {
 		optBytes(optListMeta, metaData("a", "base:")), optBytes(optSetMeta, metaData("b", ctxAllocationName)),
 		optBytes(optSetMeta, metaData("a", ctxAllocationName)), optBytes(optGo, infoData("a")),
 		reqBytes(cmdBlockStatus, cmdFlagReqOne, 1, 3, 5000, nil), reqBytes(cmdRead, 0, 2, 100, 300<<10, nil)))
+	f.Add(seq(flags, optBytes(optStructured, nil), optBytes(optListMeta, metaData("d", "qemu:")),
+		optBytes(optSetMeta, metaData("d", ctxDirtyPrefix+"m", ctxAllocationName, ctxDirtyPrefix+"broken")),
+		optBytes(optSetMeta, metaData("d", ctxDirtyPrefix+"m", ctxAllocationName)), optBytes(optGo, infoData("d")),
+		reqBytes(cmdBlockStatus, 0, 1, 3, 200<<10, nil), reqBytes(cmdBlockStatus, cmdFlagReqOne, 2, 64<<10, 1, nil)))
 	f.Add(seq(flags, optBytes(optList, []byte("x")), optBytes(optInfo, []byte{0, 0, 0, 9, 'a', 0, 0})))
 	f.Add(seq(flags, optBytes(0x77, bytes.Repeat([]byte{'I'}, 9000)), optBytes(optAbort, nil)))
 	f.Add(seq(be32(0)))

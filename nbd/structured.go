@@ -123,14 +123,47 @@ func (c *conn) readFailed(cookie, at uint64, buf *[]byte, err error) reply {
 	return errorChunk(cookie, errno, &at)
 }
 
-// blockStatus answers BLOCK_STATUS for base:allocation, the one context: a BLOCK_STATUS chunk
-// whose descriptors cover [off, off+length) in order, or less of it (never past it, nor more
-// than maxStatusExtents; with one, exactly one descriptor). A hole reads as zeroes, so it is
-// HOLE|ZERO.
+// blockStatus answers BLOCK_STATUS: one BLOCK_STATUS chunk per selected context,
+// base:allocation first (allocStatus), then the dirty bitmaps in the order of their IDs
+// (dirtyStatus); the last chunk is flagged DONE. If any context cannot be described, the reply
+// is one error chunk instead.
 func (c *conn) blockStatus(cookie, off uint64, length uint32, one bool) reply {
+	var chunks [][]byte
+	last := len(c.metaDirty) - 1
+	if c.metaAlloc {
+		var flags uint16
+		if last < 0 {
+			flags = chunkFlagDone
+		}
+		b, err := c.allocStatus(flags, cookie, off, length, one)
+		if err != nil {
+			return errorChunk(cookie, c.result(cookie, "block_status", err).errno, nil)
+		}
+		chunks = append(chunks, b)
+	}
+	for i, name := range c.metaDirty {
+		var flags uint16
+		if i == last {
+			flags = chunkFlagDone
+		}
+		b, err := c.dirtyStatus(nil, flags, cookie, off, length, one, ctxDirtyFirstID+uint32(i), name)
+		if err != nil {
+			errno := dirtyErrno(err)
+			c.log.Warn().Err(err).Str("bitmap", name).Uint32("nbd_error", errno).Msg("block status of a dirty bitmap failed")
+			return errorChunk(cookie, errno, nil)
+		}
+		chunks = append(chunks, b)
+	}
+	return reply{cookie: cookie, kind: replyChunks, chunks: &chunks}
+}
+
+// allocStatus is the BLOCK_STATUS chunk of base:allocation: its descriptors cover
+// [off, off+length) in order, or less of it (never past it, nor more than maxStatusExtents;
+// with one, exactly one descriptor). A hole reads as zeroes, so it is HOLE|ZERO.
+func (c *conn) allocStatus(flags uint16, cookie, off uint64, length uint32, one bool) ([]byte, error) {
 	exts, err := blockdev.Extents(c.dev, int64(off), int64(length))
 	if err != nil {
-		return errorChunk(cookie, c.result(cookie, "block_status", err).errno, nil)
+		return nil, err
 	}
 	if n := extentsLen(exts); n == 0 || n > int64(length) {
 		c.log.Warn().Int64("described", n).Uint32("length", length).
@@ -142,7 +175,7 @@ func (c *conn) blockStatus(cookie, off uint64, length uint32, one bool) reply {
 	}
 	exts = exts[:min(len(exts), maxStatusExtents)]
 	b := make([]byte, 0, chunkHdrSize+4+8*len(exts))
-	b = appendChunkHdr(b, chunkFlagDone, chunkBlockStatus, cookie, 4+8*len(exts))
+	b = appendChunkHdr(b, flags, chunkBlockStatus, cookie, 4+8*len(exts))
 	b = binary.BigEndian.AppendUint32(b, ctxAllocationID)
 	for _, e := range exts {
 		var state uint32
@@ -152,7 +185,7 @@ func (c *conn) blockStatus(cookie, off uint64, length uint32, one bool) reply {
 		b = binary.BigEndian.AppendUint32(b, uint32(e.Length))
 		b = binary.BigEndian.AppendUint32(b, state)
 	}
-	return reply{cookie: cookie, kind: replyChunks, chunks: &[][]byte{b}}
+	return b, nil
 }
 
 // extentsLen is the number of bytes exts describe.

@@ -198,7 +198,7 @@ func (c *conn) startTLS(bw **bufio.Writer, n uint32) bool {
 
 	// State negotiated in plain text could have been chosen by an attacker in the middle: the
 	// client negotiates again (CVE-2021-3716 was nbdkit keeping it).
-	c.structured, c.metaAlloc, c.metaExport = false, false, ""
+	c.structured, c.metaAlloc, c.metaExport, c.metaDirty = false, false, "", nil
 
 	st := tc.ConnectionState()
 	c.client.TLS = true

@@ -29,6 +29,10 @@ type BitmapKind byte
 const (
 	SplitBitmap      BitmapKind = 's'
 	DifferenceBitmap BitmapKind = 'd'
+	// StartDifferenceBitmap is an incremental mapping's difference bitmap as its last start
+	// found it (every grain set if that start copied everything), written by the start commit.
+	// It always has chunk 0, so that an absent record (never started) is told from a clear one.
+	StartDifferenceBitmap BitmapKind = 'l'
 	// FailureRecord is one chunk (0) saying the mapping was stopped by a failed grain copy;
 	// it is written before anything relies on the stop, and removed when the mapping starts.
 	FailureRecord BitmapKind = 'f'

@@ -238,3 +238,26 @@ func (d *gatedDevice) Prefetch(off, length int64) error {
 	defer d.gate.leave()
 	return blockdev.Prefetch(d.inner, off, length)
 }
+
+// DirtyBitmapNames forwards to the stack (the driver's: the volume's incremental mappings).
+func (d *gatedDevice) DirtyBitmapNames() []string {
+	db, ok := d.inner.(blockdev.DirtyBitmaps)
+	if !ok || !d.gate.enter() {
+		return nil
+	}
+	defer d.gate.leave()
+	return db.DirtyBitmapNames()
+}
+
+// DirtyExtents forwards to the stack; a stack with no dirty bitmaps has no such name.
+func (d *gatedDevice) DirtyExtents(name string, off, length int64) ([]blockdev.DirtyExtent, error) {
+	if !d.gate.enter() {
+		return nil, d.gone()
+	}
+	defer d.gate.leave()
+	db, ok := d.inner.(blockdev.DirtyBitmaps)
+	if !ok {
+		return nil, fmt.Errorf("volume %s has no dirty bitmap %q: %w", d.name, name, syscall.ENOENT)
+	}
+	return db.DirtyExtents(name, off, length)
+}

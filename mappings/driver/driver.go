@@ -66,6 +66,10 @@ type Driver struct {
 	stacksMu sync.Mutex
 	stacks   map[mappings.VolumeID]*stack
 
+	// startMu is held by a start from installing its targets' targetWrites to its commit, and
+	// shared by a dirty bitmap's read of them with the start difference (dirty.go).
+	startMu sync.RWMutex
+
 	// mu serialises every change of the model and the execution of its effects.
 	mu       sync.Mutex
 	model    *mappings.Model
@@ -93,6 +97,9 @@ type stack struct {
 	online atomic.Bool
 	cache  *cachelayer.Cache
 	d      *Driver
+	// tw: the grains written on this volume since the last start, in this process, of the
+	// incremental mapping it is the target of (nil if none; see dirty.go).
+	tw atomic.Pointer[targetWrites]
 }
 
 // Open loads the model and every volume, brings the data path in line with the model (chains,
@@ -156,6 +163,10 @@ func Open(opts Options) (*Driver, error) {
 					d.log.Warn().Err(err).Int("fcmap", int(id)).Msg("difference bitmap unreadable: the next start copies everything")
 					d.journal.installKind(diffKey(int(id)), chunks{})
 					diffLost = append(diffLost, id)
+				} else if err := d.journal.loadIfAny(tx, startKey(int(id))); err != nil {
+					// Without it the mapping's dirty bitmaps are all dirty until its next start.
+					d.log.Warn().Err(err).Int("fcmap", int(id)).Msg("start difference unreadable: its dirty bitmaps report every grain until the next start")
+					d.journal.dropKind(startKey(int(id)))
 				}
 			}
 		}
@@ -163,6 +174,20 @@ func Open(opts Options) (*Driver, error) {
 	}); err != nil {
 		d.eng.Close()
 		return nil, err
+	}
+	if len(diffLost) > 0 {
+		// The difference since the last start is lost, so that start's record must go too:
+		// kept, it could be trusted again once the difference record reads (see dirty.go).
+		if err := d.cat.Update(func(tx *catalog.Tx) error {
+			for _, id := range diffLost {
+				if err := tx.DeleteBitmap(uint64(id), catalog.StartDifferenceBitmap); err != nil {
+					return err
+				}
+			}
+			return nil
+		}); err != nil {
+			d.log.Warn().Err(err).Msg("could not delete the start difference of a mapping whose difference bitmap is lost")
+		}
 	}
 	d.model = model
 
@@ -323,6 +348,7 @@ func (s *stack) WriteAt(p []byte, off int64, fua bool) error {
 	if err := s.check(); err != nil {
 		return err
 	}
+	s.recordTargetWrite(off, int64(len(p)))
 	return s.cache.WriteAt(p, off, fua)
 }
 
@@ -341,6 +367,7 @@ func (s *stack) Trim(off, length int64) error {
 	if err := s.check(); err != nil {
 		return err
 	}
+	s.recordTargetWrite(off, length)
 	return s.cache.Trim(off, length)
 }
 
@@ -348,6 +375,7 @@ func (s *stack) WriteZeroes(off, length int64, mayPunch, fua bool) error {
 	if err := s.check(); err != nil {
 		return err
 	}
+	s.recordTargetWrite(off, length)
 	return s.cache.WriteZeroes(off, length, mayPunch, fua)
 }
 

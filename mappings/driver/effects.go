@@ -140,8 +140,10 @@ func (d *Driver) do(next *mappings.Model, e mappings.Effect) error {
 		delete(d.diffs, e.Map)
 		d.journal.drop(int(e.Map))
 		d.journal.dropKind(diffKey(int(e.Map)))
+		d.journal.dropKind(startKey(int(e.Map)))
+		d.forgetTargetWrites(e.Map)
 		if err := d.cat.Update(func(tx *catalog.Tx) error {
-			for _, k := range []catalog.BitmapKind{catalog.SplitBitmap, catalog.DifferenceBitmap, catalog.FailureRecord} {
+			for _, k := range []catalog.BitmapKind{catalog.SplitBitmap, catalog.DifferenceBitmap, catalog.StartDifferenceBitmap, catalog.FailureRecord} {
 				if err := tx.DeleteBitmap(uint64(e.Map), k); err != nil {
 					return err
 				}
@@ -218,8 +220,14 @@ func (d *Driver) commitStart(next *mappings.Model, e mappings.CommitStart) error
 	}
 	imgs := d.startDifferences(next, e, specs)
 	imgs.splits = ids
+	d.startMu.Lock()
+	d.startTargetWrites(next, e)
 	failpoint("start-before-commit")
 	diffs, err := d.journal.commitStart(imgs, func(tx *catalog.Tx) error { return tx.PutModel(data) })
+	if err != nil {
+		d.dropTargetWrites(e)
+	}
+	d.startMu.Unlock()
 	if err != nil {
 		for _, id := range ids {
 			d.eng.StopMapping(id, true)
@@ -244,9 +252,13 @@ func (d *Driver) commitStart(next *mappings.Model, e mappings.CommitStart) error
 // for every grain whose view that start changes (those not seeded as split), since the grain
 // may now differ between its two volumes.
 func (d *Driver) startDifferences(next *mappings.Model, e mappings.CommitStart, specs []cow.MappingSpec) startImages {
-	imgs := startImages{diffs: map[int]func(*bitmap.Bitmap) *bitmap.Bitmap{}, geom: map[int][2]int64{}}
+	imgs := startImages{diffs: map[int]func(*bitmap.Bitmap) *bitmap.Bitmap{}, geom: map[int][2]int64{}, starts: map[int]bool{}}
 	reset := map[mappings.MappingID]bool{}
 	for _, en := range e.Entries {
+		if en.ResetDifference {
+			// Untracked (the engine refused it): the start difference is every grain.
+			imgs.starts[int(en.Map)] = en.FromDifference && d.diffs[en.Map]
+		}
 		if en.ResetDifference && d.diffs[en.Map] {
 			reset[en.Map] = true
 			imgs.diffs[int(en.Map)] = func(old *bitmap.Bitmap) *bitmap.Bitmap {
@@ -276,9 +288,15 @@ func (d *Driver) startDifferences(next *mappings.Model, e mappings.CommitStart, 
 			}
 		}
 	}
-	for id := range imgs.diffs {
+	geom := func(id int) {
 		mp := next.Mappings[mappings.MappingID(id)]
 		imgs.geom[id] = [2]int64{next.Volumes[mp.Source].Size, int64(mp.GrainKiB) << 10}
+	}
+	for id := range imgs.diffs {
+		geom(id)
+	}
+	for id := range imgs.starts {
+		geom(id)
 	}
 	return imgs
 }

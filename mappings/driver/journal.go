@@ -22,6 +22,10 @@ type imgKey struct {
 func splitKey(id int) imgKey { return imgKey{id, catalog.SplitBitmap} }
 func diffKey(id int) imgKey  { return imgKey{id, catalog.DifferenceBitmap} }
 
+// startKey names an incremental mapping's difference bitmap as its last start found it
+// (see Driver.dirtyBitmap).
+func startKey(id int) imgKey { return imgKey{id, catalog.StartDifferenceBitmap} }
+
 // chunks is a bitmap as stored: chunk number → chunkBits/8 bytes; absent chunks are all clear.
 type chunks = map[uint32][]byte
 
@@ -102,6 +106,11 @@ type startImages struct {
 	splits []int
 	diffs  map[int]func(old *bitmap.Bitmap) *bitmap.Bitmap
 	geom   map[int][2]int64 // mapping → volume size, grain (for diffs)
+	// starts are the incremental mappings starting, whose difference bitmap the start resets:
+	// the bitmap as it is now (true: the start copies only its grains) or every grain (false:
+	// the start copies everything) becomes their start difference (startKey). Their geometry
+	// is in geom.
+	starts map[int]bool
 }
 
 // commitStart runs fn and writes the images of s in one catalogue commit (the start commit).
@@ -110,6 +119,19 @@ type startImages struct {
 func (j *journal) commitStart(s startImages, fn func(tx *catalog.Tx) error) (map[int]*bitmap.Bitmap, error) {
 	j.mu.Lock()
 	defer j.mu.Unlock()
+	starts := map[int]chunks{}
+	for id, fromDiff := range s.starts {
+		geo := s.geom[id]
+		bm := bitmapOf(j.images[diffKey(id)], geo[0], geo[1])
+		if !fromDiff {
+			bm.Fill()
+		}
+		img := image(bm)
+		if img[0] == nil {
+			img[0] = make([]byte, chunkBits/8) // the record exists even when clear
+		}
+		starts[id] = img
+	}
 	diffs := map[int]*bitmap.Bitmap{}
 	for id, f := range s.diffs {
 		geo := s.geom[id]
@@ -132,6 +154,11 @@ func (j *journal) commitStart(s startImages, fn func(tx *catalog.Tx) error) (map
 				return err
 			}
 		}
+		for id, img := range starts {
+			if err := writeImage(tx, startKey(id), img); err != nil {
+				return err
+			}
+		}
 		return nil
 	})
 	if err != nil {
@@ -139,6 +166,9 @@ func (j *journal) commitStart(s startImages, fn func(tx *catalog.Tx) error) (map
 	}
 	for id, bm := range diffs {
 		j.images[diffKey(id)] = image(bm)
+	}
+	for id, img := range starts {
+		j.images[startKey(id)] = img
 	}
 	return diffs, nil
 }
@@ -239,6 +269,29 @@ func (j *journal) bitmapKind(k imgKey, size, grain int64) *bitmap.Bitmap {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	return bitmapOf(j.images[k], size, grain)
+}
+
+// bitmapIfAny returns bitmap k for a volume of size and grain, or nil if the journal has none.
+func (j *journal) bitmapIfAny(k imgKey, size, grain int64) *bitmap.Bitmap {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	img, ok := j.images[k]
+	if !ok {
+		return nil
+	}
+	return bitmapOf(img, size, grain)
+}
+
+// loadIfAny reads bitmap k into the journal if the catalogue has a record of it (a chunk).
+func (j *journal) loadIfAny(tx *catalog.Tx, k imgKey) error {
+	found := false
+	if err := tx.BitmapChunks(uint64(k.id), k.kind, func(uint32, []byte) error {
+		found = true
+		return nil
+	}); err != nil || !found {
+		return err
+	}
+	return j.loadKind(tx, k)
 }
 
 // load reads mapping id's stored split bitmap into the journal.
