@@ -326,17 +326,7 @@ func (e *Engine) copyGrains(m *mapping, batch []int) bool {
 	copied := make([]int, 0, len(batch)) // the journal may keep it
 	var bytes int64
 	for i := 0; i < len(batch); {
-		// A piece: consecutive grains, up to copyChunkBytes (at least one grain).
-		j := i + 1
-		_, size := m.split.Extent(batch[i])
-		for j < len(batch) && batch[j] == batch[j-1]+1 {
-			_, n := m.split.Extent(batch[j])
-			if size+n > int64(len(*buf)) {
-				break
-			}
-			size += n
-			j++
-		}
+		j := pieceEnd(m.split, batch, i, int64(len(*buf)))
 		var err error
 		copied, bytes, err = e.copyPiece(m, batch[i:j], *buf, copied, bytes)
 		if err != nil {
@@ -379,6 +369,22 @@ func (e *Engine) prefetchView(m *mapping, from int, n int64) {
 	}
 	off, _ := m.split.Extent(g)
 	store.Prefetch(h.file, off, min(n, m.target.size-off))
+}
+
+// pieceEnd is where the piece of grains (ascending) that starts at index i ends: consecutive
+// grains adding up to at most limit bytes, at least one.
+func pieceEnd(split *bitmap.Bitmap, grains []int, i int, limit int64) int {
+	j := i + 1
+	_, size := split.Extent(grains[i])
+	for j < len(grains) && grains[j] == grains[j-1]+1 {
+		_, n := split.Extent(grains[j])
+		if size+n > limit {
+			break
+		}
+		size += n
+		j++
+	}
+	return j
 }
 
 // copyPiece copies the consecutive grains of piece that are not split yet into m's target,
@@ -635,16 +641,7 @@ func (e *Engine) cleanGrains(m *mapping, d *volume, grains []int) bool {
 	done := make([]int, 0, len(grains)) // the journal may keep it
 	var bytes int64
 	for i := 0; i < len(grains); {
-		j := i + 1
-		_, size := m.split.Extent(grains[i])
-		for j < len(grains) && grains[j] == grains[j-1]+1 {
-			_, n := m.split.Extent(grains[j])
-			if size+n > int64(len(*buf)) {
-				break
-			}
-			size += n
-			j++
-		}
+		j := pieceEnd(m.split, grains, i, int64(len(*buf)))
 		var readErr, writeErr error
 		done, bytes, readErr, writeErr = e.cleanPiece(m, d, grains[i:j], *buf, done, bytes)
 		if readErr != nil {
