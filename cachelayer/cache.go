@@ -800,6 +800,11 @@ func (c *Cache) Extents(off, length int64) ([]blockdev.Extent, error) {
 			}
 		})
 	}
+	if len(cached) == 1 && cached[0] == [2]int64{off, off + length} {
+		// All cached, so all data whatever the device below says: no need to ask it (a
+		// large structured READ of cached data asks, and a store answers with a lseek or two).
+		return blockdev.AppendExtent(nil, blockdev.Extent{Length: length}), nil
+	}
 	exts, err := blockdev.Extents(c.lower, off, length)
 	if err != nil {
 		return nil, fmt.Errorf("cachelayer: extents [%d,+%d): %w", off, length, err)
