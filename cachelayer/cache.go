@@ -220,6 +220,12 @@ func (c *Cache) copyCached(q []byte, idx, in int64) bool {
 	if c.pt.get(idx) == nil {
 		return false
 	}
+	// Fault q's memory in (at most two pages of it) before the shard lock, not in the copy
+	// under it: a buffer fresh from the kernel faults once per page, and a fault under the
+	// lock stalls every read of that shard's pages, which is all of them for a large read (the
+	// pages of 64 consecutive indices are in 64 shards): 256 KiB reads over cached data in a
+	// new daemon queued up on the shard locks behind each other's faults.
+	q[0], q[len(q)-1] = 0, 0
 	sh := c.shard(idx)
 	sh.mu.Lock()
 	if pg := c.pt.get(idx); pg != nil && !pg.loading {
@@ -793,6 +799,11 @@ func (c *Cache) Extents(off, length int64) ([]blockdev.Extent, error) {
 				cached = append(cached, [2]int64{s, e})
 			}
 		})
+	}
+	if len(cached) == 1 && cached[0] == [2]int64{off, off + length} {
+		// All cached, so all data whatever the device below says: no need to ask it (a
+		// large structured READ of cached data asks, and a store answers with a lseek or two).
+		return blockdev.AppendExtent(nil, blockdev.Extent{Length: length}), nil
 	}
 	exts, err := blockdev.Extents(c.lower, off, length)
 	if err != nil {

@@ -61,3 +61,48 @@ func TestExtentsCountCachedPages(t *testing.T) {
 		t.Errorf("after flush: %v, want %v", got, want)
 	}
 }
+
+// extentCounter is a memdev that counts the extents it is asked for.
+type extentCounter struct {
+	*memdev.Device
+	asked int
+}
+
+func (d *extentCounter) Extents(off, length int64) ([]blockdev.Extent, error) {
+	d.asked++
+	return d.Device.Extents(off, length)
+}
+
+// TestExtentsAllCachedAsksNothingBelow: a range whose every page is cached is data without a
+// question to the device below (for a store, a lseek or two per large structured READ); a range
+// with a page not cached still asks.
+func TestExtentsAllCachedAsksNothingBelow(t *testing.T) {
+	lower := &extentCounter{Device: memdev.New(1 << 20)}
+	c := New(lower, nil, Options{DestagePaused: true})
+	t.Cleanup(func() { c.Close() })
+	if err := c.WriteAt(make([]byte, 4*PageSize), 4*PageSize, false); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		off, length int64
+		asks        int
+		want        []blockdev.Extent
+	}{
+		{4 * PageSize, 4 * PageSize, 0, []blockdev.Extent{{Length: 4 * PageSize}}},
+		{5*PageSize + 7, 2 * PageSize, 0, []blockdev.Extent{{Length: 2 * PageSize}}},
+		{4 * PageSize, 4*PageSize + 1, 1, []blockdev.Extent{{Length: 4 * PageSize}, {Length: 1, Hole: true}}},
+		{3 * PageSize, 2 * PageSize, 1, []blockdev.Extent{{Length: PageSize, Hole: true}, {Length: PageSize}}},
+	} {
+		lower.asked = 0
+		got, err := c.Extents(tc.off, tc.length)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("[%d,+%d): %v, want %v", tc.off, tc.length, got, tc.want)
+		}
+		if lower.asked != tc.asks {
+			t.Errorf("[%d,+%d): the device below was asked %d times, want %d", tc.off, tc.length, lower.asked, tc.asks)
+		}
+	}
+}
