@@ -2,7 +2,12 @@ package main
 
 import (
 	"fmt"
+	"os"
+	"slices"
+	"strings"
+	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/urfave/cli/v2"
 
 	"fcnbd/internal/attach"
@@ -22,19 +27,30 @@ func attachCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "attach",
 		Usage:     "make a volume a block device on this host (kernel NBD, else nbdfuse + loop); prints the device",
-		UsageText: "fcnbd attach [--nbd-unix PATH] VOLUME",
-		Flags:     []cli.Flag{socketFlag(), nbdUnixFlag(), attachDirFlag()},
+		UsageText: "fcnbd attach [--method nbd|nbd-client|nbdfuse] [--nbd-unix PATH | --nbd-tcp HOST:PORT] VOLUME",
+		Flags: []cli.Flag{socketFlag(), nbdUnixFlag(), attachDirFlag(),
+			&cli.StringFlag{Name: "nbd-tcp", Usage: "reach the daemon's NBD server at HOST:PORT instead of its Unix socket"},
+			&cli.StringFlag{Name: "method", Usage: "nbd: the kernel NBD driver, set up by fcnbd itself; " +
+				"nbd-client: the kernel NBD driver, set up by nbd-client; nbdfuse: nbdfuse + a loop device " +
+				"(default: nbd where the kernel has the NBD driver, else nbdfuse)"},
+			&cli.DurationFlag{Name: "timeout", Value: 15 * time.Second, Usage: "bound on each step (connecting, the device becoming ready)"},
+		},
 		Action: func(c *cli.Context) error {
 			a, err := args(c, 1, 1, "the volume (name or id)")
 			if err != nil {
 				return err
+			}
+			method := c.String("method")
+			if method != "" && !slices.Contains(attach.Methods, method) {
+				return fmt.Errorf("--method %q: want one of %s", method, strings.Join(attach.Methods, ", "))
 			}
 			// The daemon resolves an id to the name, which is the export name.
 			v, err := client(c).Volume(ctx(c), a[0])
 			if err != nil {
 				return err
 			}
-			rec, err := attach.Attach(ctx(c), v.Name, attach.Options{Dir: c.String("attach-dir"), Socket: c.String("nbd-unix")})
+			rec, err := attach.Attach(ctx(c), v.Name, attach.Options{Dir: c.String("attach-dir"),
+				Socket: c.String("nbd-unix"), TCP: c.String("nbd-tcp"), Method: method, Timeout: c.Duration("timeout")})
 			if err != nil {
 				return fmt.Errorf("attach %s: %w", v.Name, err)
 			}
@@ -44,18 +60,53 @@ func attachCommand() *cli.Command {
 	}
 }
 
+// attachHelperCommand is the process `fcnbd attach` starts (detached) for the nbd method: it
+// connects the device and stays in the kernel's NBD_DO_IT until the device is detached. Its
+// status line goes to file descriptor 3, its log to stderr (the attachment's .log file).
+func attachHelperCommand() *cli.Command {
+	return &cli.Command{
+		Name:   attach.HelperCommand,
+		Hidden: true,
+		Usage:  "internal: hold a kernel NBD device for fcnbd attach",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "device", Required: true},
+			&cli.StringFlag{Name: "export", Required: true},
+			&cli.StringFlag{Name: "nbd-unix"},
+			&cli.StringFlag{Name: "nbd-tcp"},
+			&cli.DurationFlag{Name: "timeout", Value: 15 * time.Second},
+		},
+		Action: func(c *cli.Context) error {
+			network, addr := "unix", c.String("nbd-unix")
+			if t := c.String("nbd-tcp"); t != "" {
+				network, addr = "tcp", t
+			}
+			if addr == "" {
+				return fmt.Errorf("--nbd-unix or --nbd-tcp is required")
+			}
+			status := os.NewFile(3, "status")
+			if _, err := status.Stat(); err != nil {
+				status = nil // run by hand: no status pipe
+			}
+			return attach.RunHelper(attach.HelperConfig{Device: c.String("device"), Network: network,
+				Address: addr, Export: c.String("export"), Timeout: c.Duration("timeout"),
+				Status: status, Log: newLogger(zerolog.InfoLevel)})
+		},
+	}
+}
+
 func detachCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "detach",
 		Usage:     "undo an attach: sync and release the block device",
 		UsageText: "fcnbd detach DEVICE",
-		Flags:     []cli.Flag{attachDirFlag()},
+		Flags: []cli.Flag{attachDirFlag(),
+			&cli.DurationFlag{Name: "timeout", Value: 15 * time.Second, Usage: "bound on each wait (the device released, its helper exited)"}},
 		Action: func(c *cli.Context) error {
 			a, err := args(c, 1, 1, "the device (e.g. /dev/loop0)")
 			if err != nil {
 				return err
 			}
-			return attach.Detach(ctx(c), a[0], attach.Options{Dir: c.String("attach-dir")})
+			return attach.Detach(ctx(c), a[0], attach.Options{Dir: c.String("attach-dir"), Timeout: c.Duration("timeout")})
 		},
 	}
 }

@@ -1,10 +1,11 @@
 // Package attach turns an fcnbd volume into a kernel block device on this host, and back: with
-// the kernel NBD driver (nbd-client) where it exists, otherwise with nbdfuse (the export as a
-// file on a FUSE mount) plus a loop device. Each attachment is recorded in a small JSON file
+// the kernel NBD driver where it exists (from Go, through a helper process that holds the
+// device: MethodNBD; or with nbd-client: MethodNBDClient), otherwise with nbdfuse (the export as
+// a file on a FUSE mount) plus a loop device. Each attachment is recorded in a small JSON file
 // under Options.Dir so that Detach, run by any later process, knows exactly what to undo.
 //
-// This package runs host tools (nbd-client, nbdfuse, losetup, fusermount3) and needs root; it
-// knows nothing of the daemon beyond its NBD socket.
+// This package needs root and, depending on the method, host tools (nbd-client, nbdfuse,
+// losetup, fusermount3); it knows nothing of the daemon beyond its NBD socket.
 package attach
 
 import (
@@ -14,6 +15,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"os"
 	"os/exec"
@@ -31,21 +33,29 @@ const DefaultDir = "/run/fcnbd/attach"
 
 // Methods.
 const (
-	MethodNBD     = "nbd"     // kernel NBD driver via nbd-client
-	MethodNBDFuse = "nbdfuse" // nbdfuse + losetup
+	MethodNBD       = "nbd"        // kernel NBD driver, from Go (a helper process holds the device)
+	MethodNBDClient = "nbd-client" // kernel NBD driver via nbd-client
+	MethodNBDFuse   = "nbdfuse"    // nbdfuse + losetup
 )
+
+// Methods lists the methods, for usage texts.
+var Methods = []string{MethodNBD, MethodNBDClient, MethodNBDFuse}
 
 // Record describes one attachment.
 type Record struct {
-	ID      string    `json:"id"` // <volume>-<n>, unique under Dir
-	Volume  string    `json:"volume"`
-	Device  string    `json:"device"` // /dev/nbdN or /dev/loopN
-	Method  string    `json:"method"`
-	Socket  string    `json:"socket"`
-	Mount   string    `json:"mount,omitempty"`    // nbdfuse mount point
-	Image   string    `json:"image,omitempty"`    // the export as a file, on Mount
-	FusePID int       `json:"fuse_pid,omitempty"` // nbdfuse's pid
-	Created time.Time `json:"created"`
+	ID      string `json:"id"` // <volume>-<n>, unique under Dir
+	Volume  string `json:"volume"`
+	Device  string `json:"device"` // /dev/nbdN or /dev/loopN
+	Method  string `json:"method"`
+	Socket  string `json:"socket"`
+	TCP     string `json:"tcp,omitempty"`      // the daemon's NBD TCP address, when used instead of Socket
+	Mount   string `json:"mount,omitempty"`    // nbdfuse mount point
+	Image   string `json:"image,omitempty"`    // the export as a file, on Mount
+	FusePID int    `json:"fuse_pid,omitempty"` // nbdfuse's pid
+	// HelperPID is the pid of the process holding a MethodNBD device (in NBD_DO_IT). A
+	// MethodNBD record without it was made by nbd-client (before MethodNBDClient existed).
+	HelperPID int       `json:"helper_pid,omitempty"`
+	Created   time.Time `json:"created"`
 }
 
 // Options configures Attach and Detach.
@@ -54,10 +64,17 @@ type Options struct {
 	Dir string
 	// Socket is the daemon's NBD Unix socket.
 	Socket string
-	// Method forces a method; empty means the kernel NBD driver if present, else nbdfuse.
+	// TCP, if set, is the daemon's NBD TCP address (host:port), used instead of Socket.
+	TCP string
+	// Method forces a method; empty means MethodNBD if the kernel has the NBD driver, else
+	// MethodNBDFuse.
 	Method string
-	// Timeout bounds each wait (nbdfuse ready, loop released, nbdfuse exited); 0 means 15 s.
+	// Timeout bounds each wait (connecting, the device ready, nbdfuse ready, loop released,
+	// nbdfuse or the helper exited); 0 means 15 s.
 	Timeout time.Duration
+	// Helper is the command that runs RunHelper for MethodNBD; empty means this executable
+	// with the argument HelperCommand.
+	Helper []string
 }
 
 func (o *Options) defaults() {
@@ -92,14 +109,29 @@ func Attach(ctx context.Context, volume string, o Options) (Record, error) {
 	if err := os.MkdirAll(o.Dir, 0o755); err != nil {
 		return Record{}, err
 	}
+	switch o.Method {
+	case MethodNBD, MethodNBDClient, MethodNBDFuse:
+	default:
+		return Record{}, fmt.Errorf("unknown attach method %q (want one of %s)", o.Method, strings.Join(Methods, ", "))
+	}
+	if o.TCP != "" {
+		if _, _, err := net.SplitHostPort(o.TCP); err != nil {
+			return Record{}, fmt.Errorf("NBD TCP address %q: %w", o.TCP, err)
+		}
+	}
 	id, dir, err := reserve(o.Dir, volume)
 	if err != nil {
 		return Record{}, err
 	}
-	rec := Record{ID: id, Volume: volume, Method: o.Method, Socket: o.Socket, Created: time.Now().UTC()}
+	rec := Record{ID: id, Volume: volume, Method: o.Method, Socket: o.Socket, TCP: o.TCP, Created: time.Now().UTC()}
+	if rec.TCP != "" {
+		rec.Socket = ""
+	}
 	switch o.Method {
 	case MethodNBD:
-		err = attachNBD(ctx, &rec)
+		err = attachKernel(ctx, &rec, o)
+	case MethodNBDClient:
+		err = attachNBDClient(ctx, &rec)
 	case MethodNBDFuse:
 		err = attachFuse(ctx, &rec, dir, o)
 	default:
@@ -135,7 +167,7 @@ func reserve(dir, volume string) (string, string, error) {
 	return "", "", fmt.Errorf("too many attachments of %s", volume)
 }
 
-func attachNBD(ctx context.Context, rec *Record) error {
+func attachNBDClient(ctx context.Context, rec *Record) error {
 	unlock, err := lockNBD(ctx)
 	if err != nil {
 		return err
@@ -153,7 +185,12 @@ func attachNBD(ctx context.Context, rec *Record) error {
 		if nbdInUse(n) {
 			continue
 		}
-		if _, err := run(ctx, "nbd-client", "-unix", rec.Socket, dev, "-N", rec.Volume, "-b", "4096"); err != nil {
+		args := []string{"-unix", rec.Socket, dev}
+		if rec.TCP != "" {
+			host, port, _ := net.SplitHostPort(rec.TCP)
+			args = []string{host, port, dev}
+		}
+		if _, err := run(ctx, "nbd-client", append(args, "-N", rec.Volume, "-b", "4096")...); err != nil {
 			if nbdInUse(n) {
 				// Something other than fcnbd attach took the device meanwhile: try the next.
 				busyErr = err
@@ -203,8 +240,11 @@ func lockNBD(ctx context.Context) (func(), error) {
 	}
 }
 
-// exportURI is the NBD URI of volume on the Unix socket.
-func exportURI(socket, volume string) string {
+// exportURI is the NBD URI of volume on the Unix socket, or at the TCP address if tcp is set.
+func exportURI(socket, tcp, volume string) string {
+	if tcp != "" {
+		return "nbd://" + tcp + "/" + url.PathEscape(volume)
+	}
 	return "nbd+unix:///" + url.PathEscape(volume) + "?socket=" + (&url.URL{Path: socket}).EscapedPath()
 }
 
@@ -218,7 +258,7 @@ func attachFuse(ctx context.Context, rec *Record, dir string, o Options) (err er
 		return err
 	}
 	defer logFile.Close()
-	cmd := exec.Command("nbdfuse", "-P", pidFile, rec.Image, exportURI(rec.Socket, rec.Volume))
+	cmd := exec.Command("nbdfuse", "-P", pidFile, rec.Image, exportURI(rec.Socket, rec.TCP, rec.Volume))
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// Its own session: nbdfuse outlives this process and must not get its terminal's signals.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
@@ -338,6 +378,11 @@ func Detach(ctx context.Context, device string, o Options) error {
 func undo(ctx context.Context, rec Record, o Options) error {
 	switch rec.Method {
 	case MethodNBD:
+		if rec.HelperPID != 0 {
+			return detachKernel(ctx, rec, o)
+		}
+		fallthrough // a record of nbd-client from before MethodNBDClient existed
+	case MethodNBDClient:
 		if rec.Device != "" {
 			if _, err := run(ctx, "nbd-client", "-d", rec.Device); err != nil {
 				return err
@@ -389,7 +434,7 @@ func writeRecord(dir string, rec Record) error {
 }
 
 func removeFiles(dir, id string) error {
-	for _, suffix := range []string{".pid", ".log", ".json.tmp"} {
+	for _, suffix := range []string{".pid", ".log", ".json.tmp"} { // nbdfuse's pid file, nbdfuse's or the helper's log
 		os.Remove(filepath.Join(dir, id+suffix))
 	}
 	if err := os.Remove(filepath.Join(dir, id+".json")); err != nil && !errors.Is(err, os.ErrNotExist) {

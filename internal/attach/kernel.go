@@ -1,0 +1,413 @@
+package attach
+
+// The kernel NBD path without nbd-client (MethodNBD): a helper process (`fcnbd attach-helper`,
+// started detached by Attach) connects to the daemon, negotiates, hands the socket to the kernel
+// with the NBD ioctls and stays in NBD_DO_IT for as long as the device is attached. Detach
+// disconnects the device (NBD_DISCONNECT, NBD_CLEAR_SOCK) and waits for the helper to exit.
+//
+// The ioctl numbers and Disconnect come from github.com/pojntfx/go-nbd. Its client.Connect is not
+// used: v0.3.2 sends client flags 0 (not fixed newstyle) and then an NBD_OPT_GO whose option
+// length is 0 with the export name sent after it, which no conforming server accepts (fcnbd
+// closes the connection at the client flags already); it also never passes the transmission
+// flags to the kernel (NBD_SET_FLAGS), so the device would get neither FLUSH nor FUA nor TRIM.
+// The handshake here is our own (handshake.go); the kernel side is the same sequence of ioctls.
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	nbdclient "github.com/pojntfx/go-nbd/pkg/client"
+	"github.com/pojntfx/go-nbd/pkg/ioctl"
+	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
+)
+
+// nbdSetFlags is NBD_SET_FLAGS (_IO(0xab, 10), linux/nbd.h), which go-nbd does not define.
+const nbdSetFlags = 0xab0a
+
+// HelperCommand is the subcommand of the fcnbd binary that runs RunHelper.
+const HelperCommand = "attach-helper"
+
+// HelperConfig configures RunHelper.
+type HelperConfig struct {
+	Device  string // /dev/nbdN
+	Network string // "unix" or "tcp"
+	Address string // the daemon's NBD socket path or host:port
+	Export  string
+	Timeout time.Duration // bounds connecting, negotiating and the device becoming ready
+	// Status receives one line once the device is ready or setting it up failed: "ok",
+	// "busy MESSAGE" (the device is taken: try another) or "error MESSAGE"; it is then closed.
+	Status *os.File
+	Log    zerolog.Logger
+}
+
+// Status line kinds.
+const (
+	statusOK    = "ok"
+	statusBusy  = "busy"
+	statusError = "error"
+)
+
+// RunHelper connects cfg.Device to the export and holds it until the device is disconnected
+// (by Detach, or by SIGTERM/SIGINT/SIGHUP to this process, which disconnect it) or the daemon's
+// connection is lost. It returns an error if the device could not be set up.
+func RunHelper(cfg HelperConfig) error {
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 15 * time.Second
+	}
+	report := func(kind, msg string) {
+		if cfg.Status == nil {
+			return
+		}
+		fmt.Fprintf(cfg.Status, "%s %s\n", kind, strings.ReplaceAll(msg, "\n", " "))
+		cfg.Status.Close()
+		cfg.Status = nil
+	}
+	fail := func(kind string, err error) error {
+		cfg.Log.Error().Err(err).Str("device", cfg.Device).Str("export", cfg.Export).Msg("attach failed")
+		report(kind, err.Error())
+		return err
+	}
+
+	sock, info, err := dialExport(cfg)
+	if err != nil {
+		return fail(statusError, err)
+	}
+	defer sock.Close()
+	bs, err := kernelBlockSize(info)
+	if err != nil {
+		return fail(statusError, err)
+	}
+
+	dev, err := os.OpenFile(cfg.Device, os.O_RDWR, 0)
+	if err != nil {
+		return fail(statusError, fmt.Errorf("open %s: %w", cfg.Device, err))
+	}
+	defer dev.Close()
+	if err := ioctlArg(dev, ioctl.NEGOTIATION_IOCTL_SET_SOCK, sock.Fd()); err != nil {
+		if errors.Is(err, unix.EBUSY) {
+			return fail(statusBusy, fmt.Errorf("%s is busy (set up by another process)", cfg.Device))
+		}
+		return fail(statusError, fmt.Errorf("NBD_SET_SOCK on %s: %w", cfg.Device, err))
+	}
+	setup := []struct {
+		name string
+		req  uintptr
+		arg  uintptr
+	}{
+		{"NBD_SET_BLKSIZE", ioctl.NEGOTIATION_IOCTL_SET_BLOCKSIZE, uintptr(bs)},
+		{"NBD_SET_SIZE_BLOCKS", ioctl.NEGOTIATION_IOCTL_SET_SIZE_BLOCKS, uintptr(info.Size / uint64(bs))},
+		{"NBD_SET_FLAGS", nbdSetFlags, uintptr(info.Flags)},
+	}
+	for _, s := range setup {
+		if err := ioctlArg(dev, s.req, s.arg); err != nil {
+			ioctlArg(dev, ioctl.TRANSMISSION_IOCTL_CLEAR_SOCK, 0)
+			return fail(statusError, fmt.Errorf("%s on %s: %w", s.name, cfg.Device, err))
+		}
+	}
+
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	doIt := make(chan error, 1)
+	go func() {
+		// NBD_DO_IT waits interruptibly, and a signal taken while it waits tears the device
+		// down: keep every signal away from its thread (the thread ends with this goroutine).
+		runtime.LockOSThread()
+		var all unix.Sigset_t
+		for i := range all.Val {
+			all.Val[i] = ^all.Val[i]
+		}
+		if err := unix.PthreadSigmask(unix.SIG_BLOCK, &all, nil); err != nil {
+			doIt <- fmt.Errorf("block signals: %w", err)
+			return
+		}
+		doIt <- ioctlArg(dev, ioctl.NEGOTIATION_IOCTL_DO_IT, 0)
+	}()
+
+	name := filepath.Base(cfg.Device)
+	deadline := time.Now().Add(cfg.Timeout)
+	for !deviceReady(name) {
+		select {
+		case err := <-doIt:
+			ioctlArg(dev, ioctl.TRANSMISSION_IOCTL_CLEAR_SOCK, 0)
+			if err == nil {
+				err = errors.New("the connection ended at once")
+			}
+			return fail(statusError, fmt.Errorf("NBD_DO_IT on %s: %w", cfg.Device, err))
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			nbdclient.Disconnect(dev)
+			<-doIt
+			return fail(statusError, fmt.Errorf("%s not ready after %v", cfg.Device, cfg.Timeout))
+		}
+	}
+	cfg.Log.Info().Str("device", cfg.Device).Str("export", cfg.Export).Uint64("size", info.Size).
+		Uint32("block_size", bs).Msg("attached")
+	report(statusOK, "")
+
+	for {
+		select {
+		case s := <-sigs:
+			cfg.Log.Info().Str("signal", s.String()).Str("device", cfg.Device).Msg("disconnecting")
+			if err := nbdclient.Disconnect(dev); err != nil {
+				cfg.Log.Warn().Err(err).Str("device", cfg.Device).Msg("disconnect")
+			}
+		case err := <-doIt:
+			// As nbd-client does once NBD_DO_IT returns; harmless if Detach did it already.
+			ioctlArg(dev, ioctl.TRANSMISSION_IOCTL_CLEAR_SOCK, 0)
+			if err != nil {
+				cfg.Log.Error().Err(err).Str("device", cfg.Device).Msg("NBD_DO_IT ended with an error")
+				return fmt.Errorf("NBD_DO_IT on %s: %w", cfg.Device, err)
+			}
+			cfg.Log.Info().Str("device", cfg.Device).Msg("detached")
+			return nil
+		}
+	}
+}
+
+// dialExport connects to the daemon and negotiates the export; it returns the socket as a file
+// (blocking, out of the Go poller), for the kernel.
+func dialExport(cfg HelperConfig) (*os.File, exportInfo, error) {
+	d := net.Dialer{Timeout: cfg.Timeout}
+	nc, err := d.Dial(cfg.Network, cfg.Address)
+	if err != nil {
+		return nil, exportInfo{}, fmt.Errorf("the daemon's NBD server is not reachable at %s: %w (is fcnbd serve running?)", cfg.Address, err)
+	}
+	defer nc.Close()
+	nc.SetDeadline(time.Now().Add(cfg.Timeout))
+	info, err := handshake(nc, cfg.Export)
+	if err != nil {
+		return nil, exportInfo{}, fmt.Errorf("NBD handshake with %s: %w", cfg.Address, err)
+	}
+	nc.SetDeadline(time.Time{})
+	fc, ok := nc.(interface{ File() (*os.File, error) })
+	if !ok {
+		return nil, exportInfo{}, fmt.Errorf("connection of type %T has no file descriptor", nc)
+	}
+	f, err := fc.File()
+	if err != nil {
+		return nil, exportInfo{}, err
+	}
+	return f, info, nil
+}
+
+func ioctlArg(f *os.File, req, arg uintptr) error {
+	if _, _, e := unix.Syscall(unix.SYS_IOCTL, f.Fd(), req, arg); e != 0 {
+		return e
+	}
+	return nil
+}
+
+// deviceReady reports whether the kernel shows /dev/NAME connected and sized.
+func deviceReady(name string) bool {
+	if _, err := os.Stat(filepath.Join("/sys/block", name, "pid")); err != nil {
+		return false
+	}
+	data, err := os.ReadFile(filepath.Join("/sys/block", name, "size"))
+	if err != nil {
+		return false
+	}
+	n, err := strconv.ParseUint(strings.TrimSpace(string(data)), 10, 64)
+	return err == nil && n > 0
+}
+
+// errBusy marks a device another process took.
+var errBusy = errors.New("device busy")
+
+// attachKernel picks a free /dev/nbdN and has a helper process connect it.
+func attachKernel(ctx context.Context, rec *Record, o Options) error {
+	unlock, err := lockNBD(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	var busyErr error
+	for n := 0; ; n++ {
+		dev := fmt.Sprintf("/dev/nbd%d", n)
+		if _, err := os.Stat(dev); err != nil {
+			if busyErr != nil {
+				return busyErr
+			}
+			return fmt.Errorf("no free NBD device (tried /dev/nbd0 to /dev/nbd%d)", n-1)
+		}
+		if nbdInUse(n) {
+			continue
+		}
+		pid, err := startHelper(ctx, rec, dev, o)
+		if errors.Is(err, errBusy) {
+			busyErr = err
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		rec.Device, rec.HelperPID = dev, pid
+		return nil
+	}
+}
+
+// helperArgv is the command that runs RunHelper.
+func (o Options) helperArgv() ([]string, error) {
+	if len(o.Helper) > 0 {
+		return o.Helper, nil
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("find the fcnbd binary for the attach helper: %w", err)
+	}
+	return []string{exe, HelperCommand}, nil
+}
+
+// startHelper starts the helper for dev, detached (its own session), and waits for its status
+// line. On any failure the helper is gone when it returns.
+func startHelper(ctx context.Context, rec *Record, dev string, o Options) (int, error) {
+	argv, err := o.helperArgv()
+	if err != nil {
+		return 0, err
+	}
+	args := append(append([]string{}, argv[1:]...), "--device", dev, "--export", rec.Volume,
+		"--timeout", o.Timeout.String())
+	if rec.TCP != "" {
+		args = append(args, "--nbd-tcp", rec.TCP)
+	} else {
+		args = append(args, "--nbd-unix", rec.Socket)
+	}
+	logPath := filepath.Join(o.Dir, rec.ID+".log")
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		return 0, err
+	}
+	defer logFile.Close()
+	r, w, err := os.Pipe()
+	if err != nil {
+		return 0, err
+	}
+	defer r.Close()
+	cmd := exec.Command(argv[0], args...)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.ExtraFiles = []*os.File{w} // fd 3: the status line
+	// Its own session: the helper outlives this process and must not get its terminal's signals.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	err = cmd.Start()
+	w.Close()
+	if err != nil {
+		return 0, fmt.Errorf("start the attach helper: %w", err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	helperLog := func() string {
+		out, _ := os.ReadFile(logPath)
+		return strings.TrimSpace(string(out))
+	}
+
+	// The helper bounds its own steps by o.Timeout; this is the backstop.
+	r.SetReadDeadline(time.Now().Add(o.Timeout + 5*time.Second))
+	stop := context.AfterFunc(ctx, func() { r.SetReadDeadline(time.Now()) })
+	line, rerr := bufio.NewReader(r).ReadString('\n')
+	stop()
+	kind, msg, _ := strings.Cut(strings.TrimSpace(line), " ")
+	switch {
+	case rerr == nil && kind == statusOK:
+		return cmd.Process.Pid, nil
+	case rerr == nil && (kind == statusBusy || kind == statusError):
+		waitExit(cmd, exited, 5*time.Second)
+		if kind == statusBusy {
+			return 0, fmt.Errorf("%w: %s", errBusy, msg)
+		}
+		return 0, errors.New(msg)
+	case errors.Is(rerr, os.ErrDeadlineExceeded):
+		werr := waitExit(cmd, exited, 5*time.Second)
+		if ctx.Err() != nil {
+			return 0, ctx.Err()
+		}
+		return 0, fmt.Errorf("the attach helper did not report within %v (%v): %s", o.Timeout+5*time.Second, werr, helperLog())
+	default:
+		werr := waitExit(cmd, exited, 5*time.Second)
+		return 0, fmt.Errorf("the attach helper exited (%v) without reporting: %s", werr, helperLog())
+	}
+}
+
+// waitExit waits for the helper to exit, asks it to (SIGTERM: it disconnects its device) after
+// grace, and kills it after as long again.
+func waitExit(cmd *exec.Cmd, exited chan error, grace time.Duration) error {
+	select {
+	case err := <-exited:
+		return err
+	case <-time.After(grace):
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-exited:
+		return err
+	case <-time.After(grace):
+	}
+	cmd.Process.Kill()
+	return <-exited
+}
+
+// detachKernel disconnects a MethodNBD device and waits until its helper has exited and the
+// kernel shows the device free. A helper already gone (killed, or the daemon's connection lost)
+// is not an error.
+func detachKernel(ctx context.Context, rec Record, o Options) error {
+	n, err := nbdIndex(rec.Device)
+	if err != nil {
+		return err
+	}
+	if helperAlive(rec.HelperPID, rec.Device) || nbdInUse(n) {
+		f, err := os.OpenFile(rec.Device, os.O_RDWR, 0)
+		if err != nil {
+			return fmt.Errorf("open %s: %w", rec.Device, err)
+		}
+		derr := nbdclient.Disconnect(f)
+		f.Close()
+		if derr != nil && nbdInUse(n) {
+			return fmt.Errorf("disconnect %s: %w", rec.Device, derr)
+		}
+	}
+	err = waitFor(ctx, o.Timeout, func() bool { return !helperAlive(rec.HelperPID, rec.Device) && !nbdInUse(n) })
+	if err != nil {
+		return fmt.Errorf("%s still held by its attach helper (pid %d): %w", rec.Device, rec.HelperPID, err)
+	}
+	return nil
+}
+
+func nbdIndex(dev string) (int, error) {
+	s, ok := strings.CutPrefix(dev, "/dev/nbd")
+	n, err := strconv.Atoi(s)
+	if !ok || err != nil || n < 0 {
+		return 0, fmt.Errorf("%q is not an NBD device", dev)
+	}
+	return n, nil
+}
+
+// helperAlive reports whether pid is still the attach helper of dev (not exited, not a zombie
+// waiting for its reaper, not a reused pid).
+func helperAlive(pid int, dev string) bool {
+	if pid <= 0 {
+		return false
+	}
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// The state follows the command name, which is in parentheses and may hold anything.
+	if i := strings.LastIndexByte(string(stat), ')'); i < 0 || i+2 >= len(stat) || stat[i+2] == 'Z' {
+		return false
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	return err == nil && strings.Contains(string(cmdline), "\x00--device\x00"+dev+"\x00")
+}

@@ -1,0 +1,183 @@
+package attach
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+// TestMain lets the test binary be the attach helper (as `fcnbd attach-helper` is in
+// production): startHelper runs it with FCNBD_TEST_HELPER set.
+func TestMain(m *testing.M) {
+	switch os.Getenv("FCNBD_TEST_HELPER") {
+	case "":
+		os.Exit(m.Run())
+	case "crash":
+		fmt.Fprintln(os.Stderr, "helper crashed on purpose")
+		os.Exit(7)
+	}
+	fs := flag.NewFlagSet("helper", flag.ExitOnError)
+	dev := fs.String("device", "", "")
+	export := fs.String("export", "", "")
+	unixSock := fs.String("nbd-unix", "", "")
+	tcp := fs.String("nbd-tcp", "", "")
+	timeout := fs.Duration("timeout", 5*time.Second, "")
+	fs.Parse(os.Args[1:])
+	network, addr := "unix", *unixSock
+	if *tcp != "" {
+		network, addr = "tcp", *tcp
+	}
+	err := RunHelper(HelperConfig{Device: *dev, Network: network, Address: addr, Export: *export,
+		Timeout: *timeout, Status: os.NewFile(3, "status"), Log: zerolog.New(os.Stderr)})
+	if err != nil {
+		os.Exit(1)
+	}
+	os.Exit(0)
+}
+
+// testHelper makes Options run this test binary as the helper, in the given mode.
+func testHelper(t *testing.T, mode string) []string {
+	t.Setenv("FCNBD_TEST_HELPER", mode)
+	return []string{os.Args[0]}
+}
+
+func TestHandshake(t *testing.T) {
+	sock := serveNBD(t)
+	nc, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	info, err := handshake(nc, "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const flush, fua, trim = 1 << 2, 1 << 3, 1 << 5
+	if info.Size != 64<<20 || info.Flags&(hsFlagHasFlags|flush|fua|trim) != hsFlagHasFlags|flush|fua|trim || info.Flags&hsFlagReadOnly != 0 {
+		t.Fatalf("export info %+v: want 64 MiB, flags HAS_FLAGS|FLUSH|FUA|TRIM, writable", info)
+	}
+	if info.MinBlock != 1 || info.PrefBlock != 4096 || info.MaxBlock != 32<<20 {
+		t.Fatalf("block sizes %+v", info)
+	}
+	// The connection is in the transmission phase: a DISC request is accepted and the server
+	// closes; nothing of the handshake is left unread.
+	disc := make([]byte, 28)
+	copy(disc, []byte{0x25, 0x60, 0x95, 0x13, 0, 0, 0, 2})
+	if _, err := nc.Write(disc); err != nil {
+		t.Fatal(err)
+	}
+	nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := nc.Read(make([]byte, 1)); n != 0 || err == nil {
+		t.Fatalf("after DISC: read %d bytes, %v; want EOF", n, err)
+	}
+
+	nc2, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc2.Close()
+	if _, err := handshake(nc2, "missing"); !errors.Is(err, errNoExport) {
+		t.Fatalf("handshake for an unknown export: %v, want errNoExport", err)
+	}
+}
+
+func TestKernelBlockSize(t *testing.T) {
+	for _, c := range []struct {
+		info exportInfo
+		want uint32
+	}{
+		{exportInfo{Size: 64 << 20, MinBlock: 1, PrefBlock: 4096, MaxBlock: 32 << 20}, 4096},
+		{exportInfo{Size: 64 << 20}, 4096},
+		{exportInfo{Size: 64<<20 + 512, MinBlock: 1, PrefBlock: 4096}, 512},
+		{exportInfo{Size: 64 << 20, MinBlock: 1, PrefBlock: 1024}, 1024},
+		{exportInfo{Size: 64 << 20, MinBlock: 1, PrefBlock: 1}, 512},
+		{exportInfo{Size: 1000}, 0},
+		{exportInfo{Size: 64 << 20, MinBlock: 8192, PrefBlock: 8192}, 0},
+	} {
+		got, err := kernelBlockSize(c.info)
+		if got != c.want || (err != nil) != (c.want == 0) {
+			t.Errorf("kernelBlockSize(%+v) = %d, %v; want %d", c.info, got, err, c.want)
+		}
+	}
+}
+
+// TestStartHelperFailures: the helper's errors reach the caller with their reason, and the
+// helper is gone when startHelper returns. These fail before any device is touched, so they run
+// without the kernel NBD driver.
+func TestStartHelperFailures(t *testing.T) {
+	sock := serveNBD(t)
+	dir := t.TempDir()
+	ctx := context.Background()
+	for _, c := range []struct {
+		name, mode, socket, tcp, volume, want string
+	}{
+		{"unreachable", "run", filepath.Join(dir, "nothing.sock"), "", "v", "not reachable"},
+		{"unreachable tcp", "run", "", "127.0.0.1:1", "v", "not reachable"},
+		{"unknown export", "run", sock, "", "missing", "no such export"},
+		{"crash", "crash", sock, "", "v", "helper crashed on purpose"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			o := Options{Dir: dir, Timeout: 3 * time.Second, Helper: testHelper(t, c.mode)}
+			rec := &Record{ID: "x-0", Volume: c.volume, Socket: c.socket, TCP: c.tcp}
+			start := time.Now()
+			_, err := startHelper(ctx, rec, "/dev/nbd-test-never-opened", o)
+			if err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("startHelper: %v, want an error containing %q", err, c.want)
+			}
+			if errors.Is(err, errBusy) {
+				t.Fatalf("startHelper: %v is not a busy device", err)
+			}
+			if d := time.Since(start); d > 3*time.Second {
+				t.Fatalf("startHelper took %v to report the failure", d)
+			}
+		})
+	}
+}
+
+// TestAttachNoNBDDevice: MethodNBD without a free /dev/nbdN is a clear error and leaves nothing.
+func TestAttachNoNBDDevice(t *testing.T) {
+	if _, err := os.Stat("/dev/nbd0"); err == nil {
+		t.Skip("this machine has /dev/nbd0")
+	}
+	old := NBDLockPath
+	NBDLockPath = filepath.Join(t.TempDir(), "nbd-attach.lock")
+	t.Cleanup(func() { NBDLockPath = old })
+	opts := Options{Dir: filepath.Join(t.TempDir(), "attach"), Socket: "/nonexistent.sock", Method: MethodNBD}
+	_, err := Attach(context.Background(), "v", opts)
+	if err == nil || !strings.Contains(err.Error(), "no free NBD device") {
+		t.Fatalf("Attach: %v, want no free NBD device", err)
+	}
+	if ents, _ := os.ReadDir(opts.Dir); len(ents) != 0 {
+		t.Fatalf("left behind: %v", ents)
+	}
+	if _, err := Attach(context.Background(), "v", Options{Dir: opts.Dir, Method: "bogus"}); err == nil || !strings.Contains(err.Error(), "unknown attach method") {
+		t.Fatalf("Attach with a bogus method: %v", err)
+	}
+	if _, err := Attach(context.Background(), "v", Options{Dir: opts.Dir, Method: MethodNBD, TCP: "nohost"}); err == nil || !strings.Contains(err.Error(), "TCP address") {
+		t.Fatalf("Attach with a bad TCP address: %v", err)
+	}
+}
+
+func TestHelperAlive(t *testing.T) {
+	if helperAlive(os.Getpid(), "/dev/nbd0") {
+		t.Fatal("the test process counts as the helper of /dev/nbd0")
+	}
+	if helperAlive(0, "/dev/nbd0") || helperAlive(1<<30, "/dev/nbd0") {
+		t.Fatal("a pid that cannot be the helper counts as alive")
+	}
+	if n, err := nbdIndex("/dev/nbd12"); n != 12 || err != nil {
+		t.Fatalf("nbdIndex: %d, %v", n, err)
+	}
+	if _, err := nbdIndex("/dev/loop0"); err == nil {
+		t.Fatal("nbdIndex accepted /dev/loop0")
+	}
+}
