@@ -363,7 +363,10 @@ func Detach(ctx context.Context, device string, o Options) error {
 	if holders, _ := os.ReadDir(filepath.Join("/sys/block", filepath.Base(rec.Device), "holders")); len(holders) > 0 {
 		return fcerr.New(fcerr.BadState, "%s is in use by %s", rec.Device, holders[0].Name())
 	}
-	if err := syncDevice(rec.Device); err != nil {
+	if n, err := nbdIndex(rec.Device); err == nil && !nbdInUse(n) {
+		// The kernel no longer has the device connected (its helper was killed, or the daemon's
+		// connection was lost): nothing can be synced through it, and a flush would only fail.
+	} else if err := syncDevice(rec.Device); err != nil {
 		return fmt.Errorf("sync %s: %w", rec.Device, err)
 	}
 	if err := undo(ctx, *rec, o); err != nil {

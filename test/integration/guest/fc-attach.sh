@@ -1,11 +1,15 @@
 #!/bin/bash
 # `fcnbd attach` with the kernel NBD driver (TestVMFcnbdAttach): the static fcnbd binary
-# (/usr/local/bin/fcnbd) runs the daemon in the guest and is the CLI. A volume is attached (the
-# device printed must be a /dev/nbdN), ext4 made and mounted, files written; detach is refused
-# while mounted; unmount, detach (the device is released); attach again, e2fsck -fn clean, the
-# files' checksums equal; detach; three concurrent attaches get three different devices; the
-# daemon exits 0 on SIGTERM.
-# Prints "GUEST-ATTACHED <device>" for each attach.
+# (/usr/local/bin/fcnbd) runs the daemon in the guest and is the CLI. With the default method
+# (nbd: fcnbd's own helper process holds the device, no nbd-client) a volume is attached (the
+# device printed must be a /dev/nbdN, held by an attach-helper, with the export's FLUSH and TRIM
+# passed to the kernel), ext4 made and mounted, files written; detach is refused while mounted;
+# unmount, detach (the device is released, the helper gone); attach again, e2fsck -fn clean, the
+# files' checksums equal; detach; the same through --nbd-tcp and through --method nbd-client;
+# an unreachable daemon is a clear error that leaves nothing behind; three concurrent attaches
+# get three different devices; the daemon exits 0 on SIGTERM; last, a helper killed with
+# SIGKILL still detaches cleanly.
+# Prints "GUEST-ATTACHED <method> <device>" for each attach.
 . /guest/lib.sh
 export PATH=/usr/local/bin:$PATH FCNBD_SOCKET=/run/fcnbd/fcnbd.sock
 NBD_SOCK=/run/fcnbd/nbd.sock
@@ -23,13 +27,43 @@ for i in $(seq 1 150); do
 done
 fcnbd mkvolume -name vol -size 32M
 
-# attach_vol — fcnbd attach vol; sets dev and checks the kernel sees a connected device.
+# helper_pids — the pids of running `fcnbd attach-helper` processes.
+helper_pids() {
+  local p
+  for p in /proc/[0-9]*; do
+    if tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q 'attach-helper[ ]--device'; then
+      echo "${p#/proc/}"
+    fi
+  done
+}
+
+# attach_vol [fcnbd attach options...] — fcnbd attach vol; sets dev and checks the kernel sees
+# a connected device. Without --method, the device must be held by an attach helper.
 attach_vol() {
-  dev=$(fcnbd attach --nbd-unix $NBD_SOCK vol) || die "fcnbd attach vol failed"
-  echo "GUEST-ATTACHED $dev"
+  local method=nbd a
+  for a in "$@"; do case $a in nbd-client) method=nbd-client ;; esac; done
+  dev=$(fcnbd attach --nbd-unix $NBD_SOCK "$@" vol) || { cat /run/fcnbd/attach/*.log 2>/dev/null; die "fcnbd attach $* vol failed"; }
+  echo "GUEST-ATTACHED $method $dev"
   [[ $dev =~ ^/dev/nbd[0-9]+$ ]] || die "fcnbd attach printed '$dev', want /dev/nbdN"
-  [ -e "/sys/block/${dev#/dev/}/pid" ] || die "$dev: the kernel shows no connection"
+  local name=${dev#/dev/}
+  [ -e "/sys/block/$name/pid" ] || die "$dev: the kernel shows no connection"
   [ "$(blockdev --getsize64 "$dev")" = $((32 << 20)) ] || die "$dev has size $(blockdev --getsize64 "$dev")"
+  # The export's transmission flags reached the kernel: FLUSH (write-back cache) and TRIM.
+  grep -q 'write back' "/sys/block/$name/queue/write_cache" || die "$dev: write_cache '$(cat /sys/block/$name/queue/write_cache)', want write back (FLUSH)"
+  [ "$(cat /sys/block/$name/queue/discard_max_bytes)" != 0 ] || die "$dev: no discard (TRIM)"
+  if [ $method = nbd ]; then
+    [ "$(helper_pids | wc -l)" = 1 ] || die "want one fcnbd attach-helper, have pids: $(helper_pids)"
+    grep -q '"helper_pid"' /run/fcnbd/attach/vol-*.json || die "the attachment record has no helper_pid"
+  fi
+}
+
+# detach_dev — fcnbd detach $dev; the device is released and no helper is left.
+detach_dev() {
+  fcnbd detach "$dev"
+  [ ! -e "/sys/block/${dev#/dev/}/pid" ] || die "$dev still connected after fcnbd detach"
+  [ "$(blockdev --getsize64 "$dev")" = 0 ] || die "$dev still has a size after fcnbd detach"
+  [ -z "$(helper_pids)" ] || die "attach helpers left after detach: $(helper_pids)"
+  ! ls /run/fcnbd/attach/*.json 2>/dev/null || die "attachment records left after detach"
 }
 
 step "attach, mkfs.ext4, write"
@@ -43,17 +77,56 @@ grep -q CMMVC5903E /tmp/detach.err || die "detach while mounted: '$(cat /tmp/det
 umount "$MNT"
 
 step "detach $dev"
-fcnbd detach "$dev"
-[ ! -e "/sys/block/${dev#/dev/}/pid" ] || die "$dev still connected after fcnbd detach"
-[ "$(blockdev --getsize64 "$dev")" = 0 ] || die "$dev still has a size after fcnbd detach"
+detach_dev
 
-step "attach again, check"
+step "attach again, check, write more"
+attach_vol
+NBD_DEV=$dev fsck_clean
+mount -t ext4 "$dev" "$MNT"
+check_files "$MNT" a
+write_files "$MNT" 2 256 b
+umount "$MNT"
+detach_dev
+
+step "attach over TCP, check"
+attach_vol --nbd-tcp 127.0.0.1:10809
+NBD_DEV=$dev fsck_clean
+mount -t ext4 -o ro "$dev" "$MNT"
+check_files "$MNT" a
+check_files "$MNT" b
+umount "$MNT"
+detach_dev
+
+step "attach with --method nbd-client, check, write"
+attach_vol --method nbd-client
+NBD_DEV=$dev fsck_clean
+mount -t ext4 "$dev" "$MNT"
+check_files "$MNT" a
+write_files "$MNT" 2 256 c
+umount "$MNT"
+detach_dev
+
+step "attach (nbd) again after nbd-client, check"
 attach_vol
 NBD_DEV=$dev fsck_clean
 mount -t ext4 -o ro "$dev" "$MNT"
 check_files "$MNT" a
+check_files "$MNT" b
+check_files "$MNT" c
 umount "$MNT"
-fcnbd detach "$dev"
+detach_dev
+
+step "an unreachable daemon is a clear error and leaves nothing"
+if fcnbd attach --nbd-unix /run/fcnbd/nothing.sock vol >/tmp/attach.out 2>/tmp/attach.err; then
+  die "fcnbd attach to a missing NBD socket succeeded: $(cat /tmp/attach.out)"
+fi
+grep -q 'not reachable' /tmp/attach.err || die "attach to a missing NBD socket: '$(cat /tmp/attach.err)', want 'not reachable'"
+! ls /run/fcnbd/attach/*.json 2>/dev/null || die "attachment records left after a failed attach"
+[ -z "$(ls /run/fcnbd/attach/)" ] || die "left in /run/fcnbd/attach after a failed attach: $(ls /run/fcnbd/attach/)"
+[ -z "$(helper_pids)" ] || die "attach helpers left after a failed attach: $(helper_pids)"
+for n in /sys/block/nbd*; do
+  [ ! -e "$n/pid" ] || die "${n##*/} connected after a failed attach"
+done
 
 step "three concurrent attaches get three devices"
 pids=()
@@ -81,4 +154,23 @@ wait $daemon || rc=$?
 if dmesg | grep -E 'EXT4-fs (error|warning)|I/O error|blk_update_request|nbd.*(timed out|[Ee]rror)'; then
   die "the kernel logged errors (above)"
 fi
+
+step "a helper killed with SIGKILL: detach still cleans up"
+fcnbd serve --data-dir /tmp/fcnbd --nbd-unix $NBD_SOCK --nbd-tcp 127.0.0.1:10809 \
+  --no-mlock --cache-size 16M >>/tmp/fcnbd.log 2>&1 &
+daemon=$!
+for i in $(seq 1 150); do
+  [ -S $NBD_SOCK ] && fcnbd lsvolume >/dev/null 2>&1 && break
+  [ $i = 150 ] && { cat /tmp/fcnbd.log; die "fcnbd serve not ready after 30s (restart)"; }
+  sleep 0.2
+done
+attach_vol
+kill -KILL "$(helper_pids)"
+for i in $(seq 1 50); do
+  [ -z "$(helper_pids)" ] && break
+  sleep 0.1
+done
+detach_dev
+kill -TERM $daemon
+wait $daemon || die "fcnbd serve exited $? after SIGTERM (second run)"
 step "ok"
