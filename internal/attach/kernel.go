@@ -300,6 +300,7 @@ func startHelper(ctx context.Context, rec *Record, dev string, o Options) (int, 
 	cmd := exec.Command(argv[0], args...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.ExtraFiles = []*os.File{w} // fd 3: the status line
+	cmd.Dir = "/"                  // not to keep the caller's working directory busy (unmountable)
 	// Its own session: the helper outlives this process and must not get its terminal's signals.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	err = cmd.Start()

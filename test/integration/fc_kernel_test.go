@@ -540,6 +540,9 @@ func TestVMFcnbdAttach(t *testing.T) {
 	if len(attaches) != 6 || methods["nbd"] != 5 || methods["nbd-client"] != 1 {
 		t.Fatalf("guest attached %d times (%v), want 5 with method nbd and 1 with nbd-client", len(attaches), methods)
 	}
+	for _, l := range r.Lines("GUEST-TIMING ") {
+		t.Logf("guest timing (TCG, 1 connection): %s", l)
+	}
 	if len(r.Lines("GUEST-STEP: ok ")) != 1 {
 		t.Fatalf("guest script did not reach its end")
 	}

@@ -146,6 +146,22 @@ for d in $devs; do
   fcnbd detach "$d"
 done
 
+step "timing: attach, 16 MiB of direct writes, detach; nbd and nbd-client"
+fcnbd mkvolume -name perf -size 16M >/dev/null
+ms() { echo $(( (${EPOCHREALTIME/./} - ${1/./}) / 1000 )); }
+for m in nbd nbd-client nbd nbd-client; do
+  t0=$EPOCHREALTIME
+  d=$(fcnbd attach --nbd-unix $NBD_SOCK --method $m perf)
+  t1=$EPOCHREALTIME
+  dd if=/dev/urandom of=/tmp/perf.bin bs=1M count=16 2>/dev/null
+  t2=$EPOCHREALTIME
+  dd if=/tmp/perf.bin of="$d" bs=1M oflag=direct conv=fsync 2>/dev/null
+  write_ms=$(ms $t2)
+  t3=$EPOCHREALTIME
+  fcnbd detach "$d"
+  echo "GUEST-TIMING $m attach_ms=$(( (${t1/./} - ${t0/./}) / 1000 )) write16M_ms=$write_ms detach_ms=$(ms $t3)"
+done
+
 step "stop the daemon"
 kill -TERM $daemon
 rc=0
