@@ -62,7 +62,8 @@ func attachCommand() *cli.Command {
 
 // attachHelperCommand is the process `fcnbd attach` starts (detached) for the nbd method: it
 // connects the device and stays in the kernel's NBD_DO_IT until the device is detached. Its
-// status line goes to file descriptor 3, its log to stderr (the attachment's .log file).
+// status line goes to file descriptor 3, the commit of fcnbd attach comes on 4, its log goes to
+// stderr (the attachment's .log file).
 func attachHelperCommand() *cli.Command {
 	return &cli.Command{
 		Name:   attach.HelperCommand,
@@ -83,13 +84,17 @@ func attachHelperCommand() *cli.Command {
 			if addr == "" {
 				return fmt.Errorf("--nbd-unix or --nbd-tcp is required")
 			}
-			status := os.NewFile(3, "status")
+			// fd 3 and 4 are the pipes of fcnbd attach; run by hand, there are none.
+			status, commit := os.NewFile(3, "status"), os.NewFile(4, "commit")
 			if _, err := status.Stat(); err != nil {
-				status = nil // run by hand: no status pipe
+				status = nil
+			}
+			if _, err := commit.Stat(); err != nil {
+				commit = nil
 			}
 			return attach.RunHelper(attach.HelperConfig{Device: c.String("device"), Network: network,
 				Address: addr, Export: c.String("export"), Timeout: c.Duration("timeout"),
-				Status: status, Log: newLogger(zerolog.InfoLevel)})
+				Status: status, Commit: commit, Log: newLogger(zerolog.InfoLevel)})
 		},
 	}
 }

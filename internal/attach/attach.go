@@ -127,9 +127,13 @@ func Attach(ctx context.Context, volume string, o Options) (Record, error) {
 	if rec.TCP != "" {
 		rec.Socket = ""
 	}
+	commit := func(bool) {}
 	switch o.Method {
 	case MethodNBD:
-		err = attachKernel(ctx, &rec, o)
+		var c func(bool)
+		if c, err = attachKernel(ctx, &rec, o); c != nil {
+			commit = c
+		}
 	case MethodNBDClient:
 		err = attachNBDClient(ctx, &rec)
 	case MethodNBDFuse:
@@ -139,6 +143,7 @@ func Attach(ctx context.Context, volume string, o Options) (Record, error) {
 	}
 	if err == nil {
 		err = writeRecord(o.Dir, rec)
+		commit(err == nil)
 		if err != nil {
 			undo(ctx, rec, o)
 		}
@@ -180,7 +185,7 @@ func attachNBDClient(ctx context.Context, rec *Record) error {
 			if busyErr != nil {
 				return busyErr
 			}
-			return fmt.Errorf("no free NBD device (tried /dev/nbd0 to /dev/nbd%d)", n-1)
+			return noFreeNBD(n)
 		}
 		if nbdInUse(n) {
 			continue

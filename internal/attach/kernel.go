@@ -50,6 +50,10 @@ type HelperConfig struct {
 	// Status receives one line once the device is ready or setting it up failed: "ok",
 	// "busy MESSAGE" (the device is taken: try another) or "error MESSAGE"; it is then closed.
 	Status *os.File
+	// Commit, if set, is read after "ok": the attaching process writes "commit" once it has
+	// recorded the attachment. If it goes away first (EOF, or nothing within Timeout), nothing
+	// could ever detach the device, so the helper disconnects it and exits.
+	Commit *os.File
 	Log    zerolog.Logger
 }
 
@@ -158,6 +162,15 @@ func RunHelper(cfg HelperConfig) error {
 	cfg.Log.Info().Str("device", cfg.Device).Str("export", cfg.Export).Uint64("size", info.Size).
 		Uint32("block_size", bs).Msg("attached")
 	report(statusOK, "")
+	if cfg.Commit != nil {
+		if err := awaitCommit(cfg.Commit, cfg.Timeout); err != nil {
+			cfg.Log.Error().Err(err).Str("device", cfg.Device).Msg("the attach was not recorded; disconnecting")
+			nbdclient.Disconnect(dev)
+			<-doIt
+			ioctlArg(dev, ioctl.TRANSMISSION_IOCTL_CLEAR_SOCK, 0)
+			return err
+		}
+	}
 
 	for {
 		select {
@@ -178,6 +191,22 @@ func RunHelper(cfg HelperConfig) error {
 		}
 	}
 }
+
+// awaitCommit waits for the attaching process's "commit" line on f.
+func awaitCommit(f *os.File, timeout time.Duration) error {
+	defer f.Close()
+	f.SetReadDeadline(time.Now().Add(timeout))
+	line, err := bufio.NewReader(f).ReadString('\n')
+	if strings.TrimSpace(line) == commitLine {
+		return nil
+	}
+	if err == nil {
+		err = fmt.Errorf("got %q", line)
+	}
+	return fmt.Errorf("no commit from fcnbd attach: %w", err)
+}
+
+const commitLine = "commit"
 
 // dialExport connects to the daemon and negotiates the export; it returns the socket as a file
 // (blocking, out of the Go poller), for the kernel.
@@ -228,11 +257,13 @@ func deviceReady(name string) bool {
 // errBusy marks a device another process took.
 var errBusy = errors.New("device busy")
 
-// attachKernel picks a free /dev/nbdN and has a helper process connect it.
-func attachKernel(ctx context.Context, rec *Record, o Options) error {
+// attachKernel picks a free /dev/nbdN and has a helper process connect it. Once the attachment
+// is recorded, the caller must call commit(true); commit(false) (or this process's end) makes the
+// helper disconnect the device.
+func attachKernel(ctx context.Context, rec *Record, o Options) (commit func(ok bool), err error) {
 	unlock, err := lockNBD(ctx)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer unlock()
 	var busyErr error
@@ -240,24 +271,32 @@ func attachKernel(ctx context.Context, rec *Record, o Options) error {
 		dev := fmt.Sprintf("/dev/nbd%d", n)
 		if _, err := os.Stat(dev); err != nil {
 			if busyErr != nil {
-				return busyErr
+				return nil, busyErr
 			}
-			return fmt.Errorf("no free NBD device (tried /dev/nbd0 to /dev/nbd%d)", n-1)
+			return nil, noFreeNBD(n)
 		}
 		if nbdInUse(n) {
 			continue
 		}
-		pid, err := startHelper(ctx, rec, dev, o)
+		pid, commit, err := startHelper(ctx, rec, dev, o)
 		if errors.Is(err, errBusy) {
 			busyErr = err
 			continue
 		}
 		if err != nil {
-			return err
+			return nil, err
 		}
 		rec.Device, rec.HelperPID = dev, pid
-		return nil
+		return commit, nil
 	}
+}
+
+// noFreeNBD is the error when /dev/nbd0 to /dev/nbd(n-1) are all taken.
+func noFreeNBD(n int) error {
+	if n == 0 {
+		return errors.New("the kernel has no NBD device (no /dev/nbd0: modprobe nbd, or use --method nbdfuse)")
+	}
+	return fmt.Errorf("no free NBD device (/dev/nbd0 to /dev/nbd%d are in use)", n-1)
 }
 
 // helperArgv is the command that runs RunHelper.
@@ -273,11 +312,12 @@ func (o Options) helperArgv() ([]string, error) {
 }
 
 // startHelper starts the helper for dev, detached (its own session), and waits for its status
-// line. On any failure the helper is gone when it returns.
-func startHelper(ctx context.Context, rec *Record, dev string, o Options) (int, error) {
+// line. On any failure the helper is gone when it returns. On success the helper waits for
+// commit.
+func startHelper(ctx context.Context, rec *Record, dev string, o Options) (pid int, commit func(ok bool), err error) {
 	argv, err := o.helperArgv()
 	if err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	args := append(append([]string{}, argv[1:]...), "--device", dev, "--export", rec.Volume,
 		"--timeout", o.Timeout.String())
@@ -289,24 +329,37 @@ func startHelper(ctx context.Context, rec *Record, dev string, o Options) (int, 
 	logPath := filepath.Join(o.Dir, rec.ID+".log")
 	logFile, err := os.Create(logPath)
 	if err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	defer logFile.Close()
 	r, w, err := os.Pipe()
 	if err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	defer r.Close()
+	cr, cw, err := os.Pipe()
+	if err != nil {
+		w.Close()
+		return 0, nil, err
+	}
 	cmd := exec.Command(argv[0], args...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.ExtraFiles = []*os.File{w} // fd 3: the status line
-	cmd.Dir = "/"                  // not to keep the caller's working directory busy (unmountable)
+	cmd.ExtraFiles = []*os.File{w, cr} // fd 3: the status line; fd 4: the commit
+	cmd.Dir = "/"                      // not to keep the caller's working directory busy (unmountable)
 	// Its own session: the helper outlives this process and must not get its terminal's signals.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	err = cmd.Start()
 	w.Close()
+	cr.Close()
 	if err != nil {
-		return 0, fmt.Errorf("start the attach helper: %w", err)
+		cw.Close()
+		return 0, nil, fmt.Errorf("start the attach helper: %w", err)
+	}
+	commit = func(ok bool) {
+		if ok {
+			fmt.Fprintln(cw, commitLine)
+		}
+		cw.Close()
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
@@ -321,24 +374,26 @@ func startHelper(ctx context.Context, rec *Record, dev string, o Options) (int, 
 	line, rerr := bufio.NewReader(r).ReadString('\n')
 	stop()
 	kind, msg, _ := strings.Cut(strings.TrimSpace(line), " ")
+	if rerr == nil && kind == statusOK {
+		return cmd.Process.Pid, commit, nil
+	}
+	commit(false)
 	switch {
-	case rerr == nil && kind == statusOK:
-		return cmd.Process.Pid, nil
 	case rerr == nil && (kind == statusBusy || kind == statusError):
 		waitExit(cmd, exited, 5*time.Second)
 		if kind == statusBusy {
-			return 0, fmt.Errorf("%w: %s", errBusy, msg)
+			return 0, nil, fmt.Errorf("%w: %s", errBusy, msg)
 		}
-		return 0, errors.New(msg)
+		return 0, nil, errors.New(msg)
 	case errors.Is(rerr, os.ErrDeadlineExceeded):
 		werr := waitExit(cmd, exited, 5*time.Second)
 		if ctx.Err() != nil {
-			return 0, ctx.Err()
+			return 0, nil, ctx.Err()
 		}
-		return 0, fmt.Errorf("the attach helper did not report within %v (%v): %s", o.Timeout+5*time.Second, werr, helperLog())
+		return 0, nil, fmt.Errorf("the attach helper did not report within %v (%v): %s", o.Timeout+5*time.Second, werr, helperLog())
 	default:
 		werr := waitExit(cmd, exited, 5*time.Second)
-		return 0, fmt.Errorf("the attach helper exited (%v) without reporting: %s", werr, helperLog())
+		return 0, nil, fmt.Errorf("the attach helper exited (%v) without reporting: %s", werr, helperLog())
 	}
 }
 

@@ -37,7 +37,7 @@ func TestMain(m *testing.M) {
 		network, addr = "tcp", *tcp
 	}
 	err := RunHelper(HelperConfig{Device: *dev, Network: network, Address: addr, Export: *export,
-		Timeout: *timeout, Status: os.NewFile(3, "status"), Log: zerolog.New(os.Stderr)})
+		Timeout: *timeout, Status: os.NewFile(3, "status"), Commit: os.NewFile(4, "commit"), Log: zerolog.New(os.Stderr)})
 	if err != nil {
 		os.Exit(1)
 	}
@@ -129,7 +129,7 @@ func TestStartHelperFailures(t *testing.T) {
 			o := Options{Dir: dir, Timeout: 3 * time.Second, Helper: testHelper(t, c.mode)}
 			rec := &Record{ID: "x-0", Volume: c.volume, Socket: c.socket, TCP: c.tcp}
 			start := time.Now()
-			_, err := startHelper(ctx, rec, "/dev/nbd-test-never-opened", o)
+			_, _, err := startHelper(ctx, rec, "/dev/nbd-test-never-opened", o)
 			if err == nil || !strings.Contains(err.Error(), c.want) {
 				t.Fatalf("startHelper: %v, want an error containing %q", err, c.want)
 			}
@@ -153,8 +153,8 @@ func TestAttachNoNBDDevice(t *testing.T) {
 	t.Cleanup(func() { NBDLockPath = old })
 	opts := Options{Dir: filepath.Join(t.TempDir(), "attach"), Socket: "/nonexistent.sock", Method: MethodNBD}
 	_, err := Attach(context.Background(), "v", opts)
-	if err == nil || !strings.Contains(err.Error(), "no free NBD device") {
-		t.Fatalf("Attach: %v, want no free NBD device", err)
+	if err == nil || !strings.Contains(err.Error(), "the kernel has no NBD device") {
+		t.Fatalf("Attach: %v, want: the kernel has no NBD device", err)
 	}
 	if ents, _ := os.ReadDir(opts.Dir); len(ents) != 0 {
 		t.Fatalf("left behind: %v", ents)
@@ -179,5 +179,34 @@ func TestHelperAlive(t *testing.T) {
 	}
 	if _, err := nbdIndex("/dev/loop0"); err == nil {
 		t.Fatal("nbdIndex accepted /dev/loop0")
+	}
+}
+
+// TestAwaitCommit: the helper keeps the device only on an explicit commit; the attaching
+// process's end (EOF) or silence is not one.
+func TestAwaitCommit(t *testing.T) {
+	pipe := func() (*os.File, *os.File) {
+		r, w, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r, w
+	}
+	r, w := pipe()
+	fmt.Fprintln(w, commitLine)
+	if err := awaitCommit(r, time.Second); err != nil {
+		t.Fatalf("commit: %v", err)
+	}
+	w.Close()
+	r, w = pipe()
+	w.Close()
+	if err := awaitCommit(r, time.Second); err == nil {
+		t.Fatal("EOF counted as a commit")
+	}
+	r, w = pipe()
+	defer w.Close()
+	start := time.Now()
+	if err := awaitCommit(r, 100*time.Millisecond); err == nil || time.Since(start) > 2*time.Second {
+		t.Fatalf("silence: %v after %v", err, time.Since(start))
 	}
 }

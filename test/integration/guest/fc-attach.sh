@@ -7,8 +7,9 @@
 # unmount, detach (the device is released, the helper gone); attach again, e2fsck -fn clean, the
 # files' checksums equal; detach; the same through --nbd-tcp and through --method nbd-client;
 # an unreachable daemon is a clear error that leaves nothing behind; three concurrent attaches
-# get three different devices; the daemon exits 0 on SIGTERM; last, a helper killed with
-# SIGKILL still detaches cleanly.
+# get three different devices; the daemon exits 0 on SIGTERM; last, a helper that gets no
+# commit from fcnbd attach (gone before writing the record) disconnects its device, and a
+# helper killed with SIGKILL still detaches cleanly.
 # Prints "GUEST-ATTACHED <method> <device>" for each attach.
 . /guest/lib.sh
 export PATH=/usr/local/bin:$PATH FCNBD_SOCKET=/run/fcnbd/fcnbd.sock
@@ -171,7 +172,7 @@ if dmesg | grep -E 'EXT4-fs (error|warning)|I/O error|blk_update_request|nbd.*(t
   die "the kernel logged errors (above)"
 fi
 
-step "a helper killed with SIGKILL: detach still cleans up"
+step "restart the daemon"
 fcnbd serve --data-dir /tmp/fcnbd --nbd-unix $NBD_SOCK --nbd-tcp 127.0.0.1:10809 \
   --no-mlock --cache-size 16M >>/tmp/fcnbd.log 2>&1 &
 daemon=$!
@@ -180,6 +181,17 @@ for i in $(seq 1 150); do
   [ $i = 150 ] && { cat /tmp/fcnbd.log; die "fcnbd serve not ready after 30s (restart)"; }
   sleep 0.2
 done
+step "a helper whose fcnbd attach is gone before recording it disconnects the device"
+rc=0
+fcnbd attach-helper --device /dev/nbd3 --export vol --nbd-unix $NBD_SOCK \
+  3>/tmp/helper.status 4</dev/null 2>/tmp/helper.log || rc=$?
+grep -q '^ok' /tmp/helper.status || die "helper status '$(cat /tmp/helper.status)', want ok"
+[ $rc = 1 ] || die "the helper exited $rc, want 1; log: $(cat /tmp/helper.log)"
+grep -q 'not recorded' /tmp/helper.log || die "helper log: $(cat /tmp/helper.log)"
+[ ! -e /sys/block/nbd3/pid ] || die "nbd3 still connected"
+[ "$(blockdev --getsize64 /dev/nbd3)" = 0 ] || die "nbd3 still has a size"
+
+step "a helper killed with SIGKILL: detach still cleans up"
 attach_vol
 kill -KILL "$(helper_pids)"
 for i in $(seq 1 50); do
