@@ -34,6 +34,7 @@ func attachCommand() *cli.Command {
 				"nbd-client: the kernel NBD driver, set up by nbd-client; nbdfuse: nbdfuse + a loop device " +
 				"(default: nbd where the kernel has the NBD driver, else nbdfuse)"},
 			&cli.DurationFlag{Name: "timeout", Value: 15 * time.Second, Usage: "bound on each step (connecting, the device becoming ready)"},
+			&cli.IntFlag{Name: "connections", Value: 1, Usage: "connections of a kernel NBD device (methods nbd and nbd-client; 1 to 16)"},
 		},
 		Action: func(c *cli.Context) error {
 			a, err := args(c, 1, 1, "the volume (name or id)")
@@ -50,7 +51,8 @@ func attachCommand() *cli.Command {
 				return err
 			}
 			rec, err := attach.Attach(ctx(c), v.Name, attach.Options{Dir: c.String("attach-dir"),
-				Socket: c.String("nbd-unix"), TCP: c.String("nbd-tcp"), Method: method, Timeout: c.Duration("timeout")})
+				Socket: c.String("nbd-unix"), TCP: c.String("nbd-tcp"), Method: method, Timeout: c.Duration("timeout"),
+				Connections: c.Int("connections")})
 			if err != nil {
 				return fmt.Errorf("attach %s: %w", v.Name, err)
 			}
@@ -75,6 +77,7 @@ func attachHelperCommand() *cli.Command {
 			&cli.StringFlag{Name: "nbd-unix"},
 			&cli.StringFlag{Name: "nbd-tcp"},
 			&cli.DurationFlag{Name: "timeout", Value: 15 * time.Second},
+			&cli.IntFlag{Name: "connections", Value: 1},
 		},
 		Action: func(c *cli.Context) error {
 			network, addr := "unix", c.String("nbd-unix")
@@ -93,7 +96,7 @@ func attachHelperCommand() *cli.Command {
 				commit = nil
 			}
 			return attach.RunHelper(attach.HelperConfig{Device: c.String("device"), Network: network,
-				Address: addr, Export: c.String("export"), Timeout: c.Duration("timeout"),
+				Address: addr, Export: c.String("export"), Timeout: c.Duration("timeout"), Connections: c.Int("connections"),
 				Status: status, Commit: commit, Log: newLogger(zerolog.InfoLevel)})
 		},
 	}

@@ -72,6 +72,9 @@ type Options struct {
 	// Timeout bounds each wait (connecting, the device ready, nbdfuse ready, loop released,
 	// nbdfuse or the helper exited); 0 means 15 s.
 	Timeout time.Duration
+	// Connections is the number of connections of a kernel NBD device (MethodNBD and
+	// MethodNBDClient); 0 means 1. nbdfuse takes one.
+	Connections int
 	// Helper is the command that runs RunHelper for MethodNBD; empty means this executable
 	// with the argument HelperCommand.
 	Helper []string
@@ -114,6 +117,9 @@ func Attach(ctx context.Context, volume string, o Options) (Record, error) {
 	default:
 		return Record{}, fmt.Errorf("unknown attach method %q (want one of %s)", o.Method, strings.Join(Methods, ", "))
 	}
+	if o.Connections < 0 || o.Connections > 16 || (o.Connections > 1 && o.Method == MethodNBDFuse) {
+		return Record{}, fmt.Errorf("%d connections: the kernel methods take 1 to 16, nbdfuse 1", o.Connections)
+	}
 	if o.TCP != "" {
 		if _, _, err := net.SplitHostPort(o.TCP); err != nil {
 			return Record{}, fmt.Errorf("NBD TCP address %q: %w", o.TCP, err)
@@ -135,7 +141,7 @@ func Attach(ctx context.Context, volume string, o Options) (Record, error) {
 			commit = c
 		}
 	case MethodNBDClient:
-		err = attachNBDClient(ctx, &rec)
+		err = attachNBDClient(ctx, &rec, o.Connections)
 	case MethodNBDFuse:
 		err = attachFuse(ctx, &rec, dir, o)
 	default:
@@ -172,7 +178,7 @@ func reserve(dir, volume string) (string, string, error) {
 	return "", "", fmt.Errorf("too many attachments of %s", volume)
 }
 
-func attachNBDClient(ctx context.Context, rec *Record) error {
+func attachNBDClient(ctx context.Context, rec *Record, conns int) error {
 	unlock, err := lockNBD(ctx)
 	if err != nil {
 		return err
@@ -195,7 +201,11 @@ func attachNBDClient(ctx context.Context, rec *Record) error {
 			host, port, _ := net.SplitHostPort(rec.TCP)
 			args = []string{host, port, dev}
 		}
-		if _, err := run(ctx, "nbd-client", append(args, "-N", rec.Volume, "-b", "4096")...); err != nil {
+		args = append(args, "-N", rec.Volume, "-b", "4096")
+		if conns > 1 {
+			args = append(args, "-C", strconv.Itoa(conns))
+		}
+		if _, err := run(ctx, "nbd-client", args...); err != nil {
 			if nbdInUse(n) {
 				// Something other than fcnbd attach took the device meanwhile: try the next.
 				busyErr = err

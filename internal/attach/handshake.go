@@ -10,26 +10,27 @@ import (
 
 // NBD wire constants used by the handshake (NetworkBlockDevice/nbd doc/proto.md).
 const (
-	hsNBDMagic        = 0x4e42444d41474943 // "NBDMAGIC"
-	hsOptMagic        = 0x49484156454f5054 // "IHAVEOPT"
-	hsOptReplyMagic   = 0x0003e889045565a9
-	hsFixedNewstyle   = 1 << 0
-	hsNoZeroes        = 1 << 1
-	hsOptGo           = 7
-	hsRepAck          = 1
-	hsRepInfo         = 3
-	hsRepErr          = 1 << 31
-	hsRepErrUnsup     = 1<<31 + 1
-	hsRepErrPolicy    = 1<<31 + 2
-	hsRepErrInvalid   = 1<<31 + 3
-	hsRepErrUnknown   = 1<<31 + 6
-	hsRepErrShutdown  = 1<<31 + 7
-	hsRepErrTLSReqd   = 1<<31 + 5
-	hsInfoExport      = 0
-	hsInfoBlockSize   = 3
-	hsFlagHasFlags    = 1 << 0
-	hsFlagReadOnly    = 1 << 1
-	hsMaxReplyPayload = 64 << 10
+	hsNBDMagic         = 0x4e42444d41474943 // "NBDMAGIC"
+	hsOptMagic         = 0x49484156454f5054 // "IHAVEOPT"
+	hsOptReplyMagic    = 0x0003e889045565a9
+	hsFixedNewstyle    = 1 << 0
+	hsNoZeroes         = 1 << 1
+	hsOptGo            = 7
+	hsRepAck           = 1
+	hsRepInfo          = 3
+	hsRepErr           = 1 << 31
+	hsRepErrUnsup      = 1<<31 + 1
+	hsRepErrPolicy     = 1<<31 + 2
+	hsRepErrInvalid    = 1<<31 + 3
+	hsRepErrUnknown    = 1<<31 + 6
+	hsRepErrShutdown   = 1<<31 + 7
+	hsRepErrTLSReqd    = 1<<31 + 5
+	hsInfoExport       = 0
+	hsInfoBlockSize    = 3
+	hsFlagHasFlags     = 1 << 0
+	hsFlagReadOnly     = 1 << 1
+	hsFlagCanMultiConn = 1 << 8
+	hsMaxReplyPayload  = 64 << 10
 )
 
 // exportInfo is what NBD_OPT_GO told about an export.

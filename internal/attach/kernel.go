@@ -46,7 +46,10 @@ type HelperConfig struct {
 	Network string // "unix" or "tcp"
 	Address string // the daemon's NBD socket path or host:port
 	Export  string
-	Timeout time.Duration // bounds connecting, negotiating and the device becoming ready
+	// Connections is the number of connections the kernel spreads requests over (1 if 0; more
+	// need the server's NBD_FLAG_CAN_MULTI_CONN).
+	Connections int
+	Timeout     time.Duration // bounds connecting, negotiating and the device becoming ready
 	// Status receives one line once the device is ready or setting it up failed: "ok",
 	// "busy MESSAGE" (the device is taken: try another) or "error MESSAGE"; it is then closed.
 	Status *os.File
@@ -85,11 +88,32 @@ func RunHelper(cfg HelperConfig) error {
 		return err
 	}
 
-	sock, info, err := dialExport(cfg)
-	if err != nil {
-		return fail(statusError, err)
+	if cfg.Connections <= 0 {
+		cfg.Connections = 1
 	}
-	defer sock.Close()
+	var socks []*os.File
+	defer func() {
+		for _, f := range socks {
+			f.Close()
+		}
+	}()
+	var info exportInfo
+	for i := 0; i < cfg.Connections; i++ {
+		sock, inf, err := dialExport(cfg)
+		if err != nil {
+			return fail(statusError, err)
+		}
+		socks = append(socks, sock)
+		if i == 0 {
+			info = inf
+		} else if inf.Size != info.Size || inf.Flags != info.Flags {
+			return fail(statusError, fmt.Errorf("the export changed between connections (size %d, flags %#x; then size %d, flags %#x)",
+				info.Size, info.Flags, inf.Size, inf.Flags))
+		}
+	}
+	if cfg.Connections > 1 && info.Flags&hsFlagCanMultiConn == 0 {
+		return fail(statusError, fmt.Errorf("the server does not allow %d connections to %q (no NBD_FLAG_CAN_MULTI_CONN)", cfg.Connections, cfg.Export))
+	}
 	bs, err := kernelBlockSize(info)
 	if err != nil {
 		return fail(statusError, err)
@@ -100,12 +124,19 @@ func RunHelper(cfg HelperConfig) error {
 		return fail(statusError, fmt.Errorf("open %s: %w", cfg.Device, err))
 	}
 	defer dev.Close()
-	if err := ioctlArg(dev, ioctl.NEGOTIATION_IOCTL_SET_SOCK, sock.Fd()); err != nil {
-		if errors.Is(err, unix.EBUSY) {
-			return fail(statusBusy, fmt.Errorf("%s is busy (set up by another process)", cfg.Device))
+	// The kernel lets only the task (thread) that gave it the first socket add more.
+	runtime.LockOSThread()
+	for _, sock := range socks {
+		if err := ioctlArg(dev, ioctl.NEGOTIATION_IOCTL_SET_SOCK, sock.Fd()); err != nil {
+			ioctlArg(dev, ioctl.TRANSMISSION_IOCTL_CLEAR_SOCK, 0)
+			runtime.UnlockOSThread()
+			if errors.Is(err, unix.EBUSY) {
+				return fail(statusBusy, fmt.Errorf("%s is busy (set up by another process)", cfg.Device))
+			}
+			return fail(statusError, fmt.Errorf("NBD_SET_SOCK on %s: %w", cfg.Device, err))
 		}
-		return fail(statusError, fmt.Errorf("NBD_SET_SOCK on %s: %w", cfg.Device, err))
 	}
+	runtime.UnlockOSThread()
 	setup := []struct {
 		name string
 		req  uintptr
@@ -320,7 +351,7 @@ func startHelper(ctx context.Context, rec *Record, dev string, o Options) (pid i
 		return 0, nil, err
 	}
 	args := append(append([]string{}, argv[1:]...), "--device", dev, "--export", rec.Volume,
-		"--timeout", o.Timeout.String())
+		"--timeout", o.Timeout.String(), "--connections", strconv.Itoa(max(o.Connections, 1)))
 	if rec.TCP != "" {
 		args = append(args, "--nbd-tcp", rec.TCP)
 	} else {

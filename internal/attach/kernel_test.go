@@ -31,12 +31,13 @@ func TestMain(m *testing.M) {
 	unixSock := fs.String("nbd-unix", "", "")
 	tcp := fs.String("nbd-tcp", "", "")
 	timeout := fs.Duration("timeout", 5*time.Second, "")
+	conns := fs.Int("connections", 1, "")
 	fs.Parse(os.Args[1:])
 	network, addr := "unix", *unixSock
 	if *tcp != "" {
 		network, addr = "tcp", *tcp
 	}
-	err := RunHelper(HelperConfig{Device: *dev, Network: network, Address: addr, Export: *export,
+	err := RunHelper(HelperConfig{Device: *dev, Network: network, Address: addr, Export: *export, Connections: *conns,
 		Timeout: *timeout, Status: os.NewFile(3, "status"), Commit: os.NewFile(4, "commit"), Log: zerolog.New(os.Stderr)})
 	if err != nil {
 		os.Exit(1)
@@ -161,6 +162,9 @@ func TestAttachNoNBDDevice(t *testing.T) {
 	}
 	if _, err := Attach(context.Background(), "v", Options{Dir: opts.Dir, Method: "bogus"}); err == nil || !strings.Contains(err.Error(), "unknown attach method") {
 		t.Fatalf("Attach with a bogus method: %v", err)
+	}
+	if _, err := Attach(context.Background(), "v", Options{Dir: opts.Dir, Method: MethodNBDFuse, Connections: 2}); err == nil || !strings.Contains(err.Error(), "connections") {
+		t.Fatalf("Attach nbdfuse with 2 connections: %v", err)
 	}
 	if _, err := Attach(context.Background(), "v", Options{Dir: opts.Dir, Method: MethodNBD, TCP: "nohost"}); err == nil || !strings.Contains(err.Error(), "TCP address") {
 		t.Fatalf("Attach with a bad TCP address: %v", err)

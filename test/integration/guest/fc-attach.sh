@@ -5,7 +5,8 @@
 # device printed must be a /dev/nbdN, held by an attach-helper, with the export's FLUSH and TRIM
 # passed to the kernel), ext4 made and mounted, files written; detach is refused while mounted;
 # unmount, detach (the device is released, the helper gone); attach again, e2fsck -fn clean, the
-# files' checksums equal; detach; the same through --nbd-tcp and through --method nbd-client;
+# files' checksums equal; detach; the same through --nbd-tcp and through --method nbd-client,
+# with several connections;
 # an unreachable daemon is a clear error that leaves nothing behind; three concurrent attaches
 # get three different devices; the daemon exits 0 on SIGTERM; last, a helper that gets no
 # commit from fcnbd attach (gone before writing the record) disconnects its device, and a
@@ -38,11 +39,23 @@ helper_pids() {
   done
 }
 
+# nbd_conns — the daemon's established NBD connections (server side: Unix and TCP port 10809).
+nbd_conns() {
+  local u t
+  u=$(awk -v s=$NBD_SOCK '$NF == s && $6 == "03"' /proc/net/unix | wc -l)
+  t=$(awk '$2 ~ /:2A39$/ && $4 == "01"' /proc/net/tcp | wc -l)
+  echo $((u + t))
+}
+
 # attach_vol [fcnbd attach options...] — fcnbd attach vol; sets dev and checks the kernel sees
 # a connected device. Without --method, the device must be held by an attach helper.
 attach_vol() {
-  local method=nbd a
-  for a in "$@"; do case $a in nbd-client) method=nbd-client ;; esac; done
+  local method=nbd conns=1 a prev=
+  for a in "$@"; do
+    case $a in nbd-client) method=nbd-client ;; esac
+    [ "$prev" = --connections ] && conns=$a
+    prev=$a
+  done
   dev=$(fcnbd attach --nbd-unix $NBD_SOCK "$@" vol) || { cat /run/fcnbd/attach/*.log 2>/dev/null; die "fcnbd attach $* vol failed"; }
   echo "GUEST-ATTACHED $method $dev"
   [[ $dev =~ ^/dev/nbd[0-9]+$ ]] || die "fcnbd attach printed '$dev', want /dev/nbdN"
@@ -52,6 +65,8 @@ attach_vol() {
   # The export's transmission flags reached the kernel: FLUSH (write-back cache) and TRIM.
   grep -q 'write back' "/sys/block/$name/queue/write_cache" || die "$dev: write_cache '$(cat /sys/block/$name/queue/write_cache)', want write back (FLUSH)"
   [ "$(cat /sys/block/$name/queue/discard_max_bytes)" != 0 ] || die "$dev: no discard (TRIM)"
+  # The daemon has as many connections as asked for (the only device attached).
+  [ "$(nbd_conns)" = "$conns" ] || die "$dev: the daemon has $(nbd_conns) NBD connections, want $conns"
   if [ $method = nbd ]; then
     [ "$(helper_pids | wc -l)" = 1 ] || die "want one fcnbd attach-helper, have pids: $(helper_pids)"
     grep -q '"helper_pid"' /run/fcnbd/attach/vol-*.json || die "the attachment record has no helper_pid"
@@ -89,8 +104,8 @@ write_files "$MNT" 2 256 b
 umount "$MNT"
 detach_dev
 
-step "attach over TCP, check"
-attach_vol --nbd-tcp 127.0.0.1:10809
+step "attach over TCP with 2 connections, check"
+attach_vol --nbd-tcp 127.0.0.1:10809 --connections 2
 NBD_DEV=$dev fsck_clean
 mount -t ext4 -o ro "$dev" "$MNT"
 check_files "$MNT" a
@@ -98,8 +113,8 @@ check_files "$MNT" b
 umount "$MNT"
 detach_dev
 
-step "attach with --method nbd-client, check, write"
-attach_vol --method nbd-client
+step "attach with --method nbd-client (2 connections), check, write"
+attach_vol --method nbd-client --connections 2
 NBD_DEV=$dev fsck_clean
 mount -t ext4 "$dev" "$MNT"
 check_files "$MNT" a
@@ -107,8 +122,8 @@ write_files "$MNT" 2 256 c
 umount "$MNT"
 detach_dev
 
-step "attach (nbd) again after nbd-client, check"
-attach_vol
+step "attach (nbd, 3 connections) again after nbd-client, check"
+attach_vol --connections 3
 NBD_DEV=$dev fsck_clean
 mount -t ext4 -o ro "$dev" "$MNT"
 check_files "$MNT" a
