@@ -5,7 +5,8 @@ package attach
 // with the NBD ioctls and stays in NBD_DO_IT for as long as the device is attached. Detach
 // disconnects the device (NBD_DISCONNECT, NBD_CLEAR_SOCK) and waits for the helper to exit.
 //
-// The ioctl numbers and Disconnect come from github.com/pojntfx/go-nbd. Its client.Connect is not
+// The ioctl numbers and Disconnect come from github.com/pojntfx/go-nbd (nbdioctl_gonbd.go; where
+// go-nbd has none, a build without cgo on another architecture than amd64, nbdioctl_other.go). Its client.Connect is not
 // used: v0.3.2 sends client flags 0 (not fixed newstyle) and then an NBD_OPT_GO whose option
 // length is 0 with the export name sent after it, which no conforming server accepts (fcnbd
 // closes the connection at the client flags already); it also never passes the transmission
@@ -28,8 +29,6 @@ import (
 	"syscall"
 	"time"
 
-	nbdclient "github.com/pojntfx/go-nbd/pkg/client"
-	"github.com/pojntfx/go-nbd/pkg/ioctl"
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 )
@@ -127,8 +126,8 @@ func RunHelper(cfg HelperConfig) error {
 	// The kernel lets only the task (thread) that gave it the first socket add more.
 	runtime.LockOSThread()
 	for _, sock := range socks {
-		if err := ioctlArg(dev, ioctl.NEGOTIATION_IOCTL_SET_SOCK, sock.Fd()); err != nil {
-			ioctlArg(dev, ioctl.TRANSMISSION_IOCTL_CLEAR_SOCK, 0)
+		if err := ioctlArg(dev, ioctlSetSock, sock.Fd()); err != nil {
+			ioctlArg(dev, ioctlClearSock, 0)
 			runtime.UnlockOSThread()
 			if errors.Is(err, unix.EBUSY) {
 				return fail(statusBusy, fmt.Errorf("%s is busy (set up by another process)", cfg.Device))
@@ -142,13 +141,13 @@ func RunHelper(cfg HelperConfig) error {
 		req  uintptr
 		arg  uintptr
 	}{
-		{"NBD_SET_BLKSIZE", ioctl.NEGOTIATION_IOCTL_SET_BLOCKSIZE, uintptr(bs)},
-		{"NBD_SET_SIZE_BLOCKS", ioctl.NEGOTIATION_IOCTL_SET_SIZE_BLOCKS, uintptr(info.Size / uint64(bs))},
+		{"NBD_SET_BLKSIZE", ioctlSetBlksize, uintptr(bs)},
+		{"NBD_SET_SIZE_BLOCKS", ioctlSetSizeBlocks, uintptr(info.Size / uint64(bs))},
 		{"NBD_SET_FLAGS", nbdSetFlags, uintptr(info.Flags)},
 	}
 	for _, s := range setup {
 		if err := ioctlArg(dev, s.req, s.arg); err != nil {
-			ioctlArg(dev, ioctl.TRANSMISSION_IOCTL_CLEAR_SOCK, 0)
+			ioctlArg(dev, ioctlClearSock, 0)
 			return fail(statusError, fmt.Errorf("%s on %s: %w", s.name, cfg.Device, err))
 		}
 	}
@@ -169,7 +168,7 @@ func RunHelper(cfg HelperConfig) error {
 			doIt <- fmt.Errorf("block signals: %w", err)
 			return
 		}
-		doIt <- ioctlArg(dev, ioctl.NEGOTIATION_IOCTL_DO_IT, 0)
+		doIt <- ioctlArg(dev, ioctlDoIt, 0)
 	}()
 
 	name := filepath.Base(cfg.Device)
@@ -177,7 +176,7 @@ func RunHelper(cfg HelperConfig) error {
 	for !deviceReady(name) {
 		select {
 		case err := <-doIt:
-			ioctlArg(dev, ioctl.TRANSMISSION_IOCTL_CLEAR_SOCK, 0)
+			ioctlArg(dev, ioctlClearSock, 0)
 			if err == nil {
 				err = errors.New("the connection ended at once")
 			}
@@ -185,7 +184,7 @@ func RunHelper(cfg HelperConfig) error {
 		case <-time.After(10 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			nbdclient.Disconnect(dev)
+			disconnectDevice(dev)
 			<-doIt
 			return fail(statusError, fmt.Errorf("%s not ready after %v", cfg.Device, cfg.Timeout))
 		}
@@ -196,9 +195,9 @@ func RunHelper(cfg HelperConfig) error {
 	if cfg.Commit != nil {
 		if err := awaitCommit(cfg.Commit, cfg.Timeout); err != nil {
 			cfg.Log.Error().Err(err).Str("device", cfg.Device).Msg("the attach was not recorded; disconnecting")
-			nbdclient.Disconnect(dev)
+			disconnectDevice(dev)
 			<-doIt
-			ioctlArg(dev, ioctl.TRANSMISSION_IOCTL_CLEAR_SOCK, 0)
+			ioctlArg(dev, ioctlClearSock, 0)
 			return err
 		}
 	}
@@ -207,12 +206,12 @@ func RunHelper(cfg HelperConfig) error {
 		select {
 		case s := <-sigs:
 			cfg.Log.Info().Str("signal", s.String()).Str("device", cfg.Device).Msg("disconnecting")
-			if err := nbdclient.Disconnect(dev); err != nil {
+			if err := disconnectDevice(dev); err != nil {
 				cfg.Log.Warn().Err(err).Str("device", cfg.Device).Msg("disconnect")
 			}
 		case err := <-doIt:
 			// As nbd-client does once NBD_DO_IT returns; harmless if Detach did it already.
-			ioctlArg(dev, ioctl.TRANSMISSION_IOCTL_CLEAR_SOCK, 0)
+			ioctlArg(dev, ioctlClearSock, 0)
 			if err != nil {
 				cfg.Log.Error().Err(err).Str("device", cfg.Device).Msg("NBD_DO_IT ended with an error")
 				return fmt.Errorf("NBD_DO_IT on %s: %w", cfg.Device, err)
@@ -459,7 +458,7 @@ func detachKernel(ctx context.Context, rec Record, o Options) error {
 		if err != nil {
 			return fmt.Errorf("open %s: %w", rec.Device, err)
 		}
-		derr := nbdclient.Disconnect(f)
+		derr := disconnectDevice(f)
 		f.Close()
 		if derr != nil && nbdInUse(n) {
 			return fmt.Errorf("disconnect %s: %w", rec.Device, derr)

@@ -214,3 +214,24 @@ func TestAwaitCommit(t *testing.T) {
 		t.Fatalf("silence: %v after %v", err, time.Since(start))
 	}
 }
+
+// TestIoctlNumbers: whichever file defines them (go-nbd's, from cgo or for amd64, or ours),
+// the NBD ioctls are _IO(0xab, n) of linux/nbd.h.
+func TestIoctlNumbers(t *testing.T) {
+	io := func(n uintptr) uintptr { return 0xab<<8 | n }
+	for _, c := range []struct {
+		name      string
+		got, want uintptr
+	}{
+		{"NBD_SET_SOCK", ioctlSetSock, io(0)},
+		{"NBD_SET_BLKSIZE", ioctlSetBlksize, io(1)},
+		{"NBD_DO_IT", ioctlDoIt, io(3)},
+		{"NBD_CLEAR_SOCK", ioctlClearSock, io(4)},
+		{"NBD_SET_SIZE_BLOCKS", ioctlSetSizeBlocks, io(7)},
+		{"NBD_SET_FLAGS", nbdSetFlags, io(10)},
+	} {
+		if c.got != c.want {
+			t.Errorf("%s = %#x, want %#x", c.name, c.got, c.want)
+		}
+	}
+}
