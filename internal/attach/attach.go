@@ -365,8 +365,14 @@ func Detach(ctx context.Context, device string, o Options) error {
 	}
 	var rec *Record
 	for i := range recs {
-		if recs[i].Device == device {
-			rec = &recs[i]
+		r := &recs[i]
+		if r.Device != device {
+			continue
+		}
+		// A device whose helper died may have been attached again since: the record of the
+		// live attachment goes first (the stale one is for a later detach to drop).
+		if rec == nil || (r.HelperPID != 0 && helperAlive(r.HelperPID, r.Device)) {
+			rec = r
 		}
 	}
 	if rec == nil {

@@ -125,14 +125,19 @@ func RunHelper(cfg HelperConfig) error {
 	defer dev.Close()
 	// The kernel lets only the task (thread) that gave it the first socket add more.
 	runtime.LockOSThread()
-	for _, sock := range socks {
+	for i, sock := range socks {
 		if err := ioctlArg(dev, ioctlSetSock, sock.Fd()); err != nil {
-			ioctlArg(dev, ioctlClearSock, 0)
 			runtime.UnlockOSThread()
-			if errors.Is(err, unix.EBUSY) {
-				return fail(statusBusy, fmt.Errorf("%s is busy (set up by another process)", cfg.Device))
+			if i == 0 {
+				// Not ours: another process sets the device up or runs it (EBUSY), or it is
+				// controlled through netlink (EINVAL). Clearing its socket would cut it off.
+				if errors.Is(err, unix.EBUSY) || errors.Is(err, unix.EINVAL) {
+					return fail(statusBusy, fmt.Errorf("%s is in use by another process (NBD_SET_SOCK: %v)", cfg.Device, err))
+				}
+				return fail(statusError, fmt.Errorf("NBD_SET_SOCK on %s: %w", cfg.Device, err))
 			}
-			return fail(statusError, fmt.Errorf("NBD_SET_SOCK on %s: %w", cfg.Device, err))
+			ioctlArg(dev, ioctlClearSock, 0)
+			return fail(statusError, fmt.Errorf("NBD_SET_SOCK (connection %d) on %s: %w", i+1, cfg.Device, err))
 		}
 	}
 	runtime.UnlockOSThread()
@@ -447,25 +452,26 @@ func waitExit(cmd *exec.Cmd, exited chan error, grace time.Duration) error {
 
 // detachKernel disconnects a MethodNBD device and waits until its helper has exited and the
 // kernel shows the device free. A helper already gone (killed, or the daemon's connection lost)
-// is not an error.
+// is not an error: its device is then left alone, as it may be another attachment's by now.
 func detachKernel(ctx context.Context, rec Record, o Options) error {
 	n, err := nbdIndex(rec.Device)
 	if err != nil {
 		return err
 	}
-	if helperAlive(rec.HelperPID, rec.Device) || nbdInUse(n) {
-		f, err := os.OpenFile(rec.Device, os.O_RDWR, 0)
-		if err != nil {
-			return fmt.Errorf("open %s: %w", rec.Device, err)
-		}
-		derr := disconnectDevice(f)
-		f.Close()
-		if derr != nil && nbdInUse(n) {
-			return fmt.Errorf("disconnect %s: %w", rec.Device, derr)
-		}
+	if !helperAlive(rec.HelperPID, rec.Device) {
+		return nil
 	}
+	f, err := os.OpenFile(rec.Device, os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", rec.Device, err)
+	}
+	derr := disconnectDevice(f)
+	f.Close()
 	err = waitFor(ctx, o.Timeout, func() bool { return !helperAlive(rec.HelperPID, rec.Device) && !nbdInUse(n) })
 	if err != nil {
+		if derr != nil {
+			return fmt.Errorf("disconnect %s: %w", rec.Device, derr)
+		}
 		return fmt.Errorf("%s still held by its attach helper (pid %d): %w", rec.Device, rec.HelperPID, err)
 	}
 	return nil
