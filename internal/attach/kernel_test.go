@@ -235,3 +235,46 @@ func TestIoctlNumbers(t *testing.T) {
 		}
 	}
 }
+
+// TestDetachRecords: Detach of records it cannot see the kernel side of, without the kernel NBD
+// driver: a MethodNBD record from before MethodNBDClient existed (no helper pid) is undone with
+// nbd-client -d; a MethodNBD record whose helper is gone is dropped without touching the device.
+func TestDetachRecords(t *testing.T) {
+	if _, err := os.Stat("/sys/block/nbd7"); err == nil {
+		t.Skip("this machine has /dev/nbd7")
+	}
+	bin := t.TempDir()
+	calls := filepath.Join(bin, "calls")
+	script := "#!/bin/sh\necho \"$@\" >>" + calls + "\n"
+	if err := os.WriteFile(filepath.Join(bin, "nbd-client"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", bin+":"+os.Getenv("PATH"))
+	dir := t.TempDir()
+	opts := Options{Dir: dir, Timeout: time.Second}
+	ctx := context.Background()
+
+	if err := writeRecord(dir, Record{ID: "old-0", Volume: "old", Device: "/dev/nbd7", Method: MethodNBD}); err != nil {
+		t.Fatal(err)
+	}
+	if err := Detach(ctx, "nbd7", opts); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(calls); strings.TrimSpace(string(got)) != "-d /dev/nbd7" {
+		t.Fatalf("nbd-client calls %q, want -d /dev/nbd7", got)
+	}
+
+	os.Remove(calls)
+	if err := writeRecord(dir, Record{ID: "dead-0", Volume: "dead", Device: "/dev/nbd7", Method: MethodNBD, HelperPID: 1 << 30}); err != nil {
+		t.Fatal(err)
+	}
+	if err := Detach(ctx, "/dev/nbd7", opts); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(calls); err == nil {
+		t.Fatal("nbd-client ran for a MethodNBD record with a helper pid")
+	}
+	if recs, _ := List(dir); len(recs) != 0 {
+		t.Fatalf("records left: %+v", recs)
+	}
+}
