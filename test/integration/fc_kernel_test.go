@@ -516,7 +516,8 @@ func TestVMFCGroupExt4Consistency(t *testing.T) {
 // e2fsck -fn is clean and the checksums equal; the same over --nbd-tcp and with --method
 // nbd-client, whose writes the nbd method then reads; an unreachable daemon fails clearly and
 // leaves nothing; concurrent attaches get different devices; the daemon exits cleanly on
-// SIGTERM; a helper killed with SIGKILL still detaches cleanly.
+// SIGTERM; a helper killed with SIGKILL, or whose daemon stopped, still detaches cleanly; a
+// helper not committed by fcnbd attach disconnects its device.
 func TestVMFcnbdAttach(t *testing.T) {
 	vmRequire(t)
 	bin := filepath.Join(t.TempDir(), "fcnbd")
@@ -537,8 +538,8 @@ func TestVMFcnbdAttach(t *testing.T) {
 			t.Errorf("fcnbd attach (%s) in the guest printed %q, want /dev/nbdN (the kernel NBD driver)", method, dev)
 		}
 	}
-	if len(attaches) != 6 || methods["nbd"] != 5 || methods["nbd-client"] != 1 {
-		t.Fatalf("guest attached %d times (%v), want 5 with method nbd and 1 with nbd-client", len(attaches), methods)
+	if len(attaches) != 7 || methods["nbd"] != 6 || methods["nbd-client"] != 1 {
+		t.Fatalf("guest attached %d times (%v), want 6 with method nbd and 1 with nbd-client", len(attaches), methods)
 	}
 	for _, l := range r.Lines("GUEST-TIMING ") {
 		t.Logf("guest timing (TCG, 1 connection): %s", l)

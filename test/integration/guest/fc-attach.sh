@@ -9,8 +9,8 @@
 # with several connections;
 # an unreachable daemon is a clear error that leaves nothing behind; three concurrent attaches
 # get three different devices; the daemon exits 0 on SIGTERM; last, a helper that gets no
-# commit from fcnbd attach (gone before writing the record) disconnects its device, and a
-# helper killed with SIGKILL still detaches cleanly.
+# commit from fcnbd attach (gone before writing the record) disconnects its device, a helper
+# killed with SIGKILL still detaches cleanly, and so does a device whose daemon stopped.
 # Prints "GUEST-ATTACHED <method> <device>" for each attach.
 . /guest/lib.sh
 export PATH=/usr/local/bin:$PATH FCNBD_SOCKET=/run/fcnbd/fcnbd.sock
@@ -214,6 +214,18 @@ for i in $(seq 1 50); do
   sleep 0.1
 done
 detach_dev
+
+step "the daemon stops while attached: the helper exits, detach cleans up"
+attach_vol
 kill -TERM $daemon
-wait $daemon || die "fcnbd serve exited $? after SIGTERM (second run)"
+rc=0
+wait $daemon || rc=$?
+[ $rc = 0 ] || die "fcnbd serve exited $rc after SIGTERM with a device attached"
+for i in $(seq 1 100); do
+  [ -z "$(helper_pids)" ] && break
+  [ $i = 100 ] && die "the attach helper still runs 10s after the daemon stopped"
+  sleep 0.1
+done
+grep -q '"detached"' /run/fcnbd/attach/vol-*.log || die "helper log: $(cat /run/fcnbd/attach/vol-*.log)"
+detach_dev
 step "ok"
