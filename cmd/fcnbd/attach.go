@@ -3,8 +3,10 @@ package main
 import (
 	"fmt"
 	"os"
+	"os/signal"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -50,7 +52,10 @@ func attachCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			rec, err := attach.Attach(ctx(c), v.Name, attach.Options{Dir: c.String("attach-dir"),
+			// Interrupted, attach undoes what it did instead of leaving it unrecorded.
+			sctx, stop := signal.NotifyContext(ctx(c), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
+			defer stop()
+			rec, err := attach.Attach(sctx, v.Name, attach.Options{Dir: c.String("attach-dir"),
 				Socket: c.String("nbd-unix"), TCP: c.String("nbd-tcp"), Method: method, Timeout: c.Duration("timeout"),
 				Connections: c.Int("connections")})
 			if err != nil {

@@ -100,7 +100,7 @@ func KernelNBD() bool {
 }
 
 // Attach makes volume (an export name) a block device and returns its record. On error
-// nothing is left behind.
+// nothing is left behind, also when ctx ends midway (the cleanup runs regardless).
 func Attach(ctx context.Context, volume string, o Options) (Record, error) {
 	o.defaults()
 	if o.Method == "" {
@@ -151,7 +151,7 @@ func Attach(ctx context.Context, volume string, o Options) (Record, error) {
 		err = writeRecord(o.Dir, rec)
 		commit(err == nil)
 		if err != nil {
-			undo(ctx, rec, o)
+			undo(context.WithoutCancel(ctx), rec, o)
 		}
 	}
 	if err != nil {
@@ -285,7 +285,8 @@ func attachFuse(ctx context.Context, rec *Record, dir string, o Options) (err er
 	rec.FusePID = cmd.Process.Pid
 	defer func() {
 		if err != nil {
-			undo(ctx, *rec, o)
+			// Even when ctx ended (the attach was interrupted): the cleanup must run.
+			undo(context.WithoutCancel(ctx), *rec, o)
 		}
 	}()
 
@@ -310,11 +311,13 @@ func attachFuse(ctx context.Context, rec *Record, dir string, o Options) (err er
 		}
 	}
 
-	dev, lerr := run(ctx, "losetup", "--show", "-f", "--direct-io=on", rec.Image)
+	// losetup is not interrupted: killed midway it could leave a loop device it never printed.
+	lctx := context.WithoutCancel(ctx)
+	dev, lerr := run(lctx, "losetup", "--show", "-f", "--direct-io=on", rec.Image)
 	if lerr != nil {
 		// Direct I/O on the FUSE file is not available everywhere; the buffered loop is still
 		// correct because the loop driver passes flushes down as fsync.
-		dev, lerr = run(ctx, "losetup", "--show", "-f", rec.Image)
+		dev, lerr = run(lctx, "losetup", "--show", "-f", rec.Image)
 	}
 	if lerr != nil {
 		return lerr
@@ -323,7 +326,7 @@ func attachFuse(ctx context.Context, rec *Record, dir string, o Options) (err er
 	if !strings.HasPrefix(rec.Device, "/dev/loop") {
 		return fmt.Errorf("losetup printed %q", rec.Device)
 	}
-	return nil
+	return ctx.Err() // interrupted meanwhile: undone
 }
 
 // List returns every attachment recorded under dir (DefaultDir if empty).
@@ -417,23 +420,29 @@ func undo(ctx context.Context, rec Record, o Options) error {
 	default:
 		return fmt.Errorf("unknown attach method %q", rec.Method)
 	}
-	if rec.Device != "" && loopBacking(rec.Device) == rec.Image {
-		if _, err := run(ctx, "losetup", "-d", rec.Device); err != nil {
+	loops := []string{rec.Device}
+	if rec.Device == "" {
+		// The attach did not get as far as recording its loop device: find it, if any.
+		loops = loopsOf(rec.Image)
+	}
+	for _, dev := range loops {
+		if dev == "" || loopBacking(dev) != rec.Image {
+			continue
+		}
+		if _, err := run(ctx, "losetup", "-d", dev); err != nil {
 			return err
 		}
-		if err := waitFor(ctx, o.Timeout, func() bool { return loopBacking(rec.Device) != rec.Image }); err != nil {
-			return fmt.Errorf("loop device %s did not release %s: %w", rec.Device, rec.Image, err)
+		if err := waitFor(ctx, o.Timeout, func() bool { return loopBacking(dev) != rec.Image }); err != nil {
+			return fmt.Errorf("loop device %s did not release %s: %w", dev, rec.Image, err)
 		}
 	}
-	if rec.Mount != "" && isMountPoint(rec.Mount) {
-		var lastErr error
-		err := waitFor(ctx, o.Timeout, func() bool {
-			_, lastErr = run(ctx, "fusermount3", "-u", rec.Mount)
-			return lastErr == nil || !isMountPoint(rec.Mount)
-		})
-		if err != nil {
-			return fmt.Errorf("unmount %s: %v", rec.Mount, lastErr)
-		}
+	if rec.FusePID > 0 && alive(rec.FusePID) && !isMountPoint(rec.Mount) {
+		// An attach that failed or was interrupted while nbdfuse was starting: stop it rather
+		// than wait for a mount that may still come.
+		syscall.Kill(rec.FusePID, syscall.SIGTERM)
+	}
+	if err := unmountFuse(ctx, rec.Mount, o.Timeout); err != nil {
+		return err
 	}
 	if rec.FusePID > 0 {
 		// nbdfuse flushes and disconnects when unmounted; wait so that detach returns only once
@@ -441,6 +450,23 @@ func undo(ctx context.Context, rec Record, o Options) error {
 		if err := waitFor(ctx, o.Timeout, func() bool { return !alive(rec.FusePID) }); err != nil {
 			return fmt.Errorf("nbdfuse (pid %d) did not exit: %w", rec.FusePID, err)
 		}
+	}
+	// A mount made just before nbdfuse was stopped outlives it.
+	return unmountFuse(ctx, rec.Mount, o.Timeout)
+}
+
+// unmountFuse unmounts dir if it is a mount point.
+func unmountFuse(ctx context.Context, dir string, timeout time.Duration) error {
+	if dir == "" || !isMountPoint(dir) {
+		return nil
+	}
+	var lastErr error
+	err := waitFor(ctx, timeout, func() bool {
+		_, lastErr = run(ctx, "fusermount3", "-u", dir)
+		return lastErr == nil || !isMountPoint(dir)
+	})
+	if err != nil {
+		return fmt.Errorf("unmount %s: %v", dir, lastErr)
 	}
 	return nil
 }
@@ -490,6 +516,21 @@ func waitFor(ctx context.Context, timeout time.Duration, done func() bool) error
 		}
 	}
 	return nil
+}
+
+// loopsOf returns the loop devices whose backing file is image.
+func loopsOf(image string) []string {
+	if image == "" {
+		return nil
+	}
+	var out []string
+	paths, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, p := range paths {
+		if data, err := os.ReadFile(p); err == nil && strings.TrimSpace(string(data)) == image {
+			out = append(out, "/dev/"+filepath.Base(filepath.Dir(filepath.Dir(p))))
+		}
+	}
+	return out
 }
 
 // loopBacking is the file behind a loop device, or "" if it has none.

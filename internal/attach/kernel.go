@@ -421,10 +421,12 @@ func startHelper(ctx context.Context, rec *Record, dev string, o Options) (pid i
 		}
 		return 0, nil, errors.New(msg)
 	case errors.Is(rerr, os.ErrDeadlineExceeded):
-		werr := waitExit(cmd, exited, 5*time.Second)
 		if ctx.Err() != nil {
+			cmd.Process.Signal(syscall.SIGTERM) // interrupted: no need to wait for the helper
+			waitExit(cmd, exited, 5*time.Second)
 			return 0, nil, ctx.Err()
 		}
+		werr := waitExit(cmd, exited, 5*time.Second)
 		return 0, nil, fmt.Errorf("the attach helper did not report within %v (%v): %s", o.Timeout+5*time.Second, werr, helperLog())
 	default:
 		werr := waitExit(cmd, exited, 5*time.Second)

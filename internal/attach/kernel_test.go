@@ -24,6 +24,10 @@ func TestMain(m *testing.M) {
 	case "crash":
 		fmt.Fprintln(os.Stderr, "helper crashed on purpose")
 		os.Exit(7)
+	case "hang":
+		fmt.Fprintln(os.Stderr, "helper hangs on purpose")
+		time.Sleep(time.Minute)
+		os.Exit(8)
 	}
 	fs := flag.NewFlagSet("helper", flag.ExitOnError)
 	dev := fs.String("device", "", "")
@@ -276,5 +280,22 @@ func TestDetachRecords(t *testing.T) {
 	}
 	if recs, _ := List(dir); len(recs) != 0 {
 		t.Fatalf("records left: %+v", recs)
+	}
+}
+
+// TestStartHelperCanceled: an attach interrupted while its helper sets up returns at once with
+// the context's error, and the helper is gone (asked with SIGTERM).
+func TestStartHelperCanceled(t *testing.T) {
+	o := Options{Dir: t.TempDir(), Timeout: 30 * time.Second, Helper: testHelper(t, "hang")}
+	rec := &Record{ID: "x-0", Volume: "v", Socket: "/nonexistent"}
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, _, err := startHelper(ctx, rec, "/dev/nbd-test-never-opened", o)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("startHelper: %v, want the context's error", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("startHelper took %v after its context ended", d)
 	}
 }

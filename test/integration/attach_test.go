@@ -1,10 +1,14 @@
 package integration
 
 import (
+	"bytes"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // TestAttachErrors: `fcnbd attach` with the real daemon fails clearly and leaves nothing behind
@@ -50,4 +54,50 @@ func TestAttachErrors(t *testing.T) {
 func attachFileExists(p string) bool {
 	_, err := os.Stat(p)
 	return err == nil
+}
+
+// TestAttachInterrupted: `fcnbd attach` (nbdfuse + loop on this host) interrupted with SIGINT at
+// various points either completes (and is recorded, so detach undoes it) or leaves nothing: no
+// nbdfuse mount, no loop device on it, nothing in the attach directory.
+func TestAttachInterrupted(t *testing.T) {
+	if os.Geteuid() != 0 || !attachFileExists("/dev/fuse") || !attachFileExists("/dev/loop-control") {
+		t.Skip("needs root, FUSE and loop devices")
+	}
+	needTools(t, "nbdfuse", "losetup", "fusermount3")
+	d := startDaemon(t)
+	d.cli("mkvolume", "-name", "vol", "-size", "16M")
+	for _, ms := range []int{0, 20, 40, 60, 80, 100, 120, 250} {
+		delay := time.Duration(ms) * time.Millisecond
+		dir := filepath.Join(t.TempDir(), "attach")
+		cmd := exec.Command(d.bin, "--socket", d.ctl, "attach", "--attach-dir", dir, "--nbd-unix", d.nbdSock, "--method", "nbdfuse", "vol")
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(delay)
+		cmd.Process.Signal(syscall.SIGINT)
+		err := cmd.Wait()
+		if err == nil {
+			dev := strings.TrimSpace(out.String())
+			t.Logf("SIGINT after %v: attach completed (%s)", delay, dev)
+			d.cli("detach", "--attach-dir", dir, dev)
+		} else {
+			t.Logf("SIGINT after %v: %v: %s", delay, err, strings.TrimSpace(out.String()))
+		}
+		if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+			var names []string
+			for _, e := range ents {
+				names = append(names, e.Name())
+			}
+			t.Fatalf("SIGINT after %v: left in the attach directory: %v", delay, names)
+		}
+		mounts, _ := os.ReadFile("/proc/self/mounts")
+		if strings.Contains(string(mounts), dir) {
+			t.Fatalf("SIGINT after %v: a mount under %s is left", delay, dir)
+		}
+		if loops, _ := exec.Command("losetup", "-a").Output(); strings.Contains(string(loops), dir) {
+			t.Fatalf("SIGINT after %v: a loop device on %s is left: %s", delay, dir, loops)
+		}
+	}
 }
