@@ -541,6 +541,9 @@ func TestVMFcnbdAttach(t *testing.T) {
 	if len(attaches) != 7 || methods["nbd"] != 6 || methods["nbd-client"] != 1 {
 		t.Fatalf("guest attached %d times (%v), want 6 with method nbd and 1 with nbd-client", len(attaches), methods)
 	}
+	for _, l := range r.Lines("GUEST-INTERRUPT ") {
+		t.Logf("attach interrupted after (s): %s", l)
+	}
 	for _, l := range r.Lines("GUEST-TIMING ") {
 		t.Logf("guest timing (TCG, 1 connection): %s", l)
 	}

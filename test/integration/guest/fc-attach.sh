@@ -8,7 +8,8 @@
 # files' checksums equal; detach; the same through --nbd-tcp and through --method nbd-client,
 # with several connections;
 # an unreachable daemon is a clear error that leaves nothing behind; three concurrent attaches
-# get three different devices; the daemon exits 0 on SIGTERM; last, a helper that gets no
+# get three different devices; an attach interrupted with SIGINT completes or leaves nothing;
+# the daemon exits 0 on SIGTERM; last, a helper that gets no
 # commit from fcnbd attach (gone before writing the record) disconnects its device, a helper
 # killed with SIGKILL still detaches cleanly, and so does a device whose daemon stopped.
 # Prints "GUEST-ATTACHED <method> <device>" for each attach.
@@ -160,6 +161,29 @@ devs=$(cat /tmp/attach-c1 /tmp/attach-c2 /tmp/attach-c3 | sort -u)
 [ "$(echo "$devs" | grep -c '^/dev/nbd[0-9]*$')" = 3 ] || die "concurrent attaches printed: $devs"
 for d in $devs; do
   fcnbd detach "$d"
+done
+
+step "an interrupted attach completes (recorded) or leaves nothing"
+for delay in 0.01 0.03 0.05 0.07 0.09 0.12 0.15 0.2; do
+  fcnbd attach --nbd-unix $NBD_SOCK vol >/tmp/int.out 2>&1 &
+  p=$!
+  sleep $delay
+  kill -INT $p 2>/dev/null || true
+  rc=0
+  wait $p || rc=$?
+  if [ $rc = 0 ]; then
+    dev=$(cat /tmp/int.out)
+    echo "GUEST-INTERRUPT $delay completed $dev"
+    detach_dev
+  else
+    echo "GUEST-INTERRUPT $delay rc=$rc $(tr '\n' ' ' </tmp/int.out)"
+    for i in $(seq 1 50); do [ -z "$(helper_pids)" ] && break; sleep 0.1; done
+    [ -z "$(helper_pids)" ] || die "interrupted after ${delay}s: attach helpers left: $(helper_pids)"
+    [ -z "$(ls /run/fcnbd/attach/)" ] || die "interrupted after ${delay}s: left in /run/fcnbd/attach: $(ls /run/fcnbd/attach/)"
+    for n in /sys/block/nbd*; do
+      [ ! -e "$n/pid" ] || die "interrupted after ${delay}s: ${n##*/} still connected"
+    done
+  fi
 done
 
 step "timing: attach, 16 MiB of direct writes, detach; nbd and nbd-client"
