@@ -6,31 +6,16 @@ import (
 	"fmt"
 	"io"
 	"net"
+
+	"fcnbd/internal/nbdproto"
 )
 
-// NBD wire constants used by the handshake (NetworkBlockDevice/nbd doc/proto.md).
+// Wire constants of the handshake not in internal/nbdproto.
 const (
-	hsNBDMagic         = 0x4e42444d41474943 // "NBDMAGIC"
-	hsOptMagic         = 0x49484156454f5054 // "IHAVEOPT"
-	hsOptReplyMagic    = 0x0003e889045565a9
-	hsFixedNewstyle    = 1 << 0
-	hsNoZeroes         = 1 << 1
-	hsOptGo            = 7
-	hsRepAck           = 1
-	hsRepInfo          = 3
-	hsRepErr           = 1 << 31
-	hsRepErrUnsup      = 1<<31 + 1
-	hsRepErrPolicy     = 1<<31 + 2
-	hsRepErrInvalid    = 1<<31 + 3
-	hsRepErrUnknown    = 1<<31 + 6
-	hsRepErrShutdown   = 1<<31 + 7
-	hsRepErrTLSReqd    = 1<<31 + 5
-	hsInfoExport       = 0
-	hsInfoBlockSize    = 3
-	hsFlagHasFlags     = 1 << 0
-	hsFlagReadOnly     = 1 << 1
-	hsFlagCanMultiConn = 1 << 8
-	hsMaxReplyPayload  = 64 << 10
+	hsRepErrPolicy    = nbdproto.RepFlagError + 2 // NBD_REP_ERR_POLICY
+	hsRepErrTLSReqd   = nbdproto.RepFlagError + 5 // NBD_REP_ERR_TLS_REQD
+	hsFlagReadOnly    = 1 << 1                    // NBD_FLAG_READ_ONLY
+	hsMaxReplyPayload = 64 << 10                  // the most option reply data read
 )
 
 // exportInfo is what NBD_OPT_GO told about an export.
@@ -53,19 +38,19 @@ func handshake(nc net.Conn, export string) (exportInfo, error) {
 	if _, err := io.ReadFull(nc, hello[:]); err != nil {
 		return exportInfo{}, fmt.Errorf("read the server's greeting: %w", err)
 	}
-	if binary.BigEndian.Uint64(hello[0:]) != hsNBDMagic {
+	if binary.BigEndian.Uint64(hello[0:]) != nbdproto.NBDMagic {
 		return exportInfo{}, errors.New("not an NBD server (bad greeting magic)")
 	}
-	if binary.BigEndian.Uint64(hello[8:]) != hsOptMagic {
+	if binary.BigEndian.Uint64(hello[8:]) != nbdproto.OptMagic {
 		return exportInfo{}, errors.New("the server speaks oldstyle NBD, not newstyle")
 	}
 	hflags := binary.BigEndian.Uint16(hello[16:])
-	if hflags&hsFixedNewstyle == 0 {
+	if hflags&nbdproto.FlagFixedNewstyle == 0 {
 		return exportInfo{}, errors.New("the server does not speak fixed newstyle NBD (NBD_OPT_GO)")
 	}
-	cflags := uint32(hsFixedNewstyle)
-	if hflags&hsNoZeroes != 0 {
-		cflags |= hsNoZeroes
+	cflags := uint32(nbdproto.FlagFixedNewstyle)
+	if hflags&nbdproto.FlagNoZeroes != 0 {
+		cflags |= nbdproto.FlagNoZeroes
 	}
 	if len(export) > 4096 {
 		return exportInfo{}, fmt.Errorf("export name of %d bytes (at most 4096)", len(export))
@@ -73,10 +58,10 @@ func handshake(nc net.Conn, export string) (exportInfo, error) {
 	data := binary.BigEndian.AppendUint32(nil, uint32(len(export)))
 	data = append(data, export...)
 	data = binary.BigEndian.AppendUint16(data, 1) // one information request:
-	data = binary.BigEndian.AppendUint16(data, hsInfoBlockSize)
+	data = binary.BigEndian.AppendUint16(data, nbdproto.InfoBlockSize)
 	msg := binary.BigEndian.AppendUint32(nil, cflags)
-	msg = binary.BigEndian.AppendUint64(msg, hsOptMagic)
-	msg = binary.BigEndian.AppendUint32(msg, hsOptGo)
+	msg = binary.BigEndian.AppendUint64(msg, nbdproto.OptMagic)
+	msg = binary.BigEndian.AppendUint32(msg, nbdproto.OptGo)
 	msg = binary.BigEndian.AppendUint32(msg, uint32(len(data)))
 	msg = append(msg, data...)
 	if _, err := nc.Write(msg); err != nil {
@@ -90,10 +75,10 @@ func handshake(nc net.Conn, export string) (exportInfo, error) {
 		if _, err := io.ReadFull(nc, h[:]); err != nil {
 			return exportInfo{}, fmt.Errorf("read the reply to NBD_OPT_GO: %w", err)
 		}
-		if binary.BigEndian.Uint64(h[0:]) != hsOptReplyMagic {
+		if binary.BigEndian.Uint64(h[0:]) != nbdproto.OptReplyMagic {
 			return exportInfo{}, errors.New("bad option reply magic")
 		}
-		if opt := binary.BigEndian.Uint32(h[8:]); opt != hsOptGo {
+		if opt := binary.BigEndian.Uint32(h[8:]); opt != nbdproto.OptGo {
 			return exportInfo{}, fmt.Errorf("option reply for option %d, want NBD_OPT_GO", opt)
 		}
 		typ := binary.BigEndian.Uint32(h[12:])
@@ -106,24 +91,24 @@ func handshake(nc net.Conn, export string) (exportInfo, error) {
 			return exportInfo{}, fmt.Errorf("read the reply to NBD_OPT_GO: %w", err)
 		}
 		switch {
-		case typ == hsRepAck:
+		case typ == nbdproto.RepAck:
 			if !gotExport {
 				return exportInfo{}, errors.New("the server acknowledged NBD_OPT_GO without NBD_INFO_EXPORT")
 			}
 			return info, nil
-		case typ == hsRepInfo:
+		case typ == nbdproto.RepInfo:
 			if len(body) < 2 {
 				return exportInfo{}, errors.New("NBD_REP_INFO without a type")
 			}
 			switch binary.BigEndian.Uint16(body) {
-			case hsInfoExport:
+			case nbdproto.InfoExport:
 				if len(body) != 12 {
 					return exportInfo{}, fmt.Errorf("NBD_INFO_EXPORT of %d bytes", len(body))
 				}
 				info.Size = binary.BigEndian.Uint64(body[2:])
 				info.Flags = binary.BigEndian.Uint16(body[10:])
 				gotExport = true
-			case hsInfoBlockSize:
+			case nbdproto.InfoBlockSize:
 				if len(body) != 14 {
 					return exportInfo{}, fmt.Errorf("NBD_INFO_BLOCK_SIZE of %d bytes", len(body))
 				}
@@ -132,12 +117,12 @@ func handshake(nc net.Conn, export string) (exportInfo, error) {
 				info.MaxBlock = binary.BigEndian.Uint32(body[10:])
 			}
 			// Other information (name, description) is of no use to the kernel.
-		case typ&hsRepErr != 0:
+		case typ&nbdproto.RepFlagError != 0:
 			msg := string(body)
 			if msg == "" {
 				msg = repErrName(typ)
 			}
-			if typ == hsRepErrUnknown {
+			if typ == nbdproto.RepErrUnknown {
 				return exportInfo{}, fmt.Errorf("%w: %q (server: %s)", errNoExport, export, msg)
 			}
 			return exportInfo{}, fmt.Errorf("the server refused NBD_OPT_GO for %q: %s (%s)", export, msg, repErrName(typ))
@@ -149,17 +134,17 @@ func handshake(nc net.Conn, export string) (exportInfo, error) {
 
 func repErrName(typ uint32) string {
 	switch typ {
-	case hsRepErrUnsup:
+	case nbdproto.RepErrUnsup:
 		return "NBD_REP_ERR_UNSUP"
 	case hsRepErrPolicy:
 		return "NBD_REP_ERR_POLICY"
-	case hsRepErrInvalid:
+	case nbdproto.RepErrInvalid:
 		return "NBD_REP_ERR_INVALID"
 	case hsRepErrTLSReqd:
 		return "NBD_REP_ERR_TLS_REQD"
-	case hsRepErrUnknown:
+	case nbdproto.RepErrUnknown:
 		return "NBD_REP_ERR_UNKNOWN"
-	case hsRepErrShutdown:
+	case nbdproto.RepErrShutdown:
 		return "NBD_REP_ERR_SHUTDOWN"
 	}
 	return fmt.Sprintf("error %#x", typ)

@@ -30,6 +30,8 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"fcnbd/internal/nbdproto"
 	"golang.org/x/sys/unix"
 )
 
@@ -110,7 +112,7 @@ func RunHelper(cfg HelperConfig) error {
 				info.Size, info.Flags, inf.Size, inf.Flags))
 		}
 	}
-	if cfg.Connections > 1 && info.Flags&hsFlagCanMultiConn == 0 {
+	if cfg.Connections > 1 && info.Flags&nbdproto.FlagCanMultiConn == 0 {
 		return fail(statusError, fmt.Errorf("the server does not allow %d connections to %q (no NBD_FLAG_CAN_MULTI_CONN)", cfg.Connections, cfg.Export))
 	}
 	bs, err := kernelBlockSize(info)

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"fcnbd/internal/nbdproto"
 )
 
 // TestMain lets the test binary be the attach helper (as `fcnbd attach-helper` is in
@@ -66,8 +68,8 @@ func TestHandshake(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	const flush, fua, trim = 1 << 2, 1 << 3, 1 << 5
-	if info.Size != 64<<20 || info.Flags&(hsFlagHasFlags|flush|fua|trim) != hsFlagHasFlags|flush|fua|trim || info.Flags&hsFlagReadOnly != 0 {
+	const flush, fua, trim = nbdproto.FlagSendFlush, nbdproto.FlagSendFUA, nbdproto.FlagSendTrim
+	if info.Size != 64<<20 || info.Flags&(nbdproto.FlagHasFlags|flush|fua|trim) != nbdproto.FlagHasFlags|flush|fua|trim || info.Flags&hsFlagReadOnly != 0 {
 		t.Fatalf("export info %+v: want 64 MiB, flags HAS_FLAGS|FLUSH|FUA|TRIM, writable", info)
 	}
 	if info.MinBlock != 1 || info.PrefBlock != 4096 || info.MaxBlock != 32<<20 {
