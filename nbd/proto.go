@@ -9,16 +9,7 @@ import (
 // Wire constants of the NBD protocol (fixed newstyle, simple and structured replies, block
 // status), as named in the NetworkBlockDevice/nbd proto.md.
 const (
-	nbdMagic         = 0x4e42444d41474943 // "NBDMAGIC"
-	optMagic         = 0x49484156454f5054 // "IHAVEOPT"
-	optReplyMagic    = 0x0003e889045565a9
-	requestMagic     = 0x25609513
-	simpleReplyMagic = 0x67446698
-	chunkMagic       = 0x668e33ef // NBD_STRUCTURED_REPLY_MAGIC
-
-	// Handshake flags (server) and client flags.
-	flagFixedNewstyle = 1 << 0
-	flagNoZeroes      = 1 << 1
+	chunkMagic = 0x668e33ef // NBD_STRUCTURED_REPLY_MAGIC
 
 	// Options.
 	optExportName = 1
@@ -43,12 +34,6 @@ const (
 	repErrUnknown  = 1<<31 + 6
 	repErrShutdown = 1<<31 + 7
 	repErrTooBig   = 1<<31 + 9
-
-	// Info types.
-	infoExport      = 0
-	infoName        = 1
-	infoDescription = 2
-	infoBlockSize   = 3
 
 	// Transmission flags.
 	tflagHasFlags        = 1 << 0
@@ -95,16 +80,6 @@ const (
 	ctxAllocationID   = 1      // the context ID of base:allocation on every connection
 	stateHole         = 1 << 0 // NBD_STATE_HOLE
 	stateZero         = 1 << 1 // NBD_STATE_ZERO
-
-	// NBD error values.
-	errPerm     = 1
-	errIO       = 5
-	errNoMem    = 12
-	errInval    = 22
-	errNoSpc    = 28
-	errOverflow = 75
-	errNotSup   = 95
-	errShutdown = 108
 
 	requestSize  = 28 // bytes of a request header
 	replyHdrSize = 16 // bytes of a simple reply header

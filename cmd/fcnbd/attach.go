@@ -2,7 +2,14 @@ package main
 
 import (
 	"fmt"
+	"os"
+	"os/signal"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/urfave/cli/v2"
 
 	"fcnbd/internal/attach"
@@ -22,19 +29,35 @@ func attachCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "attach",
 		Usage:     "make a volume a block device on this host (kernel NBD, else nbdfuse + loop); prints the device",
-		UsageText: "fcnbd attach [--nbd-unix PATH] VOLUME",
-		Flags:     []cli.Flag{socketFlag(), nbdUnixFlag(), attachDirFlag()},
+		UsageText: "fcnbd attach [--method nbd|nbd-client|nbdfuse] [--nbd-unix PATH | --nbd-tcp HOST:PORT] VOLUME",
+		Flags: []cli.Flag{socketFlag(), nbdUnixFlag(), attachDirFlag(),
+			&cli.StringFlag{Name: "nbd-tcp", Usage: "reach the daemon's NBD server at HOST:PORT instead of its Unix socket"},
+			&cli.StringFlag{Name: "method", Usage: "nbd: the kernel NBD driver, set up by fcnbd itself; " +
+				"nbd-client: the kernel NBD driver, set up by nbd-client; nbdfuse: nbdfuse + a loop device " +
+				"(default: nbd where the kernel has the NBD driver, else nbdfuse)"},
+			&cli.DurationFlag{Name: "timeout", Value: 15 * time.Second, Usage: "bound on each step (connecting, the device becoming ready)"},
+			&cli.IntFlag{Name: "connections", Value: 1, Usage: "connections of a kernel NBD device (methods nbd and nbd-client; 1 to 16)"},
+		},
 		Action: func(c *cli.Context) error {
 			a, err := args(c, 1, 1, "the volume (name or id)")
 			if err != nil {
 				return err
+			}
+			method := c.String("method")
+			if method != "" && !slices.Contains(attach.Methods, method) {
+				return fmt.Errorf("--method %q: want one of %s", method, strings.Join(attach.Methods, ", "))
 			}
 			// The daemon resolves an id to the name, which is the export name.
 			v, err := client(c).Volume(ctx(c), a[0])
 			if err != nil {
 				return err
 			}
-			rec, err := attach.Attach(ctx(c), v.Name, attach.Options{Dir: c.String("attach-dir"), Socket: c.String("nbd-unix")})
+			// Interrupted, attach undoes what it did instead of leaving it unrecorded.
+			sctx, stop := signal.NotifyContext(ctx(c), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
+			defer stop()
+			rec, err := attach.Attach(sctx, v.Name, attach.Options{Dir: c.String("attach-dir"),
+				Socket: c.String("nbd-unix"), TCP: c.String("nbd-tcp"), Method: method, Timeout: c.Duration("timeout"),
+				Connections: c.Int("connections")})
 			if err != nil {
 				return fmt.Errorf("attach %s: %w", v.Name, err)
 			}
@@ -44,18 +67,59 @@ func attachCommand() *cli.Command {
 	}
 }
 
+// attachHelperCommand is the process `fcnbd attach` starts (detached) for the nbd method: it
+// connects the device and stays in the kernel's NBD_DO_IT until the device is detached. Its
+// status line goes to file descriptor 3, the commit of fcnbd attach comes on 4, its log goes to
+// stderr (the attachment's .log file).
+func attachHelperCommand() *cli.Command {
+	return &cli.Command{
+		Name:   attach.HelperCommand,
+		Hidden: true,
+		Usage:  "internal: hold a kernel NBD device for fcnbd attach",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "device", Required: true},
+			&cli.StringFlag{Name: "export", Required: true},
+			&cli.StringFlag{Name: "nbd-unix"},
+			&cli.StringFlag{Name: "nbd-tcp"},
+			&cli.DurationFlag{Name: "timeout", Value: 15 * time.Second},
+			&cli.IntFlag{Name: "connections", Value: 1},
+		},
+		Action: func(c *cli.Context) error {
+			network, addr := "unix", c.String("nbd-unix")
+			if t := c.String("nbd-tcp"); t != "" {
+				network, addr = "tcp", t
+			}
+			if addr == "" {
+				return fmt.Errorf("--nbd-unix or --nbd-tcp is required")
+			}
+			// fd 3 and 4 are the pipes of fcnbd attach; run by hand, there are none.
+			status, commit := os.NewFile(3, "status"), os.NewFile(4, "commit")
+			if _, err := status.Stat(); err != nil {
+				status = nil
+			}
+			if _, err := commit.Stat(); err != nil {
+				commit = nil
+			}
+			return attach.RunHelper(attach.HelperConfig{Device: c.String("device"), Network: network,
+				Address: addr, Export: c.String("export"), Timeout: c.Duration("timeout"), Connections: c.Int("connections"),
+				Status: status, Commit: commit, Log: newLogger(zerolog.InfoLevel)})
+		},
+	}
+}
+
 func detachCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "detach",
 		Usage:     "undo an attach: sync and release the block device",
 		UsageText: "fcnbd detach DEVICE",
-		Flags:     []cli.Flag{attachDirFlag()},
+		Flags: []cli.Flag{attachDirFlag(),
+			&cli.DurationFlag{Name: "timeout", Value: 15 * time.Second, Usage: "bound on each wait (the device released, its helper exited)"}},
 		Action: func(c *cli.Context) error {
 			a, err := args(c, 1, 1, "the device (e.g. /dev/loop0)")
 			if err != nil {
 				return err
 			}
-			return attach.Detach(ctx(c), a[0], attach.Options{Dir: c.String("attach-dir")})
+			return attach.Detach(ctx(c), a[0], attach.Options{Dir: c.String("attach-dir"), Timeout: c.Duration("timeout")})
 		},
 	}
 }

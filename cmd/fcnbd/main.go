@@ -56,7 +56,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		Commands: slices.Concat(
 			[]*cli.Command{
 				serveCommand(), mkvolumeCommand(), lsvolumeCommand(), rmvolumeCommand(),
-				attachCommand(), detachCommand(),
+				attachCommand(), detachCommand(), attachHelperCommand(),
 				mkfcmapCommand(), chfcmapCommand(), lsfcmapCommand(), lsfcmapprogressCommand(),
 				lsfcmapdependentmapsCommand(), lsvdiskfcmapcopiesCommand(), lsvdiskdependentmapsCommand(),
 				mkfcconsistgrpCommand(), chfcconsistgrpCommand(), lsfcconsistgrpCommand(),

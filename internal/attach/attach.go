@@ -1,10 +1,11 @@
 // Package attach turns an fcnbd volume into a kernel block device on this host, and back: with
-// the kernel NBD driver (nbd-client) where it exists, otherwise with nbdfuse (the export as a
-// file on a FUSE mount) plus a loop device. Each attachment is recorded in a small JSON file
+// the kernel NBD driver where it exists (from Go, through a helper process that holds the
+// device: MethodNBD; or with nbd-client: MethodNBDClient), otherwise with nbdfuse (the export as
+// a file on a FUSE mount) plus a loop device. Each attachment is recorded in a small JSON file
 // under Options.Dir so that Detach, run by any later process, knows exactly what to undo.
 //
-// This package runs host tools (nbd-client, nbdfuse, losetup, fusermount3) and needs root; it
-// knows nothing of the daemon beyond its NBD socket.
+// This package needs root and, depending on the method, host tools (nbd-client, nbdfuse,
+// losetup, fusermount3); it knows nothing of the daemon beyond its NBD socket.
 package attach
 
 import (
@@ -14,6 +15,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"os"
 	"os/exec"
@@ -31,21 +33,29 @@ const DefaultDir = "/run/fcnbd/attach"
 
 // Methods.
 const (
-	MethodNBD     = "nbd"     // kernel NBD driver via nbd-client
-	MethodNBDFuse = "nbdfuse" // nbdfuse + losetup
+	MethodNBD       = "nbd"        // kernel NBD driver, from Go (a helper process holds the device)
+	MethodNBDClient = "nbd-client" // kernel NBD driver via nbd-client
+	MethodNBDFuse   = "nbdfuse"    // nbdfuse + losetup
 )
+
+// Methods lists the methods, for usage texts.
+var Methods = []string{MethodNBD, MethodNBDClient, MethodNBDFuse}
 
 // Record describes one attachment.
 type Record struct {
-	ID      string    `json:"id"` // <volume>-<n>, unique under Dir
-	Volume  string    `json:"volume"`
-	Device  string    `json:"device"` // /dev/nbdN or /dev/loopN
-	Method  string    `json:"method"`
-	Socket  string    `json:"socket"`
-	Mount   string    `json:"mount,omitempty"`    // nbdfuse mount point
-	Image   string    `json:"image,omitempty"`    // the export as a file, on Mount
-	FusePID int       `json:"fuse_pid,omitempty"` // nbdfuse's pid
-	Created time.Time `json:"created"`
+	ID      string `json:"id"` // <volume>-<n>, unique under Dir
+	Volume  string `json:"volume"`
+	Device  string `json:"device"` // /dev/nbdN or /dev/loopN
+	Method  string `json:"method"`
+	Socket  string `json:"socket"`
+	TCP     string `json:"tcp,omitempty"`      // the daemon's NBD TCP address, when used instead of Socket
+	Mount   string `json:"mount,omitempty"`    // nbdfuse mount point
+	Image   string `json:"image,omitempty"`    // the export as a file, on Mount
+	FusePID int    `json:"fuse_pid,omitempty"` // nbdfuse's pid
+	// HelperPID is the pid of the process holding a MethodNBD device (in NBD_DO_IT). A
+	// MethodNBD record without it was made by nbd-client (before MethodNBDClient existed).
+	HelperPID int       `json:"helper_pid,omitempty"`
+	Created   time.Time `json:"created"`
 }
 
 // Options configures Attach and Detach.
@@ -54,10 +64,20 @@ type Options struct {
 	Dir string
 	// Socket is the daemon's NBD Unix socket.
 	Socket string
-	// Method forces a method; empty means the kernel NBD driver if present, else nbdfuse.
+	// TCP, if set, is the daemon's NBD TCP address (host:port), used instead of Socket.
+	TCP string
+	// Method forces a method; empty means MethodNBD if the kernel has the NBD driver, else
+	// MethodNBDFuse.
 	Method string
-	// Timeout bounds each wait (nbdfuse ready, loop released, nbdfuse exited); 0 means 15 s.
+	// Timeout bounds each wait (connecting, the device ready, nbdfuse ready, loop released,
+	// nbdfuse or the helper exited); 0 means 15 s.
 	Timeout time.Duration
+	// Connections is the number of connections of a kernel NBD device (MethodNBD and
+	// MethodNBDClient); 0 means 1. nbdfuse takes one.
+	Connections int
+	// Helper is the command that runs RunHelper for MethodNBD; empty means this executable
+	// with the argument HelperCommand.
+	Helper []string
 }
 
 func (o *Options) defaults() {
@@ -80,7 +100,7 @@ func KernelNBD() bool {
 }
 
 // Attach makes volume (an export name) a block device and returns its record. On error
-// nothing is left behind.
+// nothing is left behind, also when ctx ends midway (the cleanup runs regardless).
 func Attach(ctx context.Context, volume string, o Options) (Record, error) {
 	o.defaults()
 	if o.Method == "" {
@@ -92,14 +112,36 @@ func Attach(ctx context.Context, volume string, o Options) (Record, error) {
 	if err := os.MkdirAll(o.Dir, 0o755); err != nil {
 		return Record{}, err
 	}
+	switch o.Method {
+	case MethodNBD, MethodNBDClient, MethodNBDFuse:
+	default:
+		return Record{}, fmt.Errorf("unknown attach method %q (want one of %s)", o.Method, strings.Join(Methods, ", "))
+	}
+	if o.Connections < 0 || o.Connections > 16 || (o.Connections > 1 && o.Method == MethodNBDFuse) {
+		return Record{}, fmt.Errorf("%d connections: the kernel methods take 1 to 16, nbdfuse 1", o.Connections)
+	}
+	if o.TCP != "" {
+		if _, _, err := net.SplitHostPort(o.TCP); err != nil {
+			return Record{}, fmt.Errorf("NBD TCP address %q: %w", o.TCP, err)
+		}
+	}
 	id, dir, err := reserve(o.Dir, volume)
 	if err != nil {
 		return Record{}, err
 	}
-	rec := Record{ID: id, Volume: volume, Method: o.Method, Socket: o.Socket, Created: time.Now().UTC()}
+	rec := Record{ID: id, Volume: volume, Method: o.Method, Socket: o.Socket, TCP: o.TCP, Created: time.Now().UTC()}
+	if rec.TCP != "" {
+		rec.Socket = ""
+	}
+	commit := func(bool) {}
 	switch o.Method {
 	case MethodNBD:
-		err = attachNBD(ctx, &rec)
+		var c func(bool)
+		if c, err = attachKernel(ctx, &rec, o); c != nil {
+			commit = c
+		}
+	case MethodNBDClient:
+		err = attachNBDClient(ctx, &rec, o.Connections)
 	case MethodNBDFuse:
 		err = attachFuse(ctx, &rec, dir, o)
 	default:
@@ -107,8 +149,9 @@ func Attach(ctx context.Context, volume string, o Options) (Record, error) {
 	}
 	if err == nil {
 		err = writeRecord(o.Dir, rec)
+		commit(err == nil)
 		if err != nil {
-			undo(ctx, rec, o)
+			undo(context.WithoutCancel(ctx), rec, o)
 		}
 	}
 	if err != nil {
@@ -135,7 +178,7 @@ func reserve(dir, volume string) (string, string, error) {
 	return "", "", fmt.Errorf("too many attachments of %s", volume)
 }
 
-func attachNBD(ctx context.Context, rec *Record) error {
+func attachNBDClient(ctx context.Context, rec *Record, conns int) error {
 	unlock, err := lockNBD(ctx)
 	if err != nil {
 		return err
@@ -148,12 +191,21 @@ func attachNBD(ctx context.Context, rec *Record) error {
 			if busyErr != nil {
 				return busyErr
 			}
-			return fmt.Errorf("no free NBD device (tried /dev/nbd0 to /dev/nbd%d)", n-1)
+			return noFreeNBD(n)
 		}
 		if nbdInUse(n) {
 			continue
 		}
-		if _, err := run(ctx, "nbd-client", "-unix", rec.Socket, dev, "-N", rec.Volume, "-b", "4096"); err != nil {
+		args := []string{"-unix", rec.Socket, dev}
+		if rec.TCP != "" {
+			host, port, _ := net.SplitHostPort(rec.TCP)
+			args = []string{host, port, dev}
+		}
+		args = append(args, "-N", rec.Volume, "-b", "4096")
+		if conns > 1 {
+			args = append(args, "-C", strconv.Itoa(conns))
+		}
+		if _, err := run(ctx, "nbd-client", args...); err != nil {
 			if nbdInUse(n) {
 				// Something other than fcnbd attach took the device meanwhile: try the next.
 				busyErr = err
@@ -203,8 +255,11 @@ func lockNBD(ctx context.Context) (func(), error) {
 	}
 }
 
-// exportURI is the NBD URI of volume on the Unix socket.
-func exportURI(socket, volume string) string {
+// exportURI is the NBD URI of volume on the Unix socket, or at the TCP address if tcp is set.
+func exportURI(socket, tcp, volume string) string {
+	if tcp != "" {
+		return "nbd://" + tcp + "/" + url.PathEscape(volume)
+	}
 	return "nbd+unix:///" + url.PathEscape(volume) + "?socket=" + (&url.URL{Path: socket}).EscapedPath()
 }
 
@@ -218,7 +273,7 @@ func attachFuse(ctx context.Context, rec *Record, dir string, o Options) (err er
 		return err
 	}
 	defer logFile.Close()
-	cmd := exec.Command("nbdfuse", "-P", pidFile, rec.Image, exportURI(rec.Socket, rec.Volume))
+	cmd := exec.Command("nbdfuse", "-P", pidFile, rec.Image, exportURI(rec.Socket, rec.TCP, rec.Volume))
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// Its own session: nbdfuse outlives this process and must not get its terminal's signals.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
@@ -230,7 +285,8 @@ func attachFuse(ctx context.Context, rec *Record, dir string, o Options) (err er
 	rec.FusePID = cmd.Process.Pid
 	defer func() {
 		if err != nil {
-			undo(ctx, *rec, o)
+			// Even when ctx ended (the attach was interrupted): the cleanup must run.
+			undo(context.WithoutCancel(ctx), *rec, o)
 		}
 	}()
 
@@ -255,11 +311,13 @@ func attachFuse(ctx context.Context, rec *Record, dir string, o Options) (err er
 		}
 	}
 
-	dev, lerr := run(ctx, "losetup", "--show", "-f", "--direct-io=on", rec.Image)
+	// losetup is not interrupted: killed midway it could leave a loop device it never printed.
+	lctx := context.WithoutCancel(ctx)
+	dev, lerr := run(lctx, "losetup", "--show", "-f", "--direct-io=on", rec.Image)
 	if lerr != nil {
 		// Direct I/O on the FUSE file is not available everywhere; the buffered loop is still
 		// correct because the loop driver passes flushes down as fsync.
-		dev, lerr = run(ctx, "losetup", "--show", "-f", rec.Image)
+		dev, lerr = run(lctx, "losetup", "--show", "-f", rec.Image)
 	}
 	if lerr != nil {
 		return lerr
@@ -268,7 +326,7 @@ func attachFuse(ctx context.Context, rec *Record, dir string, o Options) (err er
 	if !strings.HasPrefix(rec.Device, "/dev/loop") {
 		return fmt.Errorf("losetup printed %q", rec.Device)
 	}
-	return nil
+	return ctx.Err() // interrupted meanwhile: undone
 }
 
 // List returns every attachment recorded under dir (DefaultDir if empty).
@@ -310,8 +368,14 @@ func Detach(ctx context.Context, device string, o Options) error {
 	}
 	var rec *Record
 	for i := range recs {
-		if recs[i].Device == device {
-			rec = &recs[i]
+		r := &recs[i]
+		if r.Device != device {
+			continue
+		}
+		// A device whose helper died may have been attached again since: the record of the
+		// live attachment goes first (the stale one is for a later detach to drop).
+		if rec == nil || (r.HelperPID != 0 && helperAlive(r.HelperPID, r.Device)) {
+			rec = r
 		}
 	}
 	if rec == nil {
@@ -323,7 +387,10 @@ func Detach(ctx context.Context, device string, o Options) error {
 	if holders, _ := os.ReadDir(filepath.Join("/sys/block", filepath.Base(rec.Device), "holders")); len(holders) > 0 {
 		return fcerr.New(fcerr.BadState, "%s is in use by %s", rec.Device, holders[0].Name())
 	}
-	if err := syncDevice(rec.Device); err != nil {
+	if n, err := nbdIndex(rec.Device); err == nil && !nbdInUse(n) {
+		// The kernel no longer has the device connected (its helper was killed, or the daemon's
+		// connection was lost): nothing can be synced through it, and a flush would only fail.
+	} else if err := syncDevice(rec.Device); err != nil {
 		return fmt.Errorf("sync %s: %w", rec.Device, err)
 	}
 	if err := undo(ctx, *rec, o); err != nil {
@@ -338,6 +405,11 @@ func Detach(ctx context.Context, device string, o Options) error {
 func undo(ctx context.Context, rec Record, o Options) error {
 	switch rec.Method {
 	case MethodNBD:
+		if rec.HelperPID != 0 {
+			return detachKernel(ctx, rec, o)
+		}
+		fallthrough // a record of nbd-client from before MethodNBDClient existed
+	case MethodNBDClient:
 		if rec.Device != "" {
 			if _, err := run(ctx, "nbd-client", "-d", rec.Device); err != nil {
 				return err
@@ -348,23 +420,29 @@ func undo(ctx context.Context, rec Record, o Options) error {
 	default:
 		return fmt.Errorf("unknown attach method %q", rec.Method)
 	}
-	if rec.Device != "" && loopBacking(rec.Device) == rec.Image {
-		if _, err := run(ctx, "losetup", "-d", rec.Device); err != nil {
+	loops := []string{rec.Device}
+	if rec.Device == "" {
+		// The attach did not get as far as recording its loop device: find it, if any.
+		loops = loopsOf(rec.Image)
+	}
+	for _, dev := range loops {
+		if dev == "" || loopBacking(dev) != rec.Image {
+			continue
+		}
+		if _, err := run(ctx, "losetup", "-d", dev); err != nil {
 			return err
 		}
-		if err := waitFor(ctx, o.Timeout, func() bool { return loopBacking(rec.Device) != rec.Image }); err != nil {
-			return fmt.Errorf("loop device %s did not release %s: %w", rec.Device, rec.Image, err)
+		if err := waitFor(ctx, o.Timeout, func() bool { return loopBacking(dev) != rec.Image }); err != nil {
+			return fmt.Errorf("loop device %s did not release %s: %w", dev, rec.Image, err)
 		}
 	}
-	if rec.Mount != "" && isMountPoint(rec.Mount) {
-		var lastErr error
-		err := waitFor(ctx, o.Timeout, func() bool {
-			_, lastErr = run(ctx, "fusermount3", "-u", rec.Mount)
-			return lastErr == nil || !isMountPoint(rec.Mount)
-		})
-		if err != nil {
-			return fmt.Errorf("unmount %s: %v", rec.Mount, lastErr)
-		}
+	if rec.FusePID > 0 && alive(rec.FusePID) && !isMountPoint(rec.Mount) {
+		// An attach that failed or was interrupted while nbdfuse was starting: stop it rather
+		// than wait for a mount that may still come.
+		syscall.Kill(rec.FusePID, syscall.SIGTERM)
+	}
+	if err := unmountFuse(ctx, rec.Mount, o.Timeout); err != nil {
+		return err
 	}
 	if rec.FusePID > 0 {
 		// nbdfuse flushes and disconnects when unmounted; wait so that detach returns only once
@@ -372,6 +450,23 @@ func undo(ctx context.Context, rec Record, o Options) error {
 		if err := waitFor(ctx, o.Timeout, func() bool { return !alive(rec.FusePID) }); err != nil {
 			return fmt.Errorf("nbdfuse (pid %d) did not exit: %w", rec.FusePID, err)
 		}
+	}
+	// A mount made just before nbdfuse was stopped outlives it.
+	return unmountFuse(ctx, rec.Mount, o.Timeout)
+}
+
+// unmountFuse unmounts dir if it is a mount point.
+func unmountFuse(ctx context.Context, dir string, timeout time.Duration) error {
+	if dir == "" || !isMountPoint(dir) {
+		return nil
+	}
+	var lastErr error
+	err := waitFor(ctx, timeout, func() bool {
+		_, lastErr = run(ctx, "fusermount3", "-u", dir)
+		return lastErr == nil || !isMountPoint(dir)
+	})
+	if err != nil {
+		return fmt.Errorf("unmount %s: %v", dir, lastErr)
 	}
 	return nil
 }
@@ -389,7 +484,7 @@ func writeRecord(dir string, rec Record) error {
 }
 
 func removeFiles(dir, id string) error {
-	for _, suffix := range []string{".pid", ".log", ".json.tmp"} {
+	for _, suffix := range []string{".pid", ".log", ".json.tmp"} { // nbdfuse's pid file, nbdfuse's or the helper's log
 		os.Remove(filepath.Join(dir, id+suffix))
 	}
 	if err := os.Remove(filepath.Join(dir, id+".json")); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -421,6 +516,21 @@ func waitFor(ctx context.Context, timeout time.Duration, done func() bool) error
 		}
 	}
 	return nil
+}
+
+// loopsOf returns the loop devices whose backing file is image.
+func loopsOf(image string) []string {
+	if image == "" {
+		return nil
+	}
+	var out []string
+	paths, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, p := range paths {
+		if data, err := os.ReadFile(p); err == nil && strings.TrimSpace(string(data)) == image {
+			out = append(out, "/dev/"+filepath.Base(filepath.Dir(filepath.Dir(p))))
+		}
+	}
+	return out
 }
 
 // loopBacking is the file behind a loop device, or "" if it has none.

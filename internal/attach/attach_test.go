@@ -21,7 +21,10 @@ import (
 )
 
 func TestExportURI(t *testing.T) {
-	if got, want := exportURI("/run/fcnbd/nbd.sock", "v1"), "nbd+unix:///v1?socket=/run/fcnbd/nbd.sock"; got != want {
+	if got, want := exportURI("/run/fcnbd/nbd.sock", "", "v1"), "nbd+unix:///v1?socket=/run/fcnbd/nbd.sock"; got != want {
+		t.Fatalf("%s, want %s", got, want)
+	}
+	if got, want := exportURI("/run/fcnbd/nbd.sock", "127.0.0.1:10809", "v1"), "nbd://127.0.0.1:10809/v1"; got != want {
 		t.Fatalf("%s, want %s", got, want)
 	}
 	if got := unescape(`/mnt/a\040b`); got != "/mnt/a b" {

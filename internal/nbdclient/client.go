@@ -16,43 +16,29 @@ import (
 	"sort"
 	"sync"
 	"time"
+
+	"fcnbd/internal/nbdproto"
 )
 
-// Protocol constants (NetworkBlockDevice/nbd doc/proto.md).
+// Protocol constants (internal/nbdproto).
 const (
-	nbdMagic         = 0x4e42444d41474943
-	optMagic         = 0x49484156454f5054
-	optReplyMagic    = 0x0003e889045565a9
-	requestMagic     = 0x25609513
-	simpleReplyMagic = 0x67446698
-
-	flagFixedNewstyle = 1 << 0
-	flagNoZeroes      = 1 << 1
-
-	optGo    = 7
-	repAck   = 1
-	repInfo  = 3
-	repError = 1 << 31
-
-	infoExport = 0
-
 	// Transmission flags.
-	FlagHasFlags        = 1 << 0
-	FlagSendFlush       = 1 << 2
-	FlagSendFUA         = 1 << 3
-	FlagSendWriteZeroes = 1 << 6
-	FlagCanMultiConn    = 1 << 8
+	FlagHasFlags        = nbdproto.FlagHasFlags
+	FlagSendFlush       = nbdproto.FlagSendFlush
+	FlagSendFUA         = nbdproto.FlagSendFUA
+	FlagSendWriteZeroes = nbdproto.FlagSendWriteZeroes
+	FlagCanMultiConn    = nbdproto.FlagCanMultiConn
 
 	// CmdFlagFUA asks for the request's data to be on stable storage before the reply.
-	CmdFlagFUA = 1 << 0
+	CmdFlagFUA = nbdproto.CmdFlagFUA
 	// CmdFlagNoHole asks WRITE_ZEROES not to deallocate.
-	CmdFlagNoHole = 1 << 1
+	CmdFlagNoHole = nbdproto.CmdFlagNoHole
 
 	// NBD error values a caller may branch on.
-	EIO       = 5
-	EINVAL    = 22
-	ENOSPC    = 28
-	ESHUTDOWN = 108
+	EIO       = nbdproto.EIO
+	EINVAL    = nbdproto.EINVAL
+	ENOSPC    = nbdproto.ENOSPC
+	ESHUTDOWN = nbdproto.ESHUTDOWN
 )
 
 // Op is a request type.
@@ -60,12 +46,12 @@ type Op uint16
 
 // Request types.
 const (
-	OpRead        Op = 0
-	OpWrite       Op = 1
-	OpDisc        Op = 2
-	OpFlush       Op = 3
-	OpTrim        Op = 4
-	OpWriteZeroes Op = 6
+	OpRead        Op = nbdproto.CmdRead
+	OpWrite       Op = nbdproto.CmdWrite
+	OpDisc        Op = nbdproto.CmdDisc
+	OpFlush       Op = nbdproto.CmdFlush
+	OpTrim        Op = nbdproto.CmdTrim
+	OpWriteZeroes Op = nbdproto.CmdWriteZeroes
 )
 
 func (o Op) String() string {
@@ -160,23 +146,23 @@ func (c *Client) negotiate(export string) error {
 	if _, err := io.ReadFull(c.br, hello[:]); err != nil {
 		return err
 	}
-	if binary.BigEndian.Uint64(hello[0:]) != nbdMagic || binary.BigEndian.Uint64(hello[8:]) != optMagic {
+	if binary.BigEndian.Uint64(hello[0:]) != nbdproto.NBDMagic || binary.BigEndian.Uint64(hello[8:]) != nbdproto.OptMagic {
 		return errors.New("not a newstyle NBD server")
 	}
 	hflags := binary.BigEndian.Uint16(hello[16:])
-	if hflags&flagFixedNewstyle == 0 {
+	if hflags&nbdproto.FlagFixedNewstyle == 0 {
 		return errors.New("server is not fixed newstyle")
 	}
-	cflags := uint32(flagFixedNewstyle)
-	if hflags&flagNoZeroes != 0 {
-		cflags |= flagNoZeroes
+	cflags := uint32(nbdproto.FlagFixedNewstyle)
+	if hflags&nbdproto.FlagNoZeroes != 0 {
+		cflags |= nbdproto.FlagNoZeroes
 	}
 	msg := binary.BigEndian.AppendUint32(nil, cflags)
 	data := binary.BigEndian.AppendUint32(nil, uint32(len(export)))
 	data = append(data, export...)
 	data = binary.BigEndian.AppendUint16(data, 0) // no information requests: the export's is sent anyway
-	msg = binary.BigEndian.AppendUint64(msg, optMagic)
-	msg = binary.BigEndian.AppendUint32(msg, optGo)
+	msg = binary.BigEndian.AppendUint64(msg, nbdproto.OptMagic)
+	msg = binary.BigEndian.AppendUint32(msg, nbdproto.OptGo)
 	msg = binary.BigEndian.AppendUint32(msg, uint32(len(data)))
 	msg = append(msg, data...)
 	if _, err := c.nc.Write(msg); err != nil {
@@ -188,7 +174,7 @@ func (c *Client) negotiate(export string) error {
 		if _, err := io.ReadFull(c.br, h[:]); err != nil {
 			return err
 		}
-		if binary.BigEndian.Uint64(h[0:]) != optReplyMagic || binary.BigEndian.Uint32(h[8:]) != optGo {
+		if binary.BigEndian.Uint64(h[0:]) != nbdproto.OptReplyMagic || binary.BigEndian.Uint32(h[8:]) != nbdproto.OptGo {
 			return errors.New("bad option reply")
 		}
 		typ := binary.BigEndian.Uint32(h[12:])
@@ -201,18 +187,18 @@ func (c *Client) negotiate(export string) error {
 			return err
 		}
 		switch {
-		case typ == repAck:
+		case typ == nbdproto.RepAck:
 			if !gotExport {
 				return errors.New("NBD_REP_ACK without NBD_INFO_EXPORT")
 			}
 			return nil
-		case typ == repInfo:
-			if len(body) >= 12 && binary.BigEndian.Uint16(body) == infoExport {
+		case typ == nbdproto.RepInfo:
+			if len(body) >= 12 && binary.BigEndian.Uint16(body) == nbdproto.InfoExport {
 				c.size = binary.BigEndian.Uint64(body[2:])
 				c.tflags = binary.BigEndian.Uint16(body[10:])
 				gotExport = true
 			}
-		case typ&repError != 0:
+		case typ&nbdproto.RepFlagError != 0:
 			return fmt.Errorf("option refused: reply type %#x: %s", typ, body)
 		}
 	}
@@ -255,8 +241,8 @@ func (c *Client) Submit(op Op, flags uint16, off uint64, length uint32, data []b
 	c.pending[call.Cookie] = call
 	c.mu.Unlock()
 
-	hdr := make([]byte, 0, 28)
-	hdr = binary.BigEndian.AppendUint32(hdr, requestMagic)
+	hdr := make([]byte, 0, nbdproto.RequestSize)
+	hdr = binary.BigEndian.AppendUint32(hdr, nbdproto.RequestMagic)
 	hdr = binary.BigEndian.AppendUint16(hdr, flags)
 	hdr = binary.BigEndian.AppendUint16(hdr, uint16(op))
 	hdr = binary.BigEndian.AppendUint64(hdr, call.Cookie)
@@ -322,7 +308,7 @@ func (c *Client) Close() error {
 	up := c.closed == nil
 	c.mu.Unlock()
 	if up {
-		hdr := binary.BigEndian.AppendUint32(nil, requestMagic)
+		hdr := binary.BigEndian.AppendUint32(nil, nbdproto.RequestMagic)
 		hdr = binary.BigEndian.AppendUint16(hdr, 0)
 		hdr = binary.BigEndian.AppendUint16(hdr, uint16(OpDisc))
 		hdr = append(hdr, make([]byte, 20)...)
@@ -358,13 +344,13 @@ func (c *Client) fail(err error) {
 
 func (c *Client) readLoop() {
 	defer close(c.done)
-	var h [16]byte
+	var h [nbdproto.SimpleReplySize]byte
 	for {
 		if _, err := io.ReadFull(c.br, h[:]); err != nil {
 			c.fail(fmt.Errorf("%w: read: %v", ErrClosed, err))
 			return
 		}
-		if binary.BigEndian.Uint32(h[0:]) != simpleReplyMagic {
+		if binary.BigEndian.Uint32(h[0:]) != nbdproto.SimpleReplyMagic {
 			c.fail(fmt.Errorf("%w: bad reply magic %#x", ErrClosed, binary.BigEndian.Uint32(h[0:])))
 			return
 		}
