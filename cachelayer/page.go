@@ -129,35 +129,6 @@ func (s *stripes) lock(first, last int64) {
 	}
 }
 
-// tryLock is lock without waiting: it locks the stripes of pages [first, last] (fewer than
-// nStripes pages), in lock's order, and returns true, or locks nothing and returns false.
-func (s *stripes) tryLock(first, last int64) bool {
-	n := int(last - first + 1)
-	if n >= nStripes {
-		return false
-	}
-	a, b := int(first%nStripes), int(last%nStripes)
-	// The k-th stripe in ascending order: [a, b], or [0, b] then [a, nStripes) if it wraps.
-	at := func(k int) int {
-		switch {
-		case a <= b:
-			return a + k
-		case k <= b:
-			return k
-		}
-		return a + k - (b + 1)
-	}
-	for k := range n {
-		if !s[at(k)].TryLock() {
-			for j := range k {
-				s[at(j)].Unlock()
-			}
-			return false
-		}
-	}
-	return true
-}
-
 func (s *stripes) unlock(first, last int64) {
 	if last-first+1 >= nStripes {
 		for i := range s {

@@ -442,23 +442,3 @@ func (e *Engine) protect(v *volume, g int, view []byte, gOff int64, viewErr erro
 	}
 	return nil
 }
-
-// TryWriteAt does a write without FUA exactly as WriteAt(p, off, false) would, provided it is
-// a single store write: the volume is online, its gate free for I/O right now, and nothing
-// depends on it (no mapping, no difference recording). It then returns true and the write's
-// result; otherwise it does nothing and returns false. No grain lock, no journal, no sync: it
-// waits for nothing but the store's pwrite.
-func (d *device) TryWriteAt(p []byte, off int64) (bool, error) {
-	v := d.v
-	if len(p) == 0 || blockdev.CheckRange(v.size, off, int64(len(p))) != nil || !v.online.Load() {
-		return false, nil
-	}
-	if !v.gate.TryRLock() {
-		return false, nil
-	}
-	defer v.gate.RUnlock()
-	if v.removed || d.e.ctx.Err() != nil || v.linked() || len(v.diffs) > 0 {
-		return false, nil
-	}
-	return true, writeFull(v, p, off)
-}
