@@ -45,17 +45,6 @@ func (f *fence) enter(stop <-chan struct{}) bool {
 	}
 }
 
-// tryEnter admits a request if the fence is not held, without waiting; it reports whether it
-// did.
-func (f *fence) tryEnter() bool {
-	f.inflight.Add(1)
-	if !f.held.Load() {
-		return true
-	}
-	f.exit()
-	return false
-}
-
 // exit ends an admitted request.
 func (f *fence) exit() {
 	if f.inflight.Add(-1) == 0 && f.held.Load() {

@@ -319,9 +319,6 @@ func (c *conn) dispatch(flags, typ uint16, cookie, off uint64, length uint32) bo
 			c.writeInline(cookie, off, buf)
 			return true
 		}
-		if qw, ok := c.dev.(QuickWriter); ok && !fua && c.rc != nil && c.writeQuick(qw, cookie, off, buf) {
-			return true
-		}
 		c.start(cookie, func() {
 			c.done(cookie, "write", c.write(buf, off, fua))
 		}, func() {

@@ -326,14 +326,6 @@ func (s *stack) WriteAt(p []byte, off int64, fua bool) error {
 	return s.cache.WriteAt(p, off, fua)
 }
 
-// TryWriteAt is the cache's (the NBD server runs the writes it takes on the connection's reader).
-func (s *stack) TryWriteAt(p []byte, off int64) (bool, error) {
-	if !s.online.Load() {
-		return false, nil // WriteAt reports it
-	}
-	return s.cache.TryWriteAt(p, off)
-}
-
 func (s *stack) Flush() error {
 	// At shutdown the driver has flushed every cache already, before the engine closed.
 	if s.d.closing.Load() {
