@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"slices"
+	"strings"
 
 	"github.com/urfave/cli/v2"
 
@@ -54,16 +55,16 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		Flags:           []cli.Flag{globalSocketFlag()},
 		HideHelpCommand: true,
 		Commands: slices.Concat(
-			[]*cli.Command{
-				serveCommand(), mkvolumeCommand(), lsvolumeCommand(), rmvolumeCommand(),
-				attachCommand(), detachCommand(), attachHelperCommand(),
+			[]*cli.Command{serveCommand(), attachCommand(), detachCommand(), attachHelperCommand(), waitCommand()},
+			svc(
+				mkvolumeCommand(), lsvolumeCommand(), rmvolumeCommand(),
 				mkfcmapCommand(), chfcmapCommand(), lsfcmapCommand(), lsfcmapprogressCommand(),
 				lsfcmapdependentmapsCommand(), lsvdiskfcmapcopiesCommand(), lsvdiskdependentmapsCommand(),
 				mkfcconsistgrpCommand(), chfcconsistgrpCommand(), lsfcconsistgrpCommand(),
-				waitCommand(), recoverfcmapCommand(),
-			},
-			fcmapLifecycle.commands(),
-			consistGrpLifecycle.commands(),
+				recoverfcmapCommand(),
+			),
+			svc(fcmapLifecycle.commands()...),
+			svc(consistGrpLifecycle.commands()...),
 		),
 		// Errors are printed once, by run, in the CMMVC form.
 		ExitErrHandler: func(*cli.Context, error) {},
@@ -87,6 +88,19 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "fcnbd: %v\n", err)
 	}
 	return 1
+}
+
+// svc marks the commands of the SVC command line: the ones the SVC front-ends (the restricted
+// SSH shell and `fcnbd svcinfo|svctask LINE`) may run, and nothing else. The ls commands are
+// svcinfo's, every other one svctask's. This category is the one table of what is reachable.
+func svc(cmds ...*cli.Command) []*cli.Command {
+	for _, c := range cmds {
+		c.Category = "svctask"
+		if strings.HasPrefix(c.Name, "ls") {
+			c.Category = "svcinfo"
+		}
+	}
+	return cmds
 }
 
 func main() {
