@@ -535,17 +535,11 @@ var _ blockdev.FastZeroer = (*Cache)(nil)
 // blockdev.ErrNotFast if it would have to copy or write data), and only once it has zeroed the
 // range are the cached pages changed; a refusal leaves the cache as it was.
 func (c *Cache) WriteZeroesFast(off, length int64, mayPunch bool, fua bool) error {
-	if err := blockdev.CheckRange(c.size, off, length); err != nil {
-		return err
-	}
-	if length == 0 {
-		return nil
-	}
-	if err := c.enter(); err != nil {
+	first, last, done, err := c.admitRange(off, length)
+	if done || err != nil {
 		return err
 	}
 	defer c.fence.exit()
-	first, last := off/PageSize, (off+length-1)/PageSize
 	end := off + length
 	// The stripes order the zeroing after destage runs of older data for the range, and keep
 	// fills from reading it, as in rangeOp.
@@ -569,18 +563,28 @@ func (c *Cache) WriteZeroesFast(off, length int64, mayPunch bool, fua bool) erro
 	return nil
 }
 
-func (c *Cache) rangeOp(off, length int64, below func() error) error {
+// admitRange checks that [off, off+length) is within the volume and admits an operation on it
+// through the fence, returning its first and last pages. done reports an empty range, with
+// nothing admitted; otherwise, with a nil error, the caller must call c.fence.exit when finished.
+func (c *Cache) admitRange(off, length int64) (first, last int64, done bool, err error) {
 	if err := blockdev.CheckRange(c.size, off, length); err != nil {
-		return err
+		return 0, 0, true, err
 	}
 	if length == 0 {
-		return nil
+		return 0, 0, true, nil
 	}
 	if err := c.enter(); err != nil {
+		return 0, 0, true, err
+	}
+	return off / PageSize, (off + length - 1) / PageSize, false, nil
+}
+
+func (c *Cache) rangeOp(off, length int64, below func() error) error {
+	first, last, done, err := c.admitRange(off, length)
+	if done || err != nil {
 		return err
 	}
 	defer c.fence.exit()
-	first, last := off/PageSize, (off+length-1)/PageSize
 	end := off + length
 	// Holding the stripes: no destage run of older data for the range is in flight or can start
 	// before the operation is below, and no fill can read the range meanwhile.

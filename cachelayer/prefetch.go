@@ -20,17 +20,11 @@ var _ blockdev.Prefetcher = (*Cache)(nil)
 // success, when the pool has no memory for more without waiting (clean pages are evicted for
 // it, never dirty ones). Its memory is one buffer of a destage run.
 func (c *Cache) Prefetch(off, length int64) error {
-	if err := blockdev.CheckRange(c.size, off, length); err != nil {
-		return err
-	}
-	if length == 0 {
-		return nil
-	}
-	if err := c.enter(); err != nil {
+	first, last, done, err := c.admitRange(off, length)
+	if done || err != nil {
 		return err
 	}
 	defer c.fence.exit()
-	first, last := off/PageSize, (off+length-1)/PageSize
 	last = min(last, first+max(c.pool.share()/prefetchShareDiv, 1)-1)
 	bp := c.bufs.Get().(*[]byte)
 	defer c.bufs.Put(bp)
