@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -53,6 +54,12 @@ const mib = 1 << 20
 // it reads through the source, its own where it has written — not that of its own empty file.
 func TestNbdinfoMap(t *testing.T) {
 	needTools(t, "nbdinfo", "qemu-io")
+	checkChainMaps(t, "nbdinfo --map", nbdinfoMap)
+}
+
+// checkChainMaps runs the map scenario of TestNbdinfoMap and TestQemuImgMap through one tool's
+// view of base:allocation: mapOf returns a volume's map with adjacent entries of one type merged.
+func checkChainMaps(t *testing.T, tool string, mapOf func(*testing.T, *daemon, string) []mapEntry) {
 	d := startDaemon(t)
 	d.cli("mkvolume", "-name", "src", "-size", "64M")
 	d.cli("mkvolume", "-name", "tgt", "-size", "64M")
@@ -65,23 +72,24 @@ func TestNbdinfoMap(t *testing.T) {
 		{40 * mib, 64 << 10, 0, "data"},
 		{40*mib + 64<<10, 24*mib - 64<<10, 3, "hole,zero"},
 	}
-	if got := nbdinfoMap(t, d, "src"); !equalMaps(got, want) {
-		t.Fatalf("map of the source:\n%+v\nwant\n%+v", got, want)
+	if got := mapOf(t, d, "src"); !slices.Equal(got, want) {
+		t.Fatalf("%s of the source:\n%+v\nwant\n%+v", tool, got, want)
 	}
-	if got := nbdinfoMap(t, d, "tgt"); !equalMaps(got, []mapEntry{{0, 64 * mib, 3, "hole,zero"}}) {
-		t.Fatalf("map of the new target: %+v, want one hole", got)
+	if got := mapOf(t, d, "tgt"); !slices.Equal(got, []mapEntry{{0, 64 * mib, 3, "hole,zero"}}) {
+		t.Fatalf("%s of the new target: %+v, want one hole", tool, got)
 	}
 
 	d.cli("mkfcmap", "-source", "src", "-target", "tgt", "-name", "snap", "-copyrate", "0")
 	d.cli("startfcmap", "-prep", "snap")
-	if got := nbdinfoMap(t, d, "tgt"); !equalMaps(got, want) {
-		t.Fatalf("map of the started target (its image is the source's):\n%+v\nwant\n%+v", got, want)
+	if got := mapOf(t, d, "tgt"); !slices.Equal(got, want) {
+		t.Fatalf("%s of the started target (its image is the source's):\n%+v\nwant\n%+v", tool, got, want)
 	}
 	// The source moves on: trimmed where the target still needs its data, written elsewhere.
-	// The target writes a range of its own.
+	// The target writes a range of its own. (Where the source's later write copied a grain of
+	// holes into the target, the target's grain is allocated: data, which promises nothing.)
 	qemuIOClean(t, d, "src", "discard 1M 2M", "write -P 0xcc 50M 64k", "flush")
 	qemuIOClean(t, d, "tgt", "write -P 0xdd 10M 64k", "flush")
-	tm := nbdinfoMap(t, d, "tgt")
+	tm := mapOf(t, d, "tgt")
 	for _, c := range []struct {
 		off, n int64
 		typ    int
@@ -94,26 +102,14 @@ func TestNbdinfoMap(t *testing.T) {
 		{20 * mib, 10 * mib, 3, "a hole in both"},
 	} {
 		if got := mapType(t, tm, c.off, c.n); got != c.typ {
-			t.Errorf("target [%d,+%d) (%s): type %d, want %d; map %+v", c.off, c.n, c.why, got, c.typ, tm)
+			t.Errorf("%s: target [%d,+%d) (%s): type %d, want %d; map %+v", tool, c.off, c.n, c.why, got, c.typ, tm)
 		}
 	}
-	sm := nbdinfoMap(t, d, "src")
+	sm := mapOf(t, d, "src")
 	if got := mapType(t, sm, 1*mib, 2*mib); got != 3 {
-		t.Errorf("source's trimmed range: type %d, want 3 (hole); map %+v", got, sm)
+		t.Errorf("%s: source's trimmed range: type %d, want 3 (hole); map %+v", tool, got, sm)
 	}
 	qemuIOClean(t, d, "tgt", "read -P 0xaa 1M 2M", "read -P 0xbb 40M 64k", "read -P 0 50M 64k")
-}
-
-func equalMaps(a, b []mapEntry) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // TestNbdcopySparse: nbdcopy of a sparse volume to a file leaves the file sparse (it skips
