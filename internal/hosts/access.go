@@ -16,7 +16,7 @@ import (
 // whether it is the administrator (root on the Unix socket), who sees every export:
 //
 //   - a TLS client with a verified certificate: its subject Common Name and its DNS SANs;
-//   - a TCP client: "ip:ADDRESS", its source address (with or without TLS);
+//   - a TCP client without a verified certificate: "ip:ADDRESS", its source address;
 //   - a Unix-socket client of another user: "uid:N".
 func Identities(client nbd.Client) (ids []string, admin bool) {
 	if client.Network == "unix" {
@@ -33,7 +33,7 @@ func Identities(client nbd.Client) (ids []string, admin bool) {
 			ids = append(ids, client.VerifiedChains[0][0].DNSNames...)
 		}
 	}
-	if client.Network == "tcp" {
+	if client.Network == "tcp" && client.CommonName == "" {
 		if host, _, err := net.SplitHostPort(client.Addr); err == nil {
 			if ip := net.ParseIP(host); ip != nil {
 				ids = append(ids, "ip:"+canonicalIP(ip))
