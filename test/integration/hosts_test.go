@@ -267,3 +267,50 @@ func TestHostsAccessControl(t *testing.T) {
 	}
 	d.cli("rmvolume", "vol1")
 }
+
+// TestHostsUnixUID: a Unix-socket client other than root is known as uid:N. (The socket is
+// root's, 0600, in production; the test opens it to user nobody to show the rule.)
+func TestHostsUnixUID(t *testing.T) {
+	needRoot(t)
+	needTools(t, "nbdinfo", "setpriv")
+	d := startDaemon(t)
+	d.cli("mkvolume", "-name", "vol1", "-size", "8M")
+	d.cli("mkvolume", "-name", "vol2", "-size", "8M")
+	if err := os.Chmod(filepath.Dir(d.nbdSock), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(d.nbdSock, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	unix := "nbd+unix:///?socket=" + d.nbdSock
+	asNobody := func() []string {
+		t.Helper()
+		out := sh(t, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "nbdinfo", "--list", "--json", unix)
+		var names []string
+		for _, line := range strings.Split(out, "\n") {
+			if v, ok := strings.CutPrefix(strings.TrimSpace(line), `"export-name": "`); ok {
+				names = append(names, strings.TrimSuffix(strings.TrimSuffix(v, ","), `"`))
+			}
+		}
+		return names
+	}
+	if got := asNobody(); !sameNames(got, "vol1", "vol2") {
+		t.Fatalf("no host: uid 65534 lists %v", got)
+	}
+	d.cli("mkhost", "-name", "other", "-nbdname", "uid:1000")
+	if got := asNobody(); len(got) != 0 {
+		t.Errorf("uid 65534, no host of its own, lists %v", got)
+	}
+	d.cli("mkhost", "-name", "nobody", "-nbdname", "uid:65534")
+	d.cli("mkvdiskhostmap", "-host", "nobody", "vol2")
+	if got := asNobody(); !sameNames(got, "vol2") {
+		t.Errorf("uid:65534 lists %v, want vol2", got)
+	}
+	if got := listed(t, unix); !sameNames(got, "vol1", "vol2") {
+		t.Errorf("root lists %v, want vol1 vol2", got)
+	}
+	_, errs, err := d.run("mkhost", "-name", "root", "-nbdname", "uid:0")
+	if err == nil || !strings.HasPrefix(errs, "CMMVC6581E") {
+		t.Errorf("mkhost -nbdname uid:0: %v %q", err, errs)
+	}
+}
