@@ -125,12 +125,15 @@ func (e *exports) LookupFor(client nbd.Client, name string) (nbd.Export, bool) {
 	if _, admin := Identities(client); admin {
 		return x, true
 	}
+	// The generation is read before the check: a change committed during it moves the
+	// generation past this one, and the device's first request checks again.
+	gen := e.m.gen.Load()
 	if !e.m.allowed(client, name) {
 		e.m.log.Debug().Stringer("client", client).Str("export", name).Msg("export refused: not mapped to the client's host")
 		return nbd.Export{}, false
 	}
 	g := &guarded{m: e.m, client: client, name: name, inner: x.Device}
-	g.state.Store(&access{gen: e.m.gen.Load(), ok: true})
+	g.state.Store(&access{gen: gen, ok: true})
 	x.Device = g
 	return x, true
 }
@@ -178,12 +181,20 @@ func (d *guarded) check() error {
 	st := d.state.Load()
 	if st.gen != gen {
 		ok := st.ok && d.m.allowed(d.client, d.name) // once revoked, always revoked
-		if st.ok && !ok {
-			d.m.log.Info().Stringer("client", d.client).Str("export", d.name).
-				Msg("access revoked: requests on this connection now fail")
+		next := &access{gen: gen, ok: ok}
+		// A concurrent request may have stored a verdict meanwhile; a revocation, or a later
+		// generation, must not be overwritten by an older one.
+		if d.state.CompareAndSwap(st, next) {
+			if st.ok && !ok {
+				d.m.log.Info().Stringer("client", d.client).Str("export", d.name).
+					Msg("access revoked: requests on this connection now fail")
+			}
+			st = next
+		} else if cur := d.state.Load(); !cur.ok || !ok {
+			st = &access{ok: false}
+		} else {
+			st = cur
 		}
-		st = &access{gen: gen, ok: ok}
-		d.state.Store(st)
 	}
 	if !st.ok {
 		return fmt.Errorf("export %s: access of %s revoked: %w", d.name, d.client, syscall.EPERM)

@@ -4,6 +4,9 @@ import (
 	"crypto/x509"
 	"errors"
 	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 
@@ -351,5 +354,49 @@ func TestCatalogueCheck(t *testing.T) {
 	e.close()
 	if _, err := catalog.Open(dir); !errors.Is(err, catalog.ErrCorrupt) {
 		t.Fatalf("open with a dangling host mapping: %v", err)
+	}
+}
+
+// TestRevocationConcurrent: requests racing with rmvdiskhostmap; once it has returned, every
+// request fails, whichever goroutine stored the last verdict.
+func TestRevocationConcurrent(t *testing.T) {
+	e := newEnv(t, "vol1")
+	x := e.m.Exports(nbd.StaticExports{{Name: "vol1", Device: memdev.New(1 << 20)}})
+	hostA := nbd.Client{Network: "tcp", Addr: "192.0.2.1:1000", UID: -1, TLS: true, CommonName: "hostA"}
+	e.m.MkHost(api.MkHost{Name: "hostA", HostPorts: api.HostPorts{NBDNames: []string{"hostA"}}})
+	e.m.MkHostMap(api.MkHostMap{Host: "hostA", Volume: "vol1"})
+	ex, ok := x.LookupFor(hostA, "vol1")
+	if !ok {
+		t.Fatal("hostA can't open vol1")
+	}
+	var revoked atomic.Bool
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, 512)
+			for i := 0; i < 2000; i++ {
+				after := revoked.Load()
+				err := ex.Device.ReadAt(buf, 0)
+				if after && err == nil {
+					errs <- errors.New("a read succeeded after the revocation returned")
+					return
+				}
+				if i%100 == 0 {
+					e.m.MkHost(api.MkHost{HostPorts: api.HostPorts{NBDNames: []string{"n" + strconv.Itoa(g) + "-" + strconv.Itoa(i)}}}) // moves the generation
+				}
+			}
+		}()
+	}
+	if err := e.m.RmHostMap("hostA", "vol1"); err != nil {
+		t.Fatal(err)
+	}
+	revoked.Store(true)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
 	}
 }
