@@ -105,8 +105,9 @@ func (m *Manager) allowed(client nbd.Client, name string) bool {
 
 // Exports returns inner with access control: the NBD server then lists and opens, for each
 // client, only the exports it may see (an invisible export is answered as an unknown one), and
-// the devices it hands out check again after every change of hosts or mappings, so that a
-// revoked client's requests fail with EPERM from then on (the connection stays open, useless).
+// the devices it hands out check again after every change of hosts or mappings: a revoked
+// client's next request fails with EPERM (nbd.ErrRevoked) and the server closes its
+// connection.
 // The administrator gets inner's devices as they are.
 func (m *Manager) Exports(inner nbd.Exports) nbd.ClientExports {
 	return &exports{Exports: inner, m: m}
@@ -197,7 +198,7 @@ func (d *guarded) check() error {
 		}
 	}
 	if !st.ok {
-		return fmt.Errorf("export %s: access of %s revoked: %w", d.name, d.client, syscall.EPERM)
+		return fmt.Errorf("export %s of %s: %w: %w", d.name, d.client, nbd.ErrRevoked, syscall.EPERM)
 	}
 	return nil
 }

@@ -108,7 +108,8 @@ func sameNames(got []string, want ...string) bool {
 }
 
 // nbdshRevoke connects as a TLS client to EXPORT, reads, writes READY and waits for GO, then
-// expects its next read to fail: the host mapping was removed meanwhile.
+// expects its next read to fail and the connection to be closed: the host mapping was removed
+// meanwhile.
 const nbdshRevoke = `
 import nbd, os, time
 h = nbd.NBD()
@@ -127,6 +128,13 @@ try:
     print("read-after-revoke-succeeded")
 except nbd.Error as e:
     print("revoked-ok", e.errno)
+# The server closes the connection: the next request can't even be sent.
+try:
+    h.pread(4096, 0)
+    print("second-read-succeeded")
+except nbd.Error as e:
+    pass
+print("closed" if h.aio_is_dead() or h.aio_is_closed() else "still-open")
 `
 
 // TestHostsAccessControl: hosts and host mappings decide which NBD clients see which exports.
@@ -224,7 +232,7 @@ func TestHostsAccessControl(t *testing.T) {
 		t.Errorf("refusals changed the hosts:\n%s", out)
 	}
 
-	// Revocation: hostA's open connection to vol1 fails once the mapping is removed.
+	// Revocation: hostA's open connection to vol1 fails and is closed once the mapping is removed.
 	host, port, _ := net.SplitHostPort(d.tcp)
 	tmp := t.TempDir()
 	ready, goFile := filepath.Join(tmp, "ready"), filepath.Join(tmp, "go")
@@ -248,7 +256,7 @@ func TestHostsAccessControl(t *testing.T) {
 	}
 	d.cli("rmvdiskhostmap", "-host", "hostA", "vol1")
 	os.WriteFile(goFile, nil, 0o600)
-	if err := py.Wait(); err != nil || !strings.Contains(pyOut.String(), "revoked-ok") {
+	if err := py.Wait(); err != nil || !strings.Contains(pyOut.String(), "revoked-ok") || !strings.Contains(pyOut.String(), "closed") {
 		t.Errorf("open connection after rmvdiskhostmap: %v\n%s", err, pyOut.String())
 	}
 	nbdinfoErr(t, "--size", d.tlsURI("vol1", certs["hostA"]))
