@@ -153,16 +153,14 @@ var (
 // hostObject shows h. fcnbd does not track port logins: a host's status is offline and its
 // ports' node_logged_in_count 0, state offline. After the fields come the ports, as IBM's
 // detailed view lists them (WWPN, iscsi_name, and fcnbd's nbd_name).
-func hostObject(h api.Host, detail bool) object {
+func hostObject(h api.Host) object {
 	fields := zipFields(hostFields, []string{
 		strconv.Itoa(h.ID), h.Name, strconv.Itoa(len(h.Ports)), h.Type, "1111111111111111111111111111111111111111111111111111111111111111",
 		"1", "offline", "", "", "", "", h.Protocol,
 	})
-	if detail {
-		for _, p := range h.Ports {
-			key := map[string]string{"nbd": "nbd_name", "iscsi": "iscsi_name", "fc": "WWPN"}[p.Kind]
-			fields = append(fields, field{key, p.Name}, field{"node_logged_in_count", "0"}, field{"state", "offline"})
-		}
+	for _, p := range h.Ports {
+		key := map[string]string{"nbd": "nbd_name", "iscsi": "iscsi_name", "fc": "WWPN"}[p.Kind]
+		fields = append(fields, field{key, p.Name}, field{"node_logged_in_count", "0"}, field{"state", "offline"})
 	}
 	return object{fields: fields, json: h}
 }
@@ -173,9 +171,7 @@ func lshostCommand() *cli.Command {
 		flags: fcViewFlags(), columns: hostColumns, fields: hostFields,
 		one: func(c *cli.Context, ref string) (api.Host, error) { return client(c).Host(ctx(c), ref) },
 		all: func(c *cli.Context) ([]api.Host, error) { return client(c).Hosts(ctx(c)) },
-		object: func(h api.Host, o viewOptions) object {
-			return hostObject(h, true)
-		},
+		object: func(h api.Host, _ viewOptions) object { return hostObject(h) },
 	})
 }
 
