@@ -169,8 +169,8 @@ func lshostCommand() *cli.Command {
 	return lsCommand(lsSpec[api.Host]{
 		name: "lshost", usage: "list hosts, or show one in detail with its port names", arg: "HOST",
 		flags: fcViewFlags(), columns: hostColumns, fields: hostFields,
-		one: func(c *cli.Context, ref string) (api.Host, error) { return client(c).Host(ctx(c), ref) },
-		all: func(c *cli.Context) ([]api.Host, error) { return client(c).Hosts(ctx(c)) },
+		one:    func(c *cli.Context, ref string) (api.Host, error) { return client(c).Host(ctx(c), ref) },
+		all:    func(c *cli.Context) ([]api.Host, error) { return client(c).Hosts(ctx(c)) },
 		object: func(h api.Host, _ viewOptions) object { return hostObject(h) },
 	})
 }
