@@ -474,6 +474,9 @@ func (c *conn) result(cookie uint64, op string, err error) reply {
 	}
 	errno := nbdErrno(blockdev.Errno(err))
 	c.log.Debug().Err(err).Str("op", op).Uint32("nbd_error", errno).Msg("request failed")
+	if errors.Is(err, ErrRevoked) {
+		c.stop() // no more requests: the connection closes once these are answered
+	}
 	return reply{cookie: cookie, errno: errno}
 }
 

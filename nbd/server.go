@@ -45,6 +45,12 @@ type ClientExports interface {
 	ListFor(client Client) []Export
 }
 
+// ErrRevoked, wrapped in a device's error, says that the client's access to the export was
+// revoked (ClientExports decided so after the export was opened): the request fails (with the
+// errno the error also wraps, EPERM for fcnbd's hosts) and the server closes the connection
+// once the requests in progress are answered.
+var ErrRevoked = errors.New("access to the export was revoked")
+
 // Client is who is at the other end of a connection, as far as the server knows. It changes
 // once during negotiation, when the client switches to TLS.
 type Client struct {

@@ -65,6 +65,8 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			),
 			svc(fcmapLifecycle.commands()...),
 			svc(consistGrpLifecycle.commands()...),
+			svc(mkhostCommand(), lshostCommand(), chhostCommand(), rmhostCommand(), addhostportCommand(), rmhostportCommand()),
+			svc(mkvdiskhostmapCommand(), rmvdiskhostmapCommand(), lsvdiskhostmapCommand(), lshostvdiskmapCommand()),
 		),
 		// Errors are printed once, by run, in the CMMVC form.
 		ExitErrHandler: func(*cli.Context, error) {},

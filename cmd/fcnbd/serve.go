@@ -21,6 +21,7 @@ import (
 	"fcnbd/internal/api"
 	"fcnbd/internal/catalog"
 	"fcnbd/internal/fcerr"
+	"fcnbd/internal/hosts"
 	"fcnbd/internal/metrics"
 	"fcnbd/internal/store"
 	"fcnbd/internal/sysutil"
@@ -245,8 +246,14 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 		}
 	}
 
-	nbdSrv := nbd.NewServer(vols, nbd.Options{Logger: log, TLSMode: cfg.tlsMode, TLSConfig: cfg.tlsConfig})
-	httpSrv := &http.Server{Handler: api.NewHandler(vols, log).WithFlashCopy(vols).WithRecover(vols), ReadHeaderTimeout: 10 * time.Second}
+	hostMgr, err := hosts.New(cat, log) // hosts and host mappings: NBD access control
+	if err != nil {
+		closeAll()
+		closeVolumes()
+		return openFailure(cfg.dataDir, err)
+	}
+	nbdSrv := nbd.NewServer(hostMgr.Exports(vols), nbd.Options{Logger: log, TLSMode: cfg.tlsMode, TLSConfig: cfg.tlsConfig})
+	httpSrv := &http.Server{Handler: api.NewHandler(vols, log).WithFlashCopy(vols).WithRecover(vols).WithHosts(hostMgr), ReadHeaderTimeout: 10 * time.Second}
 	failed := make(chan error, len(nbdLs)+2)
 	if cfg.metrics != "" {
 		ml, err := net.Listen("tcp", cfg.metrics)

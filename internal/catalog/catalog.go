@@ -131,7 +131,7 @@ func (db *DB) init() error {
 		if got := string(meta.Get([]byte("format"))); got != fmt.Sprint(Format) {
 			return fmt.Errorf("%s: %w: format %q, this fcnbd reads format %d", db.path, ErrCorrupt, got, Format)
 		}
-		for _, name := range [][]byte{bucketCounters, bucketVolumes, bucketFC, bucketBitmaps} {
+		for _, name := range [][]byte{bucketCounters, bucketVolumes, bucketFC, bucketBitmaps, bucketHosts, bucketHostMaps} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
@@ -173,7 +173,7 @@ func (db *DB) check() (err error) {
 				return fmt.Errorf("%s: %w: volume id %d not below the next id %d", db.path, ErrCorrupt, v.ID, next)
 			}
 		}
-		return nil
+		return checkHosts(tx, db.path)
 	})
 }
 

@@ -35,6 +35,12 @@ const (
 	NoDaemon           = "CMMVC9003E" // fcnbd: no daemon is listening on the control socket
 	GrainMismatch      = "CMMVC9004E" // fcnbd: the grain size differs within a connected set (IBM's code is not known to us)
 	ChainLoop          = "CMMVC9005E" // fcnbd: one group start would make a volume read through itself
+	// Hosts and host mappings (issue 14).
+	HostMapped       = "CMMVC5871E" // the host has mappings (one or more of its port names is in a mapping)
+	PortInUse        = "CMMVC6581E" // a port name is already assigned to a host, or is not valid
+	VolumeHostMapped = "CMMVC6071E" // the volume is already mapped to a host (to another one: use -force)
+	SCSIInUse        = "CMMVC5879E" // the host already has a volume mapped with this SCSI id
+	LastHostPort     = "CMMVC9140E" // fcnbd: a host keeps at least one port name
 )
 
 // Error is a refusal: a stable code and a sentence for the operator.

@@ -310,9 +310,9 @@ func (m *Manager) Create(name string, size int64) (Info, error) {
 // first: once it is durable the volume is gone, new connections can't find it, requests already
 // in progress finish, later requests on devices still held fail with EIO, and then the backing
 // file is closed and removed (a crash before the removal leaves an orphan, removed at start).
-// force is accepted for the interface of rmvolume; with no mappings yet it changes nothing.
+// A volume mapped to a host is refused (catalog.Tx.CheckVolumeDelete) unless force, which
+// removes its host mappings with it.
 func (m *Manager) Delete(ref string, force bool) error {
-	_ = force
 	m.opMu.Lock()
 	defer m.opMu.Unlock()
 	if err := m.checkOpen(); err != nil {
@@ -322,7 +322,16 @@ func (m *Manager) Delete(ref string, force bool) error {
 	if v == nil {
 		return noSuch(ref)
 	}
-	err := m.opts.Catalog.Update(func(tx *catalog.Tx) error { return tx.DeleteVolume(v.rec.ID) })
+	err := m.opts.Catalog.Update(func(tx *catalog.Tx) error {
+		// A volume mapped to a host is refused unless force; its host mappings go with it.
+		if err := tx.RemoveVolumeHostMaps(v.rec.ID, force); err != nil {
+			return err
+		}
+		return tx.DeleteVolume(v.rec.ID)
+	})
+	if fcerr.CodeOf(err) != "" {
+		return err
+	}
 	if err != nil {
 		return fcerr.New(fcerr.MetadataUnwritable, "delete volume %s: the catalogue could not be written: %v", v.rec.Name, err)
 	}
@@ -339,6 +348,17 @@ func (m *Manager) Delete(ref string, force bool) error {
 	}
 	m.opts.Logger.Debug().Uint64("id", v.rec.ID).Str("name", v.rec.Name).Msg("volume deleted")
 	return nil
+}
+
+// CheckDelete returns the refusal Delete(ref, force) would give for host mappings, changing
+// nothing: callers that must change other state first (the FlashCopy control plane) ask it
+// before.
+func (m *Manager) CheckDelete(ref string, force bool) error {
+	v := m.find(ref)
+	if v == nil {
+		return noSuch(ref)
+	}
+	return m.opts.Catalog.View(func(tx *catalog.Tx) error { return tx.CheckVolumeDelete(v.rec.ID, force) })
 }
 
 // closeVolume waits for the requests in progress, optionally flushes, closes the stack (if it

@@ -55,6 +55,10 @@ func (d *Driver) Delete(ref string, force bool) error {
 		return err
 	}
 	id := mappings.VolumeID(info.ID)
+	// Host mappings first: a refusal must come before the model changes anything.
+	if err := d.vols.CheckDelete(strconv.Itoa(int(id)), force); err != nil {
+		return err
+	}
 	if err := d.command(func(m *mappings.Model) ([]mappings.Effect, error) {
 		return m.RemoveVolume(strconv.Itoa(int(id)), force)
 	}); err != nil {
