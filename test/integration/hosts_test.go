@@ -1,10 +1,7 @@
 package integration
 
 import (
-	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"math/big"
 	"net"
 	"os"
 	"os/exec"
@@ -19,48 +16,14 @@ import (
 func makeHostCerts(t *testing.T, cns ...string) (server string, clients map[string]string) {
 	t.Helper()
 	root := t.TempDir()
-	caKey := tlsKey(t)
-	caTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "fcnbd hosts test CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ca, err := x509.ParseCertificate(caDER)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := newTestCA(t, "fcnbd hosts test CA")
 	issue := func(serial int64, cn string, usage x509.ExtKeyUsage, prefix string) string {
 		dir := filepath.Join(root, cn)
 		if err := os.Mkdir(dir, 0o700); err != nil {
 			t.Fatal(err)
 		}
-		key := tlsKey(t)
-		tmpl := &x509.Certificate{
-			SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: cn},
-			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-			BasicConstraintsValid: true,
-			KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
-			ExtKeyUsage:           []x509.ExtKeyUsage{usage},
-		}
-		if usage == x509.ExtKeyUsageServerAuth {
-			tmpl.DNSNames = []string{"localhost"}
-			tmpl.IPAddresses = []net.IP{net.ParseIP("127.0.0.1")}
-		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		kder, err := x509.MarshalPKCS8PrivateKey(key)
-		if err != nil {
-			t.Fatal(err)
-		}
-		writePEMFile(t, filepath.Join(dir, prefix+"-cert.pem"), "CERTIFICATE", der)
-		writePEMFile(t, filepath.Join(dir, prefix+"-key.pem"), "PRIVATE KEY", kder)
-		writePEMFile(t, filepath.Join(dir, "ca-cert.pem"), "CERTIFICATE", caDER)
+		ca.issue(t, serial, cn, usage, dir, prefix)
+		writePEMFile(t, filepath.Join(dir, "ca-cert.pem"), "CERTIFICATE", ca.der)
 		return dir
 	}
 	server = issue(2, "server", x509.ExtKeyUsageServerAuth, "server")

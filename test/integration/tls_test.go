@@ -42,51 +42,68 @@ func makeTLSDirs(t *testing.T) tlsDirs {
 			t.Fatal(err)
 		}
 	}
-	caKey := tlsKey(t)
-	caTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "fcnbd test CA"},
+	ca := newTestCA(t, "fcnbd test CA")
+	ca.issue(t, 2, "localhost", x509.ExtKeyUsageServerAuth, dirs.server, "server")
+	ca.issue(t, 3, tlsClientCN, x509.ExtKeyUsageClientAuth, dirs.client, "client")
+	for _, d := range []string{dirs.server, dirs.client, dirs.noCert} {
+		writePEMFile(t, filepath.Join(d, "ca-cert.pem"), "CERTIFICATE", ca.der)
+	}
+	return dirs
+}
+
+// testCA is a certificate authority for tests, ECDSA P-256, valid for a day.
+type testCA struct {
+	cert *x509.Certificate
+	der  []byte
+	key  *ecdsa.PrivateKey
+}
+
+func newTestCA(t *testing.T, name string) *testCA {
+	t.Helper()
+	key := tlsKey(t)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
 		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
 	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ca, err := x509.ParseCertificate(caDER)
+	cert, err := x509.ParseCertificate(der)
 	if err != nil {
 		t.Fatal(err)
 	}
-	issue := func(serial int64, cn string, usage x509.ExtKeyUsage, dir, prefix string) {
-		key := tlsKey(t)
-		tmpl := &x509.Certificate{
-			SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: cn},
-			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-			BasicConstraintsValid: true,
-			// GnuTLS-based clients (qemu) check key usage when it is critical, as Go marks it.
-			KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
-			ExtKeyUsage: []x509.ExtKeyUsage{usage},
-		}
-		if usage == x509.ExtKeyUsageServerAuth {
-			tmpl.DNSNames = []string{"localhost"}
-			tmpl.IPAddresses = []net.IP{net.ParseIP("127.0.0.1")}
-		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		kder, err := x509.MarshalPKCS8PrivateKey(key)
-		if err != nil {
-			t.Fatal(err)
-		}
-		writePEMFile(t, filepath.Join(dir, prefix+"-cert.pem"), "CERTIFICATE", der)
-		writePEMFile(t, filepath.Join(dir, prefix+"-key.pem"), "PRIVATE KEY", kder)
+	return &testCA{cert: cert, der: der, key: key}
+}
+
+// issue writes a certificate for cn that the CA signs, and its key, as dir/PREFIX-cert.pem and
+// dir/PREFIX-key.pem. A server certificate is for localhost and 127.0.0.1.
+func (ca *testCA) issue(t *testing.T, serial int64, cn string, usage x509.ExtKeyUsage, dir, prefix string) {
+	t.Helper()
+	key := tlsKey(t)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: cn},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		BasicConstraintsValid: true,
+		// GnuTLS-based clients (qemu) check key usage when it is critical, as Go marks it.
+		KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+		ExtKeyUsage: []x509.ExtKeyUsage{usage},
 	}
-	issue(2, "localhost", x509.ExtKeyUsageServerAuth, dirs.server, "server")
-	issue(3, tlsClientCN, x509.ExtKeyUsageClientAuth, dirs.client, "client")
-	for _, d := range []string{dirs.server, dirs.client, dirs.noCert} {
-		writePEMFile(t, filepath.Join(d, "ca-cert.pem"), "CERTIFICATE", caDER)
+	if usage == x509.ExtKeyUsageServerAuth {
+		tmpl.DNSNames = []string{"localhost"}
+		tmpl.IPAddresses = []net.IP{net.ParseIP("127.0.0.1")}
 	}
-	return dirs
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writePEMFile(t, filepath.Join(dir, prefix+"-cert.pem"), "CERTIFICATE", der)
+	writePEMFile(t, filepath.Join(dir, prefix+"-key.pem"), "PRIVATE KEY", kder)
 }
 
 func tlsKey(t *testing.T) *ecdsa.PrivateKey {
