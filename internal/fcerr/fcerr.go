@@ -35,6 +35,12 @@ const (
 	NoDaemon           = "CMMVC9003E" // fcnbd: no daemon is listening on the control socket
 	GrainMismatch      = "CMMVC9004E" // fcnbd: the grain size differs within a connected set (IBM's code is not known to us)
 	ChainLoop          = "CMMVC9005E" // fcnbd: one group start would make a volume read through itself
+	// The SVC command line (svcshell): IBM's codes for unknown commands and parameters; fcnbd's
+	// own for what only a restricted shell refuses.
+	UnsupportedCommand   = "CMMVC7205E" // the command is not supported (not an SVC command of fcnbd, or the wrong svcinfo/svctask prefix)
+	UnsupportedParameter = "CMMVC5709E" // [-x] is not a supported parameter
+	BadCommandLine       = "CMMVC9040E" // fcnbd: the SVC command line has shell syntax, control characters, or is empty or too long
+	InteractiveLogin     = "CMMVC9041E" // fcnbd: the SVC SSH account runs one command per connection, no interactive login
 )
 
 // Error is a refusal: a stable code and a sentence for the operator.
