@@ -201,6 +201,7 @@ func svcFrontCommands() []*cli.Command {
 			Usage:           "run one SVC " + prefix + " command line, as the SSH account would (e.g. fcnbd " + prefix + " " + map[string]string{"svcinfo": "lsfcmap -delim !", "svctask": "mkvolume -name v1 -size 1G"}[prefix] + ")",
 			UsageText:       "fcnbd [--socket S] " + prefix + " COMMAND [ARGS…]",
 			SkipFlagParsing: true,
+			HideHelp:        true, // "help" and -h are words of the line, refused like any other
 			Action: func(c *cli.Context) error {
 				words := c.Args().Slice()
 				if err := checkSVCWords(words); err != nil {
