@@ -18,10 +18,10 @@ import (
 // `fcnbd svcinfo|svctask`, in both views, with -delim ! and :, -nohdr and -filtervalue.
 func TestSVCSSHCommands(t *testing.T) {
 	d := newDaemon(t)
-	s := startSVCSSHServer(t, d)
+	run, _, _, _, _ := startSVCSSH(t, d)
 	ok := func(line string) string {
 		t.Helper()
-		out, errs, code := s.run(t, line)
+		out, errs, code := run(line)
 		if code != 0 || errs != "" {
 			t.Fatalf("ssh %q: exit %d\nstdout: %s\nstderr: %s", line, code, out, errs)
 		}
