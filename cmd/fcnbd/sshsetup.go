@@ -211,6 +211,13 @@ func sshInstall(c *cli.Context, name, keyFile, socket string) error {
 		return fmt.Errorf("the account %s cannot run %s (%v): install fcnbd where every user can run it, e.g. /usr/local/bin", name, bin, err)
 	}
 
+	// A running daemon's socket goes to the group now; the daemon does it itself at each start.
+	if fi, err := os.Stat(socket); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		if err := shareSocketWithGroup(socket); err != nil {
+			return fmt.Errorf("giving %s to group %s: %w", socket, sshGroup, err)
+		}
+	}
+
 	force := bin + " --socket " + socket + " svc-shell"
 	// The keys live in a root-owned ~/.ssh: the account can't change them.
 	sshDir := filepath.Join(u.HomeDir, ".ssh")
@@ -270,7 +277,7 @@ Match User %[1]s
 		return fmt.Errorf("sshd rejects the configuration with %s (left as it was): %w", dropIn, err)
 	}
 	fmt.Fprintf(w, "installed %s: %d key(s), sshd drop-in %s, control socket %s (group %s)\n", name, len(keys), dropIn, socket, sshGroup)
-	fmt.Fprintf(w, "now reload sshd (systemctl reload ssh), and start fcnbd serve after the group exists, so that it gives the socket to group %s\n", sshGroup)
+	fmt.Fprintln(w, "now reload sshd (systemctl reload ssh)")
 	return nil
 }
 

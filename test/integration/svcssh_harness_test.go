@@ -51,8 +51,9 @@ func (s *svcSSH) run(t testing.TB, line string) (string, string, int) {
 }
 
 // startSVCSSH installs an SVC SSH account for the daemon d and starts a private sshd for it.
-// d must come from newDaemon, not yet started: startSVCSSH starts it after the install has
-// created the fcnbd group, so that the daemon gives that group its control socket. It returns
+// d may be running (install gives its socket to the fcnbd group) or, from newDaemon, not yet
+// started: then startSVCSSH starts it after the install (and the daemon gives the group its
+// socket itself). It returns
 // run (one command line over a real ssh client), the server's host and port, the account
 // and its private key file. Everything is removed when the test ends.
 func startSVCSSH(t *testing.T, d *daemon) (run func(line string) (stdout, stderr string, code int), host, port, user, keyfile string) {
@@ -64,9 +65,6 @@ func startSVCSSHServer(t *testing.T, d *daemon) *svcSSH {
 	t.Helper()
 	needRoot(t)
 	needTools(t, "sshd", "ssh", "ssh-keygen", "useradd", "runuser")
-	if d.cmd != nil {
-		t.Fatal("startSVCSSH: pass a daemon from newDaemon, not started")
-	}
 	// The account must be able to run the binary and reach the socket: a world-readable copy
 	// of the binary, and the daemon's (private) temporary directory opened for traversal.
 	dir, err := os.MkdirTemp("", "fcnbd-ssh-")
@@ -100,7 +98,9 @@ func startSVCSSHServer(t *testing.T, d *daemon) *svcSSH {
 		}
 	})
 	sh(t, bin, "sshsetup", "install", "--user", s.user, "--key", s.key+".pub", "--socket", d.ctl)
-	d.start()
+	if d.cmd == nil {
+		d.start()
+	}
 
 	addr := freeTCPAddr(t)
 	_, s.port, _ = net.SplitHostPort(addr)

@@ -17,7 +17,7 @@ import (
 // drop-in `fcnbd sshsetup install` wrote: the same lines give the same output as the local
 // `fcnbd svcinfo|svctask`, in both views, with -delim ! and :, -nohdr and -filtervalue.
 func TestSVCSSHCommands(t *testing.T) {
-	d := newDaemon(t)
+	d := startDaemon(t) // running already: install gives its socket to the group
 	run, _, _, _, _ := startSVCSSH(t, d)
 	ok := func(line string) string {
 		t.Helper()
