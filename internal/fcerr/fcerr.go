@@ -37,8 +37,8 @@ const (
 	ChainLoop          = "CMMVC9005E" // fcnbd: one group start would make a volume read through itself
 	// The SVC command line (svcshell): IBM's codes for unknown commands and parameters; fcnbd's
 	// own for what only a restricted shell refuses.
-	UnsupportedCommand   = "CMMVC7205E" // the command is not supported (not an SVC command of fcnbd, or the wrong svcinfo/svctask prefix)
-	UnsupportedParameter = "CMMVC5709E" // [-x] is not a supported parameter
+	UnsupportedCommand   = "CMMVC7205E" // the command is not supported (not an SVC command of fcnbd, or the wrong svcinfo/svctask prefix); IBM's code as we recall it, not verified against IBM's reference
+	UnsupportedParameter = "CMMVC5709E" // [-x] is not a supported parameter (the text Cinder's Storwize test fake expects)
 	BadCommandLine       = "CMMVC9040E" // fcnbd: the SVC command line has shell syntax, control characters, or is empty or too long
 	InteractiveLogin     = "CMMVC9041E" // fcnbd: the SVC SSH account runs one command per connection, no interactive login
 )
