@@ -222,6 +222,36 @@ func TestSVCSSHRefusals(t *testing.T) {
 		t.Logf("the ssh client never listened on %s (forwarding refused before): %s", lport, lfOut.String())
 	}
 
+	// The control socket is the account's, but only through svc-shell: neither a forwarded
+	// Unix socket nor stdio forwarding (-W) reaches it or anything else.
+	fwdSock := filepath.Join(s.dir, "fwd.sock")
+	uf := exec.CommandContext(ctx, "ssh", append(append([]string{"-N", "-L", fwdSock + ":" + d.ctl}, s.sshArgs()...), "--", s.user+"@"+s.host)...)
+	ufOut := &syncBuffer{}
+	uf.Stdout, uf.Stderr = ufOut, ufOut
+	if err := uf.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { uf.Process.Kill(); uf.Wait() }()
+	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		c, err := net.Dial("unix", fwdSock)
+		if err != nil {
+			continue
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		fmt.Fprintf(c, "POST /volumes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 31\r\n\r\n{\"name\":\"fwd\",\"size\":1048576}")
+		buf := make([]byte, 64)
+		n, _ := c.Read(buf)
+		c.Close()
+		if n > 0 {
+			t.Errorf("a forwarded Unix socket reached the control socket: %q", buf[:n])
+		}
+		break
+	}
+	w := exec.CommandContext(ctx, "ssh", append(append([]string{"-W", "127.0.0.1:" + s.port}, s.sshArgs()...), "--", s.user+"@"+s.host)...)
+	if out, err := w.Output(); err == nil || strings.Contains(string(out), "SSH-2.0") {
+		t.Errorf("ssh -W reached sshd through the account: %v %q", err, out)
+	}
+
 	if _, err := os.Stat(marker); err == nil {
 		t.Errorf("%s was created", marker)
 	}
