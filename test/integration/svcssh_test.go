@@ -238,7 +238,8 @@ func TestSVCSSHRefusals(t *testing.T) {
 			continue
 		}
 		c.SetDeadline(time.Now().Add(5 * time.Second))
-		fmt.Fprintf(c, "POST /volumes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 31\r\n\r\n{\"name\":\"fwd\",\"size\":1048576}")
+		body := `{"name":"fwd","size":1048576}`
+		fmt.Fprintf(c, "POST /volumes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
 		buf := make([]byte, 64)
 		n, _ := c.Read(buf)
 		c.Close()
