@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/syslog"
 	"os"
+	"os/user"
 	"strings"
 	"unicode/utf8"
 
@@ -246,7 +247,8 @@ func svcFrontCommands() []*cli.Command {
 
 // svcShellLogger logs to syslog (facility auth, tag fcnbd-svc) where there is one, and
 // nowhere otherwise: never on the SSH session's stdout or stderr, which automation parses.
-func svcShellLogger() zerolog.Logger {
+// A variable, so that a test can read what is logged.
+var svcShellLogger = func() zerolog.Logger {
 	w, err := syslog.New(syslog.LOG_AUTH|syslog.LOG_INFO, "fcnbd-svc")
 	if err != nil {
 		return zerolog.Nop()
@@ -254,9 +256,11 @@ func svcShellLogger() zerolog.Logger {
 	return zerolog.New(zerolog.SyslogLevelWriter(w)).Level(zerolog.InfoLevel).With().Timestamp().Logger()
 }
 
+// currentUser is the account the shell runs as, from the password database (not from the
+// environment).
 func currentUser() string {
-	if u := os.Getenv("USER"); u != "" {
-		return u
+	if u, err := user.Current(); err == nil {
+		return u.Username
 	}
 	return fmt.Sprint(os.Getuid())
 }

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"unicode/utf8"
 
+	"github.com/rs/zerolog"
+
 	"fcnbd/internal/fcerr"
 )
 
@@ -220,6 +222,29 @@ func TestSSHKeys(t *testing.T) {
 	for _, name := range []string{"root", "Admin", "a b", "-x", "a;b", strings.Repeat("a", 40), ""} {
 		if sshCheckUser(name) == nil {
 			t.Errorf("account name %q accepted", name)
+		}
+	}
+}
+
+// svc-shell logs each line, accepted or refused, with the account and SSH_CONNECTION, at info.
+func TestSVCShellLog(t *testing.T) {
+	var logs bytes.Buffer
+	saved := svcShellLogger
+	svcShellLogger = func() zerolog.Logger { return zerolog.New(&logs).Level(zerolog.InfoLevel) }
+	t.Cleanup(func() { svcShellLogger = saved })
+	t.Setenv("SSH_CONNECTION", "192.0.2.7 50000 192.0.2.1 22")
+	sock := daemon(t)
+	for _, line := range []string{"lsvolume -delim :", "lsvolume; id", ""} {
+		runLine(t, sock, "svc-shell", line)
+	}
+	got := strings.Split(strings.TrimSpace(logs.String()), "\n")
+	want := []string{`"command":["lsvolume","-delim",":"]`, `"message":"svc-shell: command line refused"`, `"message":"svc-shell: interactive login refused"`}
+	if len(got) != len(want) {
+		t.Fatalf("log:\n%s", logs.String())
+	}
+	for i, w := range want {
+		if !strings.Contains(got[i], w) || !strings.Contains(got[i], `"from":"192.0.2.7 50000 192.0.2.1 22"`) || !strings.Contains(got[i], `"level":"info"`) || !strings.Contains(got[i], `"user":"`) {
+			t.Errorf("log line %d: %s; want %s", i, got[i], w)
 		}
 	}
 }
