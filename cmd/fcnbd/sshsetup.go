@@ -276,6 +276,10 @@ Match User %[1]s
 		}
 		return fmt.Errorf("sshd rejects the configuration with %s (left as it was): %w", dropIn, err)
 	}
+	// A check, not a condition: the daemon may be down now. (lsvolume only reads.)
+	if out, err := exec.Command("runuser", "-u", name, "--", bin, "--socket", socket, "svcinfo", "lsvolume", "-nohdr").CombinedOutput(); err != nil {
+		fmt.Fprintf(w, "warning: the account cannot use the daemon at %s now: %s\n", socket, strings.TrimSpace(string(out)))
+	}
 	fmt.Fprintf(w, "installed %s: %d key(s), sshd drop-in %s, control socket %s (group %s)\n", name, len(keys), dropIn, socket, sshGroup)
 	fmt.Fprintln(w, "now reload sshd (systemctl reload ssh)")
 	return nil

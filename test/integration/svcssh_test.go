@@ -283,7 +283,9 @@ func TestSVCSSHSetup(t *testing.T) {
 		}
 	}
 	// Again: the same result.
-	sh(t, s.bin, "sshsetup", "install", "--user", s.user, "--key", s.key+".pub", "--socket", d.ctl)
+	if out := sh(t, s.bin, "sshsetup", "install", "--user", s.user, "--key", s.key+".pub", "--socket", d.ctl); strings.Contains(out, "warning") {
+		t.Errorf("a second install warns, with the daemon running:\n%s", out)
+	}
 	if again, _ := os.ReadFile(conf); string(again) != string(data) {
 		t.Errorf("a second install changed %s:\n%s", conf, again)
 	}
