@@ -186,9 +186,12 @@ func sshInstall(c *cli.Context, name, keyFile, socket string) error {
 	}
 	if _, err := user.LookupGroup(sshGroup); err != nil {
 		if err := sshRun("groupadd", "--system", sshGroup); err != nil {
-			return err
+			if _, again := user.LookupGroup(sshGroup); again != nil {
+				return err
+			} // another install made it meanwhile
+		} else {
+			fmt.Fprintf(w, "created group %s\n", sshGroup)
 		}
-		fmt.Fprintf(w, "created group %s\n", sshGroup)
 	}
 	if u == nil {
 		// No password is set: the account's password is locked ('!'); keys are the only way in.
