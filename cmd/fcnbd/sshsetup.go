@@ -193,7 +193,8 @@ func sshInstall(c *cli.Context, name, keyFile, socket string) error {
 			fmt.Fprintf(w, "created group %s\n", sshGroup)
 		}
 	}
-	if u == nil {
+	created := u == nil
+	if created {
 		// No password is set: the account's password is locked ('!'); keys are the only way in.
 		if err := sshRun("useradd", "--create-home", "--shell", "/bin/sh", "--comment", sshAccountMarker,
 			"--groups", sshGroup, name); err != nil {
@@ -211,6 +212,9 @@ func sshInstall(c *cli.Context, name, keyFile, socket string) error {
 	}
 	// The binary must be runnable by the account (a binary under a private directory is not).
 	if err := sshRun("runuser", "-u", name, "--", bin, "--help"); err != nil {
+		if created { // leave nothing behind
+			sshRun("userdel", "--remove", name)
+		}
 		return fmt.Errorf("the account %s cannot run %s (%v): install fcnbd where every user can run it, e.g. /usr/local/bin", name, bin, err)
 	}
 

@@ -304,6 +304,13 @@ func TestSVCSSHSetup(t *testing.T) {
 			t.Errorf("sshsetup %q succeeded:\n%s", args, out)
 		}
 	}
+	// A binary the account cannot run (in a private directory): refused, no account left.
+	private := filepath.Join(s.dir, "private")
+	os.Mkdir(private, 0o700)
+	sh(t, "cp", s.bin, private+"/fcnbd")
+	if out, err := exec.Command(private+"/fcnbd", "sshsetup", "install", "--user", s.user+"x", "--key", s.key+".pub", "--socket", d.ctl).CombinedOutput(); err == nil || !strings.Contains(string(out), "cannot run") {
+		t.Errorf("install with a private binary: %v\n%s", err, out)
+	}
 	if _, err := os.Stat("/etc/ssh/sshd_config.d/fcnbd-" + s.user + "x.conf"); err == nil {
 		t.Errorf("a refused install left a drop-in")
 	}
