@@ -17,6 +17,10 @@ packages=(
   xz-utils        # VM test harness: unpacking the kernel package
   cpio            # VM test harness: building the initramfs
   openssl         # make bench: the TLS row's certificates
+  openssh-server  # the SVC command line over SSH: sshd runs fcnbd svc-shell (ForceCommand); svcssh tests
+  openssh-client  # svcssh tests: ssh, scp, sftp, ssh-keygen
+  python3-paramiko # the Cinder Storwize driver's SSH client
+  python3-cinder  # OpenStack Cinder's Storwize driver, driven against fcnbd's SVC command line
 )
 
 missing=()

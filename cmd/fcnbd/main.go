@@ -56,6 +56,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		HideHelpCommand: true,
 		Commands: slices.Concat(
 			[]*cli.Command{serveCommand(), attachCommand(), detachCommand(), attachHelperCommand(), waitCommand()},
+			svcFrontCommands(), []*cli.Command{sshsetupCommand()},
 			svc(
 				mkvolumeCommand(), lsvolumeCommand(), rmvolumeCommand(),
 				mkfcmapCommand(), chfcmapCommand(), lsfcmapCommand(), lsfcmapprogressCommand(),
@@ -75,7 +76,16 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 
 // run executes the CLI and returns the exit status.
 func run(args []string, stdout, stderr io.Writer) int {
-	err := newApp(stdout, stderr).Run(args)
+	app := newApp(stdout, stderr)
+	// Flag errors in SVC's words (CMMVC5709E "[-x] is not a supported parameter"), for every
+	// command and front-end alike.
+	app.OnUsageError = usageError
+	for _, c := range app.Commands {
+		if c.OnUsageError == nil {
+			c.OnUsageError = usageError
+		}
+	}
+	err := app.Run(args)
 	if err == nil {
 		return 0
 	}
@@ -86,10 +96,24 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "%s %s\n", fe.Code, fe.Message)
 	case errors.As(err, &ec) && ec.ExitCode() == 0:
 		return 0
+	case errors.As(err, &ec) && err.Error() == "":
+		return ec.ExitCode() // a front-end's status, already reported
 	default:
 		fmt.Fprintf(stderr, "fcnbd: %v\n", err)
 	}
 	return 1
+}
+
+// usageError turns urfave's flag errors into SVC's CMMVC messages.
+func usageError(_ *cli.Context, err error, _ bool) error {
+	msg := err.Error()
+	if f, ok := strings.CutPrefix(msg, "flag provided but not defined: "); ok {
+		return fcerr.New(fcerr.UnsupportedParameter, "[%s] is not a supported parameter", f)
+	}
+	if f, ok := strings.CutPrefix(msg, "flag needs an argument: "); ok {
+		return fcerr.New(fcerr.MissingParameter, "a value for [%s] is missing", f)
+	}
+	return fcerr.New(fcerr.BadValue, "%s", msg)
 }
 
 // svc marks the commands of the SVC command line: the ones the SVC front-ends (the restricted

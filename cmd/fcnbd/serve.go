@@ -210,6 +210,11 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 		closeVolumes()
 		return fmt.Errorf("control socket: %w", err)
 	}
+	if err := shareSocketWithGroup(cfg.socket); err != nil {
+		apiL.Close()
+		closeVolumes()
+		return fmt.Errorf("control socket: %w", err)
+	}
 	var nbdLs []net.Listener
 	closeAll := func() {
 		apiL.Close()

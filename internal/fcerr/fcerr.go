@@ -41,6 +41,12 @@ const (
 	VolumeHostMapped = "CMMVC6071E" // the volume is already mapped to a host (to another one: use -force)
 	SCSIInUse        = "CMMVC5879E" // the host already has a volume mapped with this SCSI id
 	LastHostPort     = "CMMVC9140E" // fcnbd: a host keeps at least one port name
+	// The SVC command line (svcshell): IBM's codes for unknown commands and parameters; fcnbd's
+	// own for what only a restricted shell refuses.
+	UnsupportedCommand   = "CMMVC7205E" // the command is not supported (not an SVC command of fcnbd, or the wrong svcinfo/svctask prefix); IBM's code as we recall it, not verified against IBM's reference
+	UnsupportedParameter = "CMMVC5709E" // [-x] is not a supported parameter (the text Cinder's Storwize test fake expects)
+	BadCommandLine       = "CMMVC9040E" // fcnbd: the SVC command line has shell syntax, control characters, or is empty or too long
+	InteractiveLogin     = "CMMVC9041E" // fcnbd: the SVC SSH account runs one command per connection, no interactive login
 )
 
 // Error is a refusal: a stable code and a sentence for the operator.
