@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"slices"
 	"strconv"
 	"time"
 
@@ -110,12 +109,18 @@ func chfcmapCommand() *cli.Command {
 }
 
 var (
+	// fcmapColumns are lsfcmap's concise view, the product's columns in its order.
 	fcmapColumns = []string{"id", "name", "source_vdisk_id", "source_vdisk_name", "target_vdisk_id",
 		"target_vdisk_name", "group_id", "group_name", "status", "progress", "copy_rate", "clean_progress",
-		"clean_rate", "grain_size", "incremental", "difference", "autodelete", "start_time", "partner_FC_id",
-		"partner_FC_name", "restoring", "restore_progress", "dependent_mappings"}
-	// fcmapFields are every attribute, the detailed view's lines.
-	fcmapFields = slices.Concat(fcmapColumns, []string{"grains_copied", "split_on_write", "bytes_copied", "copy_throughput", "status_reason"})
+		"incremental", "partner_FC_id", "partner_FC_name", "restoring", "start_time", "rc_controlled"}
+	// fcmapFields are every attribute, the detailed view's lines: the product's in its order,
+	// then fcnbd's own.
+	fcmapFields = []string{"id", "name", "source_vdisk_id", "source_vdisk_name", "target_vdisk_id",
+		"target_vdisk_name", "group_id", "group_name", "status", "progress", "copy_rate", "start_time",
+		"dependent_mappings", "autodelete", "clean_progress", "clean_rate", "incremental", "difference",
+		"grain_size", "IO_group_id", "IO_group_name", "partner_FC_id", "partner_FC_name", "restoring",
+		"rc_controlled", "keep_target", "type", "restore_progress", "fc_controlled", "owner_id", "owner_name",
+		"grains_copied", "split_on_write", "bytes_copied", "copy_throughput", "status_reason"}
 )
 
 func fcmapObject(m api.Fcmap) object {
@@ -126,21 +131,29 @@ func fcmapObject(m api.Fcmap) object {
 	if m.PartnerID != -1 {
 		partnerID = strconv.Itoa(m.PartnerID)
 	}
-	values := []string{
-		strconv.Itoa(m.ID), m.Name,
-		strconv.Itoa(m.SourceID), m.SourceName,
-		strconv.Itoa(m.TargetID), m.TargetName,
-		groupID, m.GroupName,
-		m.Status, strconv.Itoa(m.Progress),
-		strconv.Itoa(m.CopyRate), strconv.Itoa(m.CleanProgress), strconv.Itoa(m.CleanRate),
-		strconv.Itoa(m.GrainSize), onOff(m.Incremental), strconv.Itoa(m.Difference), onOff(m.Autodelete),
-		ibmTime(m.StartTime),
-		partnerID, m.PartnerName,
-		yesNo(m.Restoring), strconv.Itoa(m.RestoreProgress), strconv.Itoa(m.DependentMappings),
-		fmt.Sprint(m.GrainsCopied), fmt.Sprint(m.SplitOnWrite), fmt.Sprint(m.BytesCopied), fmt.Sprint(m.CopyThroughput),
-		m.StatusReason,
+	v := map[string]string{
+		"id": strconv.Itoa(m.ID), "name": m.Name,
+		"source_vdisk_id": strconv.Itoa(m.SourceID), "source_vdisk_name": m.SourceName,
+		"target_vdisk_id": strconv.Itoa(m.TargetID), "target_vdisk_name": m.TargetName,
+		"group_id": groupID, "group_name": m.GroupName,
+		"status": m.Status, "progress": strconv.Itoa(m.Progress), "copy_rate": strconv.Itoa(m.CopyRate),
+		"start_time": ibmTime(m.StartTime), "dependent_mappings": strconv.Itoa(m.DependentMappings),
+		"autodelete": onOff(m.Autodelete), "clean_progress": strconv.Itoa(m.CleanProgress),
+		"clean_rate": strconv.Itoa(m.CleanRate), "incremental": onOff(m.Incremental),
+		"difference": strconv.Itoa(m.Difference), "grain_size": strconv.Itoa(m.GrainSize),
+		"IO_group_id": "0", "IO_group_name": "io_grp0",
+		"partner_FC_id": partnerID, "partner_FC_name": m.PartnerName, "restoring": yesNo(m.Restoring),
+		"rc_controlled": "no", "keep_target": "no", "type": "generic",
+		"restore_progress": strconv.Itoa(m.RestoreProgress), "fc_controlled": "no", "owner_id": "", "owner_name": "",
+		"grains_copied": fmt.Sprint(m.GrainsCopied), "split_on_write": fmt.Sprint(m.SplitOnWrite),
+		"bytes_copied": fmt.Sprint(m.BytesCopied), "copy_throughput": fmt.Sprint(m.CopyThroughput),
+		"status_reason": m.StatusReason,
 	}
-	return object{fields: zipFields(fcmapFields, values), json: m}
+	fields := make([]field, len(fcmapFields))
+	for i, name := range fcmapFields {
+		fields[i] = field{name, v[name]}
+	}
+	return object{fields: fields, json: m}
 }
 
 func lsfcmapCommand() *cli.Command {

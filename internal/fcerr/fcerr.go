@@ -35,6 +35,7 @@ const (
 	NoDaemon           = "CMMVC9003E" // fcnbd: no daemon is listening on the control socket
 	GrainMismatch      = "CMMVC9004E" // fcnbd: the grain size differs within a connected set (IBM's code is not known to us)
 	ChainLoop          = "CMMVC9005E" // fcnbd: one group start would make a volume read through itself
+	Unsupported        = "CMMVC9006E" // fcnbd: a function fcnbd does not have (compression, mirroring)
 )
 
 // Error is a refusal: a stable code and a sentence for the operator.
