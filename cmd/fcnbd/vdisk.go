@@ -6,6 +6,7 @@ package main
 // one I/O group, and is thin (the sparse store allocates on write).
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"strconv"
@@ -158,9 +159,19 @@ func rmvdiskCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			return client(c).DeleteVolume(ctx(c), a[0], c.Bool("force"))
+			return byName(a[0], client(c).DeleteVolume(ctx(c), a[0], c.Bool("force")))
 		},
 	}
+}
+
+// byName gives a missing object named (not numbered) SVC's code for that, CMMVC5754E, which
+// automation takes as "no such volume" (Cinder's lsvdisk does).
+func byName(ref string, err error) error {
+	var fe *fcerr.Error
+	if _, nerr := strconv.ParseUint(ref, 10, 64); nerr != nil && errors.As(err, &fe) && fe.Code == fcerr.NoSuchObject {
+		return fcerr.New(fcerr.NoSuchName, "%s", fe.Message)
+	}
+	return err
 }
 
 // vdiskRow is a volume with what lsvdisk derives for it.
@@ -255,7 +266,7 @@ func lsvdiskCommand() *cli.Command {
 		one: func(c *cli.Context, ref string) (vdiskRow, error) {
 			v, err := client(c).Volume(ctx(c), ref)
 			if err != nil {
-				return vdiskRow{}, err
+				return vdiskRow{}, byName(ref, err)
 			}
 			rows, err := vdiskRows(c, []api.Volume{v})
 			if err != nil {
@@ -274,9 +285,10 @@ func lsvdiskCommand() *cli.Command {
 	})
 }
 
-// lsvdiskfcmappingsCommand lists the mappings a volume is the source or target of.
+// lsvdiskfcmappingsCommand lists the mappings a volume is the source or target of, in SVC's
+// columns id and name (which Cinder's driver reads).
 func lsvdiskfcmappingsCommand() *cli.Command {
-	cols := []string{"fc_id", "fc_name"}
+	cols := []string{"id", "name"}
 	return &cli.Command{
 		Name:      "lsvdiskfcmappings",
 		Usage:     "list the FlashCopy mappings a volume is the source or target of",
