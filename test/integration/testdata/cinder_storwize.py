@@ -208,6 +208,17 @@ def main():
     nbd.expect(clone, [(0, 4 * MB, 0x22), (4 * MB, 4 * MB, 0x11), tail])
     check(True, 'images: source, snapshot, volume from snapshot and clone hold what they should')
 
+    # Delete a snapshot as delete_snapshot does: its mapping (copy rate 0) is stopped, then removed.
+    snap2 = 'snapshot-2'
+    helpers.create_copy(src, snap2, None, conf, dict(opts), False, state)
+    n = len(SENT)
+    helpers.delete_vdisk(snap2, force_unmap=False, force_delete=True)
+    check(helpers.get_vdisk_attributes(snap2) is None, 'delete_vdisk(%s)' % snap2)
+    sent = SENT[n:]
+    check(any(c.startswith('svctask stopfcmap') for c in sent) and any(c.startswith('svctask rmfcmap -force') for c in sent),
+          'delete_vdisk of a snapshot: stopfcmap, then rmfcmap -force')
+    nbd.expect(src, [(0, 4 * MB, 0x22), (4 * MB, 4 * MB, 0x11), tail])
+
     # Delete the source while its snapshot exists: the driver turns the snapshot into a full
     # copy (chfcmap -copyrate 50 -autodelete on) and waits for it before rmvdisk.
     helpers.delete_vdisk(src, force_unmap=False, force_delete=True)
