@@ -12,8 +12,8 @@ import (
 
 func mkvolumeCommand() *cli.Command {
 	return &cli.Command{
-		Name:      "mkvolume",
-		Usage:     "create a volume",
+		Name:  "mkvolume",
+		Usage: "create a volume",
 		UsageText: "fcnbd mkvolume -name NAME -size SIZE   (SIZE in bytes or with K, M, G, T: 64M, 10G)\n" +
 			"   fcnbd mkvolume -name NAME -pool POOL -size N [-unit b|kb|mb|gb|tb|pb]   (SVC's form: N in -unit, default mb)",
 		Flags: []cli.Flag{
