@@ -384,13 +384,14 @@ func TestLsfcconsistgrp(t *testing.T) {
 		out  string
 	}{
 		{[]string{"lsfcconsistgrp"}, "" +
-			"id name  status         start_time   autodelete\n" +
-			"1  g1    idle_or_copied " + start + " on\n" +
-			"2  empty empty                       off\n"},
-		{[]string{"lsfcconsistgrp", "-nohdr", "-delim", ":", "-filtervalue", "status=empty"}, "2:empty:empty::off\n"},
-		{[]string{"lsfcconsistgrp", "g1"}, "id 1\nname g1\nstatus idle_or_copied\nstart_time " + start + "\nautodelete on\n" +
-			"last_hold_ms 1.500\nFC_mapping_id 0\nFC_mapping_name fcmap0\nFC_mapping_id 1\nFC_mapping_name back\n"},
-		{[]string{"lsfcconsistgrp", "2"}, "id 2\nname empty\nstatus empty\nstart_time \nautodelete off\nlast_hold_ms \n"},
+			"id name  status         start_time   owner_id owner_name\n" +
+			"1  g1    idle_or_copied " + start + "          \n" +
+			"2  empty empty                                \n"},
+		{[]string{"lsfcconsistgrp", "-nohdr", "-delim", ":", "-filtervalue", "status=empty"}, "2:empty:empty:::\n"},
+		{[]string{"lsfcconsistgrp", "-nohdr", "-delim", ":", "-filtervalue", "autodelete=on"}, "1:g1:idle_or_copied:" + start + "::\n"},
+		{[]string{"lsfcconsistgrp", "g1"}, "id 1\nname g1\nstatus idle_or_copied\nautodelete on\nstart_time " + start + "\n" +
+			"owner_id \nowner_name \nFC_mapping_id 0\nFC_mapping_name fcmap0\nFC_mapping_id 1\nFC_mapping_name back\nlast_hold_ms 1.500\n"},
+		{[]string{"lsfcconsistgrp", "2"}, "id 2\nname empty\nstatus empty\nautodelete off\nstart_time \nowner_id \nowner_name \nlast_hold_ms \n"},
 	}
 	for _, tc := range tests {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
