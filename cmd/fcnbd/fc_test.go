@@ -235,9 +235,16 @@ func TestFcCommandsReachAPI(t *testing.T) {
 		{[]string{"mkfcmap", "-source", "a", "-target", "b", "-copyrate", "151"}, "", "", fcerr.BadValue},
 		{[]string{"mkfcmap", "-source", "a", "-target", "b", "-grainsize", "128"}, "", "", fcerr.BadValue},
 		{[]string{"mkfcmap", "-source", "a", "-target", "b", "extra"}, "", "", fcerr.BadValue},
+		{[]string{"mkfcmap", "-source", "vsrc", "-target", "vtgt", "-iogrp", "io_grp0"}, `MkFcmap {"source":"vsrc","target":"vtgt"}`,
+			"FlashCopy Mapping, id [4], successfully created\n", ""},
+		{[]string{"mkfcmap", "-source", "vsrc", "-target", "vtgt", "-iogrp", "1"}, "", "", fcerr.NoSuchName},
+		{[]string{"mkfcmap", "-source", "vsrc", "-target", "vtgt", "-keeptarget"}, "", "", fcerr.Unsupported},
 
-		{[]string{"chfcmap", "-name", "n", "-copyrate", "10", "-cleanrate", "0", "-autodelete", "on", "-consistgrp", "0", "fcmap0"},
-			`ChFcmap fcmap0 {"name":"n","copyrate":10,"cleanrate":0,"autodelete":true,"consistgrp":"0"}`, "", ""},
+		{[]string{"chfcmap", "-copyrate", "10", "-cleanrate", "0", "-autodelete", "on", "-consistgrp", "0", "fcmap0"},
+			`ChFcmap fcmap0 {"copyrate":10,"cleanrate":0,"autodelete":true,"consistgrp":"0"}`, "", ""},
+		{[]string{"chfcmap", "-name", "n", "fcmap0"}, `ChFcmap fcmap0 {"name":"n"}`, "", ""},
+		{[]string{"chfcmap", "-name", "n", "-copyrate", "10", "fcmap0"}, "", "", fcerr.ExclusiveFlags}, // as the product: -name alone
+		{[]string{"chfcmap", "-autodelete", "on", "-name", "n", "fcmap0"}, "", "", fcerr.ExclusiveFlags},
 		{[]string{"chfcmap", "-autodelete", "off", "1"}, `ChFcmap 1 {"autodelete":false}`, "", ""},
 		{[]string{"chfcmap", "-autodelete", "maybe", "1"}, "", "", fcerr.BadValue},
 		{[]string{"chfcmap", "1"}, "", "", fcerr.MissingParameter},

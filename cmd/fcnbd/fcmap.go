@@ -20,7 +20,7 @@ func mkfcmapCommand() *cli.Command {
 		Name:  "mkfcmap",
 		Usage: "create a FlashCopy mapping from a source volume to a target volume of the same size",
 		UsageText: "fcnbd mkfcmap -source VOLUME -target VOLUME [-name NAME] [-consistgrp GROUP] [-copyrate 0-150]\n" +
-			"       [-cleanrate 0-150] [-grainsize 64|256] [-autodelete] [-incremental]",
+			"       [-cleanrate 0-150] [-grainsize 64|256] [-autodelete] [-incremental] [-iogrp 0]",
 		Flags: []cli.Flag{
 			socketFlag(),
 			&cli.StringFlag{Name: "source", Usage: "the source volume (name or id)"},
@@ -32,6 +32,8 @@ func mkfcmapCommand() *cli.Command {
 			&cli.StringFlag{Name: "grainsize", Usage: "grain size in KiB, 64 or 256 (default: that of the mappings linked to either volume, else 256)"},
 			&cli.BoolFlag{Name: "autodelete", Usage: "delete the mapping when its copy completes"},
 			&cli.BoolFlag{Name: "incremental", Usage: "keep a difference bitmap so a restart copies only what changed"},
+			&cli.StringFlag{Name: "iogrp", Usage: "the I/O group of the mapping's bitmaps: 0 (io_grp0), the only one"},
+			&cli.BoolFlag{Name: "keeptarget", Usage: "refused: fcnbd has no system-owned (volume group snapshot) mappings"},
 		},
 		Action: func(c *cli.Context) error {
 			if _, err := args(c, 0, 0, ""); err != nil {
@@ -41,6 +43,14 @@ func mkfcmapCommand() *cli.Command {
 				if c.String(f) == "" {
 					return fcerr.New(fcerr.MissingParameter, "-%s is missing", f)
 				}
+			}
+			if c.IsSet("iogrp") {
+				if err := checkIOGrp(c.String("iogrp")); err != nil {
+					return err
+				}
+			}
+			if c.Bool("keeptarget") {
+				return fcerr.New(fcerr.Unsupported, "-keeptarget can't be honoured: fcnbd has no system-owned mappings")
 			}
 			req := api.MkFcmap{
 				Source:      c.String("source"),
@@ -74,7 +84,7 @@ func chfcmapCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "chfcmap",
 		Usage:     "change a FlashCopy mapping's name, rates, autodelete or group",
-		UsageText: "fcnbd chfcmap [-name NAME] [-copyrate 0-150] [-cleanrate 0-150] [-autodelete on|off] [-consistgrp GROUP|0] MAPPING",
+		UsageText: "fcnbd chfcmap -name NAME MAPPING\n   fcnbd chfcmap [-copyrate 0-150] [-cleanrate 0-150] [-autodelete on|off] [-consistgrp GROUP|0] MAPPING",
 		Flags: []cli.Flag{
 			socketFlag(),
 			&cli.StringFlag{Name: "name", Usage: "the new name"},
@@ -87,6 +97,13 @@ func chfcmapCommand() *cli.Command {
 			a, err := args(c, 1, 1, "the mapping (name or id)")
 			if err != nil {
 				return err
+			}
+			if c.IsSet("name") {
+				for _, f := range []string{"copyrate", "cleanrate", "autodelete", "consistgrp"} {
+					if c.IsSet(f) {
+						return fcerr.New(fcerr.ExclusiveFlags, "-name can't be used with -%s", f)
+					}
+				}
 			}
 			var req api.ChFcmap
 			req.Name = stringFlag(c, "name")
