@@ -1,11 +1,18 @@
 package main
 
 import (
+	"context"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"fcnbd/internal/api"
 )
 
 // detail parses a detailed view printed with -delim !.
@@ -200,4 +207,86 @@ func TestVdiskCommands(t *testing.T) {
 	if out := cliOK(t, sock, "lsfcmap", "-nohdr"); out != "" {
 		t.Errorf("mappings left after rmvdisk -force: %q", out)
 	}
+}
+
+// serveIn runs serve in-process on dir until stop is called; it returns the control socket.
+func serveIn(t *testing.T, dir string) (string, func()) {
+	t.Helper()
+	cfg := serveConfig{
+		dataDir: filepath.Join(dir, "data"),
+		socket:  filepath.Join(dir, "run", "c.sock"),
+		nbdUnix: filepath.Join(dir, "run", "nbd.sock"),
+		log:     zerolog.Nop(),
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- serve(ctx, cfg) }()
+	stop := func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("serve: %v", err)
+		}
+	}
+	for i := 0; ; i++ {
+		if _, err := api.NewClient(cfg.socket).Volumes(context.Background()); err == nil {
+			return cfg.socket, stop
+		}
+		if i == 200 {
+			stop()
+			t.Fatal("daemon did not start")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestChvdisk(t *testing.T) {
+	dir := t.TempDir()
+	sock, stop := serveIn(t, dir)
+	cliOK(t, sock, "mkvdisk", "-name", "a", "-mdiskgrp", "pool0", "-size", "4")
+	cliOK(t, sock, "mkvdisk", "-name", "b", "-mdiskgrp", "pool0", "-size", "4")
+	cliOK(t, sock, "mkfcmap", "-source", "a", "-target", "b", "-copyrate", "0")
+	before := cliOK(t, sock, "lsvdisk", "-delim", "!") + cliOK(t, sock, "lsfcmap", "-delim", "!")
+	for _, r := range []struct {
+		args []string
+		code string
+	}{
+		{[]string{"chvdisk", "-name", "b", "a"}, "CMMVC6035E"},
+		{[]string{"chvdisk", "-name", "1x", "a"}, "CMMVC6527E"},
+		{[]string{"chvdisk", "-name", "c", "nope"}, "CMMVC5754E"},
+		{[]string{"chvdisk", "-name", "c", "7"}, "CMMVC5753E"},
+		{[]string{"chvdisk", "a"}, "CMMVC5707E"},
+		{[]string{"chvdisk", "-name", "c"}, "CMMVC5707E"},
+	} {
+		out, errOut, code := runCLI(t, sock, r.args...)
+		if code != 1 || out != "" || !strings.HasPrefix(errOut, r.code+" ") {
+			t.Errorf("%v: code %d stdout %q stderr %q; want %s", r.args, code, out, errOut, r.code)
+		}
+	}
+	if after := cliOK(t, sock, "lsvdisk", "-delim", "!") + cliOK(t, sock, "lsfcmap", "-delim", "!"); after != before {
+		t.Errorf("a refused chvdisk changed something:\n%s\nwas\n%s", after, before)
+	}
+
+	check := func(when string) {
+		t.Helper()
+		if d := detail(t, cliOK(t, sock, "lsvdisk", "-delim", "!", "renamed")); d["id"] != "0" || d["FC_name"] != "fcmap0" {
+			t.Errorf("%s: lsvdisk renamed: %v", when, d)
+		}
+		if _, errOut, _ := runCLI(t, sock, "lsvdisk", "a"); !strings.HasPrefix(errOut, "CMMVC5754E ") {
+			t.Errorf("%s: the old name still answers: %q", when, errOut)
+		}
+		if m := table(t, cliOK(t, sock, "lsfcmap", "-delim", "!")); len(m) != 1 || m[0]["source_vdisk_name"] != "renamed" {
+			t.Errorf("%s: lsfcmap: %v", when, m)
+		}
+	}
+	if out := cliOK(t, sock, "chvdisk", "-name", "renamed", "a"); out != "" {
+		t.Errorf("chvdisk printed %q", out)
+	}
+	check("after chvdisk")
+	cliOK(t, sock, "chvdisk", "-name", "renamed", "0") // its own name: nothing to refuse
+	stop()
+	sock, stop = serveIn(t, dir)
+	defer stop()
+	check("after a restart")
+	// The name is free again: a new volume may take it.
+	cliOK(t, sock, "mkvdisk", "-name", "a", "-mdiskgrp", "pool0", "-size", "4")
 }

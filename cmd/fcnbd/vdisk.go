@@ -353,3 +353,26 @@ func lsfcmapcandidateCommand() *cli.Command {
 
 // maxMapsPerVolume is SVC's limit of mappings per source volume.
 const maxMapsPerVolume = 256
+
+func chvdiskCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "chvdisk",
+		Usage:     "rename a volume (new NBD connections use the new name; open ones keep going)",
+		UsageText: "fcnbd chvdisk -name NEW_NAME VDISK",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.StringFlag{Name: "name", Usage: "the new name"},
+		},
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 1, 1, "the volume (name or id)")
+			if err != nil {
+				return err
+			}
+			if !c.IsSet("name") {
+				return fcerr.New(fcerr.MissingParameter, "nothing to change: give -name")
+			}
+			name := c.String("name")
+			return byName(a[0], client(c).ChVolume(ctx(c), a[0], api.ChVolume{Name: &name}))
+		},
+	}
+}
