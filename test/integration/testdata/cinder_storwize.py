@@ -16,9 +16,12 @@ Exit status 0 and "CINDER OK" on the last line mean every step passed.
 """
 
 import argparse
+import atexit
+import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -64,10 +67,13 @@ def ssh_transport(host, port, user, keyfile):
     conf = cfg.CONF
     if not conf._args:
         conf([], project='cinder')
-    # No known_hosts of ours: accept the test server's key (the driver's default policy is
-    # strict, against a file the operator populates).
+    # A known_hosts file of our own, empty: accept the test server's key on first use (the
+    # driver's default policy is strict, against a file the operator populates).
+    known = tempfile.NamedTemporaryFile(prefix='cinder-known-hosts-', delete=False)
+    known.close()
+    atexit.register(os.unlink, known.name)
     conf.set_override('strict_ssh_host_key_policy', False)
-    conf.set_override('ssh_hosts_key_file', '/dev/null')
+    conf.set_override('ssh_hosts_key_file', known.name)
     pool = ssh_utils.SSHPool(host, int(port), 30, user, password=None,
                              privatekey=keyfile, min_size=1, max_size=2)
 
