@@ -66,7 +66,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			svc(fcmapLifecycle.commands()...),
 			svc(consistGrpLifecycle.commands()...),
 			svc(lssystemCommand(), lsnodeCommand(), lsiogrpCommand(), lsmdiskgrpCommand(), lslicenseCommand(), lsguicapabilitiesCommand()),
-			svc(mkvdiskCommand(), lsvdiskCommand(), rmvdiskCommand(), chvdiskCommand(), lsvdiskfcmappingsCommand(), lsfcmapcandidateCommand()),
+			svc(mkvdiskCommand(), lsvdiskCommand(), rmvdiskCommand(), chvdiskCommand(), expandvdisksizeCommand(), lsvdiskfcmappingsCommand(), lsfcmapcandidateCommand()),
 		),
 		// Errors are printed once, by run, in the CMMVC form.
 		ExitErrHandler: func(*cli.Context, error) {},

@@ -158,6 +158,10 @@ func TestVdiskCommands(t *testing.T) {
 		{[]string{"lsvdisk", "nope"}, "CMMVC5754E"},
 		{[]string{"rmvdisk", "nope"}, "CMMVC5754E"},
 		{[]string{"lsvdiskfcmappings"}, "CMMVC5707E"},
+		{[]string{"expandvdisksize", "-size", "1", "-unit", "gb", "v0"}, "CMMVC9006E"},
+		{[]string{"expandvdisksize", "-size", "1", "-unit", "gb", "nope"}, "CMMVC5754E"},
+		{[]string{"expandvdisksize", "-size", "x", "v0"}, "CMMVC5731E"},
+		{[]string{"expandvdisksize", "v0"}, "CMMVC5707E"},
 	}
 	for _, r := range refused {
 		out, errOut, code := runCLI(t, sock, r.args...)

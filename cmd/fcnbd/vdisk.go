@@ -376,3 +376,35 @@ func chvdiskCommand() *cli.Command {
 		},
 	}
 }
+
+// expandvdisksizeCommand checks its arguments and refuses: fcnbd can't grow a volume yet (its
+// data path is built for a fixed capacity). It exists so automation gets a CMMVC code rather
+// than an unknown command.
+func expandvdisksizeCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "expandvdisksize",
+		Usage:     "grow a volume: not supported yet, refused with CMMVC9006E",
+		UsageText: "fcnbd expandvdisksize -size N [-unit b|kb|mb|gb|tb|pb] VDISK",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.StringFlag{Name: "size", Usage: "how much to add, in -unit"},
+			&cli.StringFlag{Name: "unit", Usage: "the unit of -size: b, kb, mb (default), gb, tb, pb"},
+		},
+		Action: func(c *cli.Context) error {
+			a, err := args(c, 1, 1, "the volume (name or id)")
+			if err != nil {
+				return err
+			}
+			if !c.IsSet("size") {
+				return fcerr.New(fcerr.MissingParameter, "-size is missing")
+			}
+			if _, err := sizeInUnit(c.String("size"), c.String("unit")); err != nil {
+				return err
+			}
+			if _, err := client(c).Volume(ctx(c), a[0]); err != nil {
+				return byName(a[0], err)
+			}
+			return fcerr.New(fcerr.Unsupported, "fcnbd can't grow a volume yet: %s keeps its capacity", a[0])
+		},
+	}
+}
