@@ -52,15 +52,22 @@ func mkfcmapCommand() *cli.Command {
 			if c.Bool("keeptarget") {
 				return fcerr.New(fcerr.Unsupported, "-keeptarget can't be honoured: fcnbd has no system-owned mappings")
 			}
+			src, err := volumeRef(c, c.String("source"))
+			if err != nil {
+				return err
+			}
+			tgt, err := volumeRef(c, c.String("target"))
+			if err != nil {
+				return err
+			}
 			req := api.MkFcmap{
-				Source:      c.String("source"),
-				Target:      c.String("target"),
+				Source:      src,
+				Target:      tgt,
 				Name:        c.String("name"),
 				ConsistGrp:  c.String("consistgrp"),
 				Autodelete:  c.Bool("autodelete"),
 				Incremental: c.Bool("incremental"),
 			}
-			var err error
 			if req.CopyRate, err = intFlag(c, "copyrate"); err != nil {
 				return err
 			}

@@ -211,6 +211,18 @@ func TestVdiskCommands(t *testing.T) {
 	if out := cliOK(t, sock, "lsfcmap", "-nohdr"); out != "" {
 		t.Errorf("mappings left after rmvdisk -force: %q", out)
 	}
+
+	// mkfcmap takes a volume's vdisk_UID for -source and -target, as SVC's does.
+	cliOK(t, sock, "mkvdisk", "-name", "v4", "-mdiskgrp", "pool0", "-size", "64")
+	uid := func(v string) string { return detail(t, cliOK(t, sock, "lsvdisk", "-delim", "!", v))["vdisk_UID"] }
+	bad := "6005076" + strings.Repeat("0", 25)
+	if _, errOut, code := runCLI(t, sock, "mkfcmap", "-source", bad, "-target", "v4"); code != 1 || !strings.HasPrefix(errOut, "CMMVC5754E ") {
+		t.Errorf("mkfcmap with an unknown UID: code %d stderr %q", code, errOut)
+	}
+	cliOK(t, sock, "mkfcmap", "-source", uid("v0"), "-target", strings.ToLower(uid("v4")))
+	if m := table(t, cliOK(t, sock, "lsfcmap", "-delim", "!")); len(m) != 1 || m[0]["source_vdisk_name"] != "v0" || m[0]["target_vdisk_name"] != "v4" {
+		t.Errorf("mkfcmap by UID: %v", m)
+	}
 }
 
 // serveIn runs serve in-process on dir until stop is called; it returns the control socket.

@@ -408,3 +408,36 @@ func expandvdisksizeCommand() *cli.Command {
 		},
 	}
 }
+
+// volumeRef turns a volume's vdisk_UID (as lsvdisk shows it) into its id, so commands that
+// take SVC's "id, name or UID" accept it; any other ref is returned as it is.
+func volumeRef(c *cli.Context, ref string) (string, error) {
+	if len(ref) != 32 || !strings.HasPrefix(ref, "6005076") {
+		return ref, nil
+	}
+	if !isHex(ref) {
+		return ref, nil
+	}
+	s, err := client(c).System(ctx(c))
+	if err != nil {
+		return "", err
+	}
+	prefix := "6005076" + strings.ToUpper(s.ID)
+	if !strings.EqualFold(ref[:len(prefix)], prefix) {
+		return "", fcerr.New(fcerr.NoSuchName, "no volume has the UID %s", ref)
+	}
+	id, err := strconv.ParseUint(ref[len(prefix):], 16, 64)
+	if err != nil {
+		return "", fcerr.New(fcerr.NoSuchName, "no volume has the UID %s", ref)
+	}
+	return strconv.FormatUint(id, 10), nil
+}
+
+func isHex(s string) bool {
+	for _, c := range s {
+		if !strings.ContainsRune("0123456789abcdefABCDEF", c) {
+			return false
+		}
+	}
+	return true
+}
