@@ -17,6 +17,7 @@ packages=(
   xz-utils        # VM test harness: unpacking the kernel package
   cpio            # VM test harness: building the initramfs
   openssl         # make bench: the TLS row's certificates
+  python3-cinder  # TestCinderStorwize: OpenStack Cinder's Storwize/SVC driver code
 )
 
 missing=()
