@@ -235,9 +235,16 @@ func TestFcCommandsReachAPI(t *testing.T) {
 		{[]string{"mkfcmap", "-source", "a", "-target", "b", "-copyrate", "151"}, "", "", fcerr.BadValue},
 		{[]string{"mkfcmap", "-source", "a", "-target", "b", "-grainsize", "128"}, "", "", fcerr.BadValue},
 		{[]string{"mkfcmap", "-source", "a", "-target", "b", "extra"}, "", "", fcerr.BadValue},
+		{[]string{"mkfcmap", "-source", "vsrc", "-target", "vtgt", "-iogrp", "io_grp0"}, `MkFcmap {"source":"vsrc","target":"vtgt"}`,
+			"FlashCopy Mapping, id [4], successfully created\n", ""},
+		{[]string{"mkfcmap", "-source", "vsrc", "-target", "vtgt", "-iogrp", "1"}, "", "", fcerr.NoSuchName},
+		{[]string{"mkfcmap", "-source", "vsrc", "-target", "vtgt", "-keeptarget"}, "", "", fcerr.Unsupported},
 
-		{[]string{"chfcmap", "-name", "n", "-copyrate", "10", "-cleanrate", "0", "-autodelete", "on", "-consistgrp", "0", "fcmap0"},
-			`ChFcmap fcmap0 {"name":"n","copyrate":10,"cleanrate":0,"autodelete":true,"consistgrp":"0"}`, "", ""},
+		{[]string{"chfcmap", "-copyrate", "10", "-cleanrate", "0", "-autodelete", "on", "-consistgrp", "0", "fcmap0"},
+			`ChFcmap fcmap0 {"copyrate":10,"cleanrate":0,"autodelete":true,"consistgrp":"0"}`, "", ""},
+		{[]string{"chfcmap", "-name", "n", "fcmap0"}, `ChFcmap fcmap0 {"name":"n"}`, "", ""},
+		{[]string{"chfcmap", "-name", "n", "-copyrate", "10", "fcmap0"}, "", "", fcerr.ExclusiveFlags}, // as the product: -name alone
+		{[]string{"chfcmap", "-autodelete", "on", "-name", "n", "fcmap0"}, "", "", fcerr.ExclusiveFlags},
 		{[]string{"chfcmap", "-autodelete", "off", "1"}, `ChFcmap 1 {"autodelete":false}`, "", ""},
 		{[]string{"chfcmap", "-autodelete", "maybe", "1"}, "", "", fcerr.BadValue},
 		{[]string{"chfcmap", "1"}, "", "", fcerr.MissingParameter},
@@ -313,8 +320,8 @@ func TestFcDriverRefusal(t *testing.T) {
 func TestLsfcmap(t *testing.T) {
 	sock := fcDaemon(t, &fakeFC{maps: testMaps(), grps: testGrps()})
 	start := fcStart.Local().Format("060102150405")
-	row0 := "0:fcmap0:0:vsrc:1:vtgt:::copying:42:50:0:50:256:off:0:off:" + start + ":1:back:no:0:1"
-	row1 := "1:back:1:vtgt:0:vsrc:1:g1:idle_or_copied:100:0:100:20:64:on:3:on::::yes:7:0"
+	row0 := "0:fcmap0:0:vsrc:1:vtgt:::copying:42:50:0:off:1:back:no:" + start + ":no"
+	row1 := "1:back:1:vtgt:0:vsrc:1:g1:idle_or_copied:100:0:100:on:::yes::no"
 	header := strings.Join(fcmapColumns, ":")
 	tests := []struct {
 		args []string
@@ -327,18 +334,20 @@ func TestLsfcmap(t *testing.T) {
 		{[]string{"lsfcmap", "-delim", ":", "-nohdr", "-filtervalue", "bytes_copied=2621440"}, row0 + "\n"},
 		{[]string{"lsfcmap", "-nohdr", "-filtervalue", "name=nothing"}, ""},
 		{[]string{"lsfcmap"}, "" +
-			"id name   source_vdisk_id source_vdisk_name target_vdisk_id target_vdisk_name group_id group_name status         progress copy_rate clean_progress clean_rate grain_size incremental difference autodelete start_time   partner_FC_id partner_FC_name restoring restore_progress dependent_mappings\n" +
-			"0  fcmap0 0               vsrc              1               vtgt                                  copying        42       50        0              50         256        off         0          off        " + start + " 1             back            no        0                1\n" +
-			"1  back   1               vtgt              0               vsrc              1        g1         idle_or_copied 100      0         100            20         64         on          3          on                                                    yes       7                0\n"},
+			"id name   source_vdisk_id source_vdisk_name target_vdisk_id target_vdisk_name group_id group_name status         progress copy_rate clean_progress incremental partner_FC_id partner_FC_name restoring start_time   rc_controlled\n" +
+			"0  fcmap0 0               vsrc              1               vtgt                                  copying        42       50        0              off         1             back            no        " + start + " no\n" +
+			"1  back   1               vtgt              0               vsrc              1        g1         idle_or_copied 100      0         100            on                                        yes                    no\n"},
 		{[]string{"lsfcmap", "fcmap0"}, "id 0\nname fcmap0\nsource_vdisk_id 0\nsource_vdisk_name vsrc\ntarget_vdisk_id 1\n" +
-			"target_vdisk_name vtgt\ngroup_id \ngroup_name \nstatus copying\nprogress 42\ncopy_rate 50\nclean_progress 0\n" +
-			"clean_rate 50\ngrain_size 256\nincremental off\ndifference 0\nautodelete off\nstart_time " + start + "\n" +
-			"partner_FC_id 1\npartner_FC_name back\nrestoring no\nrestore_progress 0\ndependent_mappings 1\n" +
+			"target_vdisk_name vtgt\ngroup_id \ngroup_name \nstatus copying\nprogress 42\ncopy_rate 50\nstart_time " + start + "\n" +
+			"dependent_mappings 1\nautodelete off\nclean_progress 0\nclean_rate 50\nincremental off\ndifference 0\n" +
+			"grain_size 256\nIO_group_id 0\nIO_group_name io_grp0\npartner_FC_id 1\npartner_FC_name back\nrestoring no\n" +
+			"rc_controlled no\nkeep_target no\ntype generic\nrestore_progress 0\nfc_controlled no\nowner_id \nowner_name \n" +
 			"grains_copied 10\nsplit_on_write 3\nbytes_copied 2621440\ncopy_throughput 2097152\nstatus_reason \n"},
 		{[]string{"lsfcmap", "-delim", "=", "1"}, "id=1\nname=back\nsource_vdisk_id=1\nsource_vdisk_name=vtgt\ntarget_vdisk_id=0\n" +
-			"target_vdisk_name=vsrc\ngroup_id=1\ngroup_name=g1\nstatus=idle_or_copied\nprogress=100\ncopy_rate=0\nclean_progress=100\n" +
-			"clean_rate=20\ngrain_size=64\nincremental=on\ndifference=3\nautodelete=on\nstart_time=\n" +
-			"partner_FC_id=\npartner_FC_name=\nrestoring=yes\nrestore_progress=7\ndependent_mappings=0\n" +
+			"target_vdisk_name=vsrc\ngroup_id=1\ngroup_name=g1\nstatus=idle_or_copied\nprogress=100\ncopy_rate=0\nstart_time=\n" +
+			"dependent_mappings=0\nautodelete=on\nclean_progress=100\nclean_rate=20\nincremental=on\ndifference=3\n" +
+			"grain_size=64\nIO_group_id=0\nIO_group_name=io_grp0\npartner_FC_id=\npartner_FC_name=\nrestoring=yes\n" +
+			"rc_controlled=no\nkeep_target=no\ntype=generic\nrestore_progress=7\nfc_controlled=no\nowner_id=\nowner_name=\n" +
 			"grains_copied=0\nsplit_on_write=0\nbytes_copied=0\ncopy_throughput=0\nstatus_reason=\n"},
 		{[]string{"lsfcmapprogress", "fcmap0"}, "id progress\n0  42\n"},
 		{[]string{"lsfcmapprogress", "-nohdr", "-delim", ",", "back"}, "1,100\n"},
@@ -382,13 +391,14 @@ func TestLsfcconsistgrp(t *testing.T) {
 		out  string
 	}{
 		{[]string{"lsfcconsistgrp"}, "" +
-			"id name  status         start_time   autodelete\n" +
-			"1  g1    idle_or_copied " + start + " on\n" +
-			"2  empty empty                       off\n"},
-		{[]string{"lsfcconsistgrp", "-nohdr", "-delim", ":", "-filtervalue", "status=empty"}, "2:empty:empty::off\n"},
-		{[]string{"lsfcconsistgrp", "g1"}, "id 1\nname g1\nstatus idle_or_copied\nstart_time " + start + "\nautodelete on\n" +
-			"last_hold_ms 1.500\nFC_mapping_id 0\nFC_mapping_name fcmap0\nFC_mapping_id 1\nFC_mapping_name back\n"},
-		{[]string{"lsfcconsistgrp", "2"}, "id 2\nname empty\nstatus empty\nstart_time \nautodelete off\nlast_hold_ms \n"},
+			"id name  status         start_time   owner_id owner_name\n" +
+			"1  g1    idle_or_copied " + start + "          \n" +
+			"2  empty empty                                \n"},
+		{[]string{"lsfcconsistgrp", "-nohdr", "-delim", ":", "-filtervalue", "status=empty"}, "2:empty:empty:::\n"},
+		{[]string{"lsfcconsistgrp", "-nohdr", "-delim", ":", "-filtervalue", "autodelete=on"}, "1:g1:idle_or_copied:" + start + "::\n"},
+		{[]string{"lsfcconsistgrp", "g1"}, "id 1\nname g1\nstatus idle_or_copied\nautodelete on\nstart_time " + start + "\n" +
+			"owner_id \nowner_name \nFC_mapping_id 0\nFC_mapping_name fcmap0\nFC_mapping_id 1\nFC_mapping_name back\nlast_hold_ms 1.500\n"},
+		{[]string{"lsfcconsistgrp", "2"}, "id 2\nname empty\nstatus empty\nautodelete off\nstart_time \nowner_id \nowner_name \nlast_hold_ms \n"},
 	}
 	for _, tc := range tests {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {

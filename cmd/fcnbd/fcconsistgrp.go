@@ -64,23 +64,26 @@ func chfcconsistgrpCommand() *cli.Command {
 }
 
 var (
-	consistGrpColumns = []string{"id", "name", "status", "start_time", "autodelete"}
-	consistGrpFields  = []string{"id", "name", "status", "start_time", "autodelete", "last_hold_ms"}
+	// consistGrpColumns are lsfcconsistgrp's concise view, the product's columns in its order.
+	consistGrpColumns = []string{"id", "name", "status", "start_time", "owner_id", "owner_name"}
+	// consistGrpFields are every attribute: the product's detailed view, then fcnbd's.
+	consistGrpFields = []string{"id", "name", "status", "autodelete", "start_time", "owner_id", "owner_name", "last_hold_ms"}
 )
 
-// consistGrpObject shows g; after its fields come the members, as IBM's detailed view lists
-// them: an FC_mapping_id and an FC_mapping_name line each.
+// consistGrpObject shows g as the product's detailed view does: its attributes, then an
+// FC_mapping_id and an FC_mapping_name line per member; fcnbd's own field comes last.
 func consistGrpObject(g api.ConsistGrp) object {
 	hold := ""
 	if g.LastHold > 0 {
 		hold = strconv.FormatFloat(g.LastHold.Seconds()*1000, 'f', 3, 64)
 	}
-	fields := zipFields(consistGrpFields, []string{
-		strconv.Itoa(g.ID), g.Name, g.Status, ibmTime(g.StartTime), onOff(g.Autodelete), hold,
+	fields := zipFields(consistGrpFields[:7], []string{
+		strconv.Itoa(g.ID), g.Name, g.Status, onOff(g.Autodelete), ibmTime(g.StartTime), "", "",
 	})
 	for _, m := range g.Members {
 		fields = append(fields, field{"FC_mapping_id", strconv.Itoa(m.ID)}, field{"FC_mapping_name", m.Name})
 	}
+	fields = append(fields, field{"last_hold_ms", hold})
 	return object{fields: fields, json: g}
 }
 

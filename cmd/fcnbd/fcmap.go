@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"slices"
 	"strconv"
 	"time"
 
@@ -21,7 +20,7 @@ func mkfcmapCommand() *cli.Command {
 		Name:  "mkfcmap",
 		Usage: "create a FlashCopy mapping from a source volume to a target volume of the same size",
 		UsageText: "fcnbd mkfcmap -source VOLUME -target VOLUME [-name NAME] [-consistgrp GROUP] [-copyrate 0-150]\n" +
-			"       [-cleanrate 0-150] [-grainsize 64|256] [-autodelete] [-incremental]",
+			"       [-cleanrate 0-150] [-grainsize 64|256] [-autodelete] [-incremental] [-iogrp 0]",
 		Flags: []cli.Flag{
 			socketFlag(),
 			&cli.StringFlag{Name: "source", Usage: "the source volume (name or id)"},
@@ -33,6 +32,8 @@ func mkfcmapCommand() *cli.Command {
 			&cli.StringFlag{Name: "grainsize", Usage: "grain size in KiB, 64 or 256 (default: that of the mappings linked to either volume, else 256)"},
 			&cli.BoolFlag{Name: "autodelete", Usage: "delete the mapping when its copy completes"},
 			&cli.BoolFlag{Name: "incremental", Usage: "keep a difference bitmap so a restart copies only what changed"},
+			&cli.StringFlag{Name: "iogrp", Usage: "the I/O group of the mapping's bitmaps: 0 (io_grp0), the only one"},
+			&cli.BoolFlag{Name: "keeptarget", Usage: "refused: fcnbd has no system-owned (volume group snapshot) mappings"},
 		},
 		Action: func(c *cli.Context) error {
 			if _, err := args(c, 0, 0, ""); err != nil {
@@ -43,15 +44,30 @@ func mkfcmapCommand() *cli.Command {
 					return fcerr.New(fcerr.MissingParameter, "-%s is missing", f)
 				}
 			}
+			if c.IsSet("iogrp") {
+				if err := checkIOGrp(c.String("iogrp")); err != nil {
+					return err
+				}
+			}
+			if c.Bool("keeptarget") {
+				return fcerr.New(fcerr.Unsupported, "-keeptarget can't be honoured: fcnbd has no system-owned mappings")
+			}
+			src, err := volumeRef(c, c.String("source"))
+			if err != nil {
+				return err
+			}
+			tgt, err := volumeRef(c, c.String("target"))
+			if err != nil {
+				return err
+			}
 			req := api.MkFcmap{
-				Source:      c.String("source"),
-				Target:      c.String("target"),
+				Source:      src,
+				Target:      tgt,
 				Name:        c.String("name"),
 				ConsistGrp:  c.String("consistgrp"),
 				Autodelete:  c.Bool("autodelete"),
 				Incremental: c.Bool("incremental"),
 			}
-			var err error
 			if req.CopyRate, err = intFlag(c, "copyrate"); err != nil {
 				return err
 			}
@@ -75,7 +91,7 @@ func chfcmapCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "chfcmap",
 		Usage:     "change a FlashCopy mapping's name, rates, autodelete or group",
-		UsageText: "fcnbd chfcmap [-name NAME] [-copyrate 0-150] [-cleanrate 0-150] [-autodelete on|off] [-consistgrp GROUP|0] MAPPING",
+		UsageText: "fcnbd chfcmap -name NAME MAPPING\n   fcnbd chfcmap [-copyrate 0-150] [-cleanrate 0-150] [-autodelete on|off] [-consistgrp GROUP|0] MAPPING",
 		Flags: []cli.Flag{
 			socketFlag(),
 			&cli.StringFlag{Name: "name", Usage: "the new name"},
@@ -88,6 +104,13 @@ func chfcmapCommand() *cli.Command {
 			a, err := args(c, 1, 1, "the mapping (name or id)")
 			if err != nil {
 				return err
+			}
+			if c.IsSet("name") {
+				for _, f := range []string{"copyrate", "cleanrate", "autodelete", "consistgrp"} {
+					if c.IsSet(f) {
+						return fcerr.New(fcerr.ExclusiveFlags, "-name can't be used with -%s", f)
+					}
+				}
 			}
 			var req api.ChFcmap
 			req.Name = stringFlag(c, "name")
@@ -110,12 +133,18 @@ func chfcmapCommand() *cli.Command {
 }
 
 var (
+	// fcmapColumns are lsfcmap's concise view, the product's columns in its order.
 	fcmapColumns = []string{"id", "name", "source_vdisk_id", "source_vdisk_name", "target_vdisk_id",
 		"target_vdisk_name", "group_id", "group_name", "status", "progress", "copy_rate", "clean_progress",
-		"clean_rate", "grain_size", "incremental", "difference", "autodelete", "start_time", "partner_FC_id",
-		"partner_FC_name", "restoring", "restore_progress", "dependent_mappings"}
-	// fcmapFields are every attribute, the detailed view's lines.
-	fcmapFields = slices.Concat(fcmapColumns, []string{"grains_copied", "split_on_write", "bytes_copied", "copy_throughput", "status_reason"})
+		"incremental", "partner_FC_id", "partner_FC_name", "restoring", "start_time", "rc_controlled"}
+	// fcmapFields are every attribute, the detailed view's lines: the product's in its order,
+	// then fcnbd's own.
+	fcmapFields = []string{"id", "name", "source_vdisk_id", "source_vdisk_name", "target_vdisk_id",
+		"target_vdisk_name", "group_id", "group_name", "status", "progress", "copy_rate", "start_time",
+		"dependent_mappings", "autodelete", "clean_progress", "clean_rate", "incremental", "difference",
+		"grain_size", "IO_group_id", "IO_group_name", "partner_FC_id", "partner_FC_name", "restoring",
+		"rc_controlled", "keep_target", "type", "restore_progress", "fc_controlled", "owner_id", "owner_name",
+		"grains_copied", "split_on_write", "bytes_copied", "copy_throughput", "status_reason"}
 )
 
 func fcmapObject(m api.Fcmap) object {
@@ -126,21 +155,29 @@ func fcmapObject(m api.Fcmap) object {
 	if m.PartnerID != -1 {
 		partnerID = strconv.Itoa(m.PartnerID)
 	}
-	values := []string{
-		strconv.Itoa(m.ID), m.Name,
-		strconv.Itoa(m.SourceID), m.SourceName,
-		strconv.Itoa(m.TargetID), m.TargetName,
-		groupID, m.GroupName,
-		m.Status, strconv.Itoa(m.Progress),
-		strconv.Itoa(m.CopyRate), strconv.Itoa(m.CleanProgress), strconv.Itoa(m.CleanRate),
-		strconv.Itoa(m.GrainSize), onOff(m.Incremental), strconv.Itoa(m.Difference), onOff(m.Autodelete),
-		ibmTime(m.StartTime),
-		partnerID, m.PartnerName,
-		yesNo(m.Restoring), strconv.Itoa(m.RestoreProgress), strconv.Itoa(m.DependentMappings),
-		fmt.Sprint(m.GrainsCopied), fmt.Sprint(m.SplitOnWrite), fmt.Sprint(m.BytesCopied), fmt.Sprint(m.CopyThroughput),
-		m.StatusReason,
+	v := map[string]string{
+		"id": strconv.Itoa(m.ID), "name": m.Name,
+		"source_vdisk_id": strconv.Itoa(m.SourceID), "source_vdisk_name": m.SourceName,
+		"target_vdisk_id": strconv.Itoa(m.TargetID), "target_vdisk_name": m.TargetName,
+		"group_id": groupID, "group_name": m.GroupName,
+		"status": m.Status, "progress": strconv.Itoa(m.Progress), "copy_rate": strconv.Itoa(m.CopyRate),
+		"start_time": ibmTime(m.StartTime), "dependent_mappings": strconv.Itoa(m.DependentMappings),
+		"autodelete": onOff(m.Autodelete), "clean_progress": strconv.Itoa(m.CleanProgress),
+		"clean_rate": strconv.Itoa(m.CleanRate), "incremental": onOff(m.Incremental),
+		"difference": strconv.Itoa(m.Difference), "grain_size": strconv.Itoa(m.GrainSize),
+		"IO_group_id": "0", "IO_group_name": "io_grp0",
+		"partner_FC_id": partnerID, "partner_FC_name": m.PartnerName, "restoring": yesNo(m.Restoring),
+		"rc_controlled": "no", "keep_target": "no", "type": "generic",
+		"restore_progress": strconv.Itoa(m.RestoreProgress), "fc_controlled": "no", "owner_id": "", "owner_name": "",
+		"grains_copied": fmt.Sprint(m.GrainsCopied), "split_on_write": fmt.Sprint(m.SplitOnWrite),
+		"bytes_copied": fmt.Sprint(m.BytesCopied), "copy_throughput": fmt.Sprint(m.CopyThroughput),
+		"status_reason": m.StatusReason,
 	}
-	return object{fields: zipFields(fcmapFields, values), json: m}
+	fields := make([]field, len(fcmapFields))
+	for i, name := range fcmapFields {
+		fields[i] = field{name, v[name]}
+	}
+	return object{fields: fields, json: m}
 }
 
 func lsfcmapCommand() *cli.Command {

@@ -68,6 +68,8 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			svc(consistGrpLifecycle.commands()...),
 			svc(mkhostCommand(), lshostCommand(), chhostCommand(), rmhostCommand(), addhostportCommand(), rmhostportCommand()),
 			svc(mkvdiskhostmapCommand(), rmvdiskhostmapCommand(), lsvdiskhostmapCommand(), lshostvdiskmapCommand()),
+			svc(lssystemCommand(), lsnodeCommand(), lsiogrpCommand(), lsmdiskgrpCommand(), lslicenseCommand(), lsguicapabilitiesCommand()),
+			svc(mkvdiskCommand(), lsvdiskCommand(), rmvdiskCommand(), chvdiskCommand(), expandvdisksizeCommand(), lsvdiskfcmappingsCommand(), lsfcmapcandidateCommand()),
 		),
 		// Errors are printed once, by run, in the CMMVC form.
 		ExitErrHandler: func(*cli.Context, error) {},

@@ -12,13 +12,16 @@ import (
 
 func mkvolumeCommand() *cli.Command {
 	return &cli.Command{
-		Name:      "mkvolume",
-		Usage:     "create a volume",
-		UsageText: "fcnbd mkvolume -name NAME -size SIZE   (SIZE in bytes or with K, M, G, T: 64M, 10G)",
+		Name:  "mkvolume",
+		Usage: "create a volume",
+		UsageText: "fcnbd mkvolume -name NAME -size SIZE   (SIZE in bytes or with K, M, G, T: 64M, 10G)\n" +
+			"   fcnbd mkvolume -name NAME -pool POOL -size N [-unit b|kb|mb|gb|tb|pb]   (SVC's form: N in -unit, default mb)",
 		Flags: []cli.Flag{
 			socketFlag(),
 			&cli.StringFlag{Name: "name", Usage: "the volume's name"},
-			&cli.StringFlag{Name: "size", Usage: "capacity: bytes, or with a binary unit (512K, 64M, 10G, 1T)"},
+			&cli.StringFlag{Name: "size", Usage: "capacity: bytes, or with a binary unit (512K, 64M, 10G, 1T); with -pool or -unit, a number of -unit"},
+			&cli.StringFlag{Name: "pool", Usage: "the storage pool (SVC's form): " + poolName},
+			&cli.StringFlag{Name: "unit", Usage: "the unit of -size (SVC's form): b, kb, mb (default), gb, tb, pb"},
 		},
 		Action: func(c *cli.Context) error {
 			if _, err := args(c, 0, 0, ""); err != nil {
@@ -30,7 +33,18 @@ func mkvolumeCommand() *cli.Command {
 			if !c.IsSet("size") {
 				return fcerr.New(fcerr.MissingParameter, "-size is missing")
 			}
-			size, err := parseSize(c.String("size"))
+			if c.IsSet("pool") {
+				if err := checkPool(c.String("pool")); err != nil {
+					return err
+				}
+			}
+			var size int64
+			var err error
+			if c.IsSet("pool") || c.IsSet("unit") {
+				size, err = sizeInUnit(c.String("size"), c.String("unit"))
+			} else {
+				size, err = parseSize(c.String("size"))
+			}
 			if err != nil {
 				return err
 			}

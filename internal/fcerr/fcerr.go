@@ -47,6 +47,8 @@ const (
 	UnsupportedParameter = "CMMVC5709E" // [-x] is not a supported parameter (the text Cinder's Storwize test fake expects)
 	BadCommandLine       = "CMMVC9040E" // fcnbd: the SVC command line has shell syntax, control characters, or is empty or too long
 	InteractiveLogin     = "CMMVC9041E" // fcnbd: the SVC SSH account runs one command per connection, no interactive login
+	// SVC objects (svcobjs).
+	Unsupported = "CMMVC9006E" // fcnbd: a function fcnbd does not have (compression, mirroring)
 )
 
 // Error is a refusal: a stable code and a sentence for the operator.

@@ -456,6 +456,8 @@ func (m *Manager) Get(ref string) (Info, error) {
 	if v == nil {
 		return Info{}, noSuch(ref)
 	}
+	m.mu.RLock() // Rename changes v.rec.Name under m.mu
+	defer m.mu.RUnlock()
 	return info(v), nil
 }
 

@@ -49,6 +49,7 @@ func (d *Driver) reopen(diffLost []mappings.MappingID, splitLost map[mappings.Ma
 		}
 	}
 	next.NextVolume = max(next.NextVolume, d.nextVolumeID())
+	d.adoptNames(next)
 	if err := d.persist(next); err != nil {
 		return err
 	}
