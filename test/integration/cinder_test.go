@@ -16,18 +16,20 @@ const cinderPython = "/usr/bin/python3"
 // (storwize_svc_common, unchanged): the do_setup reads, a new volume, a snapshot, a volume
 // from the snapshot, a clone, and the deletion of everything, with the images checked over
 // NBD. testdata/cinder_storwize.py does the work; it prints "CINDER OK" when every step passed.
-// The transport is --local (fcnbd runs each command without its svcinfo/svctask prefix);
-// the script's --ssh transport is the driver's SSHPool, for the SSH front-end.
+// The commands go where Cinder sends them in production: over SSH (the driver's own SSHPool
+// and processutils.ssh_execute, paramiko) to a real sshd and the restricted SVC account that
+// `fcnbd sshsetup install` made (startSVCSSH).
 func TestCinderStorwize(t *testing.T) {
 	needTools(t, "qemu-io", cinderPython)
 	if err := exec.Command(cinderPython, "-c", "import cinder.volume.drivers.ibm.storwize_svc.storwize_svc_common").Run(); err != nil {
 		need(t, "python3-cinder is not installed", false)
 	}
 	d := startDaemon(t)
+	_, host, port, user, key := startSVCSSH(t, d)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, cinderPython, "testdata/cinder_storwize.py",
-		"--local", d.bin, d.ctl, "--nbd-unix", d.nbdSock)
+		"--ssh", host, port, user, key, "--nbd-unix", d.nbdSock)
 	cmd.Env = append(os.Environ(), "PYTHONDONTWRITEBYTECODE=1")
 	out, err := cmd.CombinedOutput()
 	if err != nil || !strings.HasSuffix(strings.TrimSpace(string(out)), "CINDER OK") {

@@ -89,7 +89,9 @@ func startSVCSSHServer(t *testing.T, d *daemon) *svcSSH {
 	var rnd [3]byte
 	rand.Read(rnd[:])
 	s := &svcSSH{host: "127.0.0.1", user: "fcsvc" + hex.EncodeToString(rnd[:]), key: filepath.Join(dir, "id"), dir: dir, bin: bin}
-	sh(t, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "fcnbd-test", "-f", s.key)
+	// An RSA key in PEM form: Cinder's SSHPool reads the key file with paramiko.RSAKey, as
+	// automation for SVC commonly does.
+	sh(t, "ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-m", "PEM", "-N", "", "-C", "fcnbd-test", "-f", s.key)
 	sh(t, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", filepath.Join(dir, "hostkey"))
 
 	t.Cleanup(func() {

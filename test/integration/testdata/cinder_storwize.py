@@ -11,7 +11,8 @@ source after it, and checks every volume holds the image it should.
 The command transport is either
   --ssh HOST PORT USER KEYFILE   built as the driver's _run_ssh builds it (SSHPool +
                                  processutils.ssh_execute), or
-  --local FCNBD SOCKET           runs `FCNBD --socket SOCKET <command without svcinfo/svctask>`.
+  --local FCNBD SOCKET           runs `FCNBD --socket SOCKET svcinfo|svctask …`, the local
+                                 front-end of the same command line (for trying it without sshd).
 Exit status 0 and "CINDER OK" on the last line mean every step passed.
 """
 
@@ -48,8 +49,6 @@ def local_transport(fcnbd, socket):
         cinder_utils.check_ssh_injection(cmd_list)
         command = ' '.join(cmd_list)
         argv = shlex.split(command)
-        if argv and argv[0] in ('svcinfo', 'svctask'):
-            argv = argv[1:]
         p = subprocess.run([fcnbd, '--socket', socket] + argv,
                            capture_output=True, text=True, timeout=120)
         if check_exit_code and p.returncode != 0:
