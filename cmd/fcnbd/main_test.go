@@ -74,7 +74,7 @@ func TestVolumeCommands(t *testing.T) {
 		{[]string{"lsvolume", "nope"}, "", "CMMVC5753E"},
 		{[]string{"rmvolume"}, "", "CMMVC5707E"},
 		{[]string{"rmvolume", "-force", "1"}, "", ""},
-		{[]string{"rmvolume", "big"}, "", "CMMVC5753E"},
+		{[]string{"rmvolume", "big"}, "", "CMMVC5754E"}, // a missing name: SVC's code, as rmvdisk (its alias) gives
 		{[]string{"lsvolume", "-delim", ","}, "id,name,status,capacity,fc_map_count\n0,v1,online,64.00MB,0\n", ""},
 	}
 	for _, s := range steps {

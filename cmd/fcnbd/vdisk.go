@@ -145,23 +145,7 @@ func mkvdiskCommand() *cli.Command {
 }
 
 func rmvdiskCommand() *cli.Command {
-	return &cli.Command{
-		Name:      "rmvdisk",
-		Usage:     "delete a volume (SVC's form)",
-		UsageText: "fcnbd rmvdisk [-force] [-removehostmappings] VDISK",
-		Flags: []cli.Flag{
-			socketFlag(),
-			&cli.BoolFlag{Name: "force", Usage: "also stop and delete the FlashCopy mappings that use the volume"},
-			&cli.BoolFlag{Name: "removehostmappings", Usage: "accepted: the volume's host mappings go with it"},
-		},
-		Action: func(c *cli.Context) error {
-			a, err := args(c, 1, 1, "the volume (name or id)")
-			if err != nil {
-				return err
-			}
-			return byName(a[0], client(c).DeleteVolume(ctx(c), a[0], c.Bool("force")))
-		},
-	}
+	return removeVolumeCommand("rmvdisk", "delete a volume (SVC's form)")
 }
 
 // byName gives a missing object named (not numbered) SVC's code for that, CMMVC5754E, which

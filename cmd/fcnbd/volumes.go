@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fcnbd/internal/volume"
 	"fmt"
 	"time"
 
@@ -87,21 +88,28 @@ func lsvolumeCommand() *cli.Command {
 	})
 }
 
-func rmvolumeCommand() *cli.Command {
+func rmvolumeCommand() *cli.Command { return removeVolumeCommand("rmvolume", "delete a volume") }
+
+// removeVolumeCommand is rmvolume and rmvdisk: a volume in a FlashCopy mapping or mapped to a
+// host is refused (CMMVC5840E) unless -force, which stops and deletes its FlashCopy mappings and
+// removes its host mappings; -removehostmappings removes only the host mappings.
+func removeVolumeCommand(name, usage string) *cli.Command {
 	return &cli.Command{
-		Name:      "rmvolume",
-		Usage:     "delete a volume",
-		UsageText: "fcnbd rmvolume [-force] VOLUME",
+		Name:      name,
+		Usage:     usage,
+		UsageText: "fcnbd " + name + " [-force] [-removehostmappings] VOLUME",
 		Flags: []cli.Flag{
 			socketFlag(),
-			&cli.BoolFlag{Name: "force", Usage: "also stop and delete the mappings that use the volume"},
+			&cli.BoolFlag{Name: "force", Usage: "also stop and delete the FlashCopy mappings that use the volume, and remove its host mappings"},
+			&cli.BoolFlag{Name: "removehostmappings", Usage: "also remove the volume's host mappings (FlashCopy mappings still refuse)"},
 		},
 		Action: func(c *cli.Context) error {
 			a, err := args(c, 1, 1, "the volume (name or id)")
 			if err != nil {
 				return err
 			}
-			return client(c).DeleteVolume(ctx(c), a[0], c.Bool("force"))
+			mode := volume.DeleteMode{Force: c.Bool("force"), HostMaps: c.Bool("removehostmappings")}
+			return byName(a[0], client(c).DeleteVolume(ctx(c), a[0], mode))
 		},
 	}
 }

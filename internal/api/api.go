@@ -89,7 +89,7 @@ type Error struct {
 // Volumes is what the API needs of the volume manager.
 type Volumes interface {
 	Create(name string, size int64) (volume.Info, error)
-	Delete(ref string, force bool) error
+	Delete(ref string, mode volume.DeleteMode) error
 	Get(ref string) (volume.Info, error)
 	Volumes() []volume.Info
 }
@@ -213,20 +213,21 @@ func (h *Handler) deleteVolume(w http.ResponseWriter, r *http.Request) {
 	if !h.noBody(w, r) {
 		return
 	}
-	force := false
+	var mode volume.DeleteMode
 	for k, vs := range r.URL.Query() {
-		if k != "force" || len(vs) != 1 || (vs[0] != "0" && vs[0] != "1") {
+		flag := map[string]*bool{"force": &mode.Force, "removehostmappings": &mode.HostMaps}[k]
+		if flag == nil || len(vs) != 1 || (vs[0] != "0" && vs[0] != "1") {
 			h.fail(w, r, fcerr.New(fcerr.BadValue, "the query %q is not valid for this request", r.URL.RawQuery))
 			return
 		}
-		force = vs[0] == "1"
+		*flag = vs[0] == "1"
 	}
 	ref := r.PathValue("ref")
 	if err := validRef(ref); err != nil {
 		h.fail(w, r, err)
 		return
 	}
-	if err := h.vols.Delete(ref, force); err != nil {
+	if err := h.vols.Delete(ref, mode); err != nil {
 		h.fail(w, r, err)
 		return
 	}

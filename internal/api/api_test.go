@@ -70,7 +70,7 @@ func TestClientVolumeLifecycle(t *testing.T) {
 		{"bad size", func() error { _, err := c.CreateVolume(ctx, "v3", 1000); return err }, fcerr.BadValue},
 		{"get unknown", func() error { _, err := c.Volume(ctx, "nope"); return err }, fcerr.NoSuchObject},
 		{"get unknown id", func() error { _, err := c.Volume(ctx, "7"); return err }, fcerr.NoSuchObject},
-		{"delete unknown", func() error { return c.DeleteVolume(ctx, "nope", false) }, fcerr.NoSuchObject},
+		{"delete unknown", func() error { return c.DeleteVolume(ctx, "nope", volume.DeleteMode{}) }, fcerr.NoSuchObject},
 	}
 	for _, tc := range refusals {
 		t.Run(tc.name, func(t *testing.T) {
@@ -83,7 +83,7 @@ func TestClientVolumeLifecycle(t *testing.T) {
 	if err != nil || got.Name != "v2" {
 		t.Fatalf("get by id: %+v %v", got, err)
 	}
-	if err := c.DeleteVolume(ctx, "v1", true); err != nil {
+	if err := c.DeleteVolume(ctx, "v1", volume.DeleteMode{Force: true}); err != nil {
 		t.Fatal(err)
 	}
 	vs, err := c.Volumes(ctx)

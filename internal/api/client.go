@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fcnbd/internal/volume"
 	"fmt"
 	"io"
 	"net"
@@ -55,12 +56,19 @@ func (c *Client) Volume(ctx context.Context, ref string) (Volume, error) {
 }
 
 // DeleteVolume deletes the volume ref.
-func (c *Client) DeleteVolume(ctx context.Context, ref string, force bool) error {
-	q := ""
-	if force {
-		q = "?force=1"
+func (c *Client) DeleteVolume(ctx context.Context, ref string, mode volume.DeleteMode) error {
+	q := url.Values{}
+	if mode.Force {
+		q.Set("force", "1")
 	}
-	return c.do(ctx, http.MethodDelete, "/v1/volumes/"+url.PathEscape(ref)+q, nil, nil)
+	if mode.HostMaps {
+		q.Set("removehostmappings", "1")
+	}
+	path := "/v1/volumes/" + url.PathEscape(ref)
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
+	return c.do(ctx, http.MethodDelete, path, nil, nil)
 }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {

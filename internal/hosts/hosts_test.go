@@ -183,7 +183,7 @@ func TestRefusalsChangeNothing(t *testing.T) {
 			return e.m.AddHostPorts("hostB", api.HostPorts{NBDNames: []string{"new", "hostA"}})
 		}},
 		{"chhost name in use", fcerr.NameInUse, func() error { n := "hostB"; return e.m.ChHost("hostA", api.ChHost{Name: &n}) }},
-		{"rmvolume mapped", fcerr.VolumeMapped, func() error { return e.vols.Delete("vol1", false) }},
+		{"rmvolume mapped", fcerr.VolumeMapped, func() error { return e.vols.Delete("vol1", volume.DeleteMode{}) }},
 	} {
 		wantCode(t, tc.do(), tc.code)
 		if hs, ms := e.state(t); !slices.EqualFunc(hs, hs0, hostEqual) || !slices.Equal(ms, ms0) {
@@ -224,7 +224,7 @@ func TestPersistence(t *testing.T) {
 	if hs, ms := e.state(t); !slices.EqualFunc(hs, hs0, hostEqual) || !slices.Equal(ms, ms0) {
 		t.Fatalf("after reopen %v %v, want %v %v", hs, ms, hs0, ms0)
 	}
-	if err := e.vols.Delete("vol2", true); err != nil {
+	if err := e.vols.Delete("vol2", volume.DeleteMode{Force: true}); err != nil {
 		t.Fatal(err)
 	}
 	e.close()

@@ -312,7 +312,19 @@ func (m *Manager) Create(name string, size int64) (Info, error) {
 // file is closed and removed (a crash before the removal leaves an orphan, removed at start).
 // A volume mapped to a host is refused (catalog.Tx.CheckVolumeDelete) unless force, which
 // removes its host mappings with it.
-func (m *Manager) Delete(ref string, force bool) error {
+// DeleteMode says what may go with a deleted volume: rmvdisk's -force and -removehostmappings.
+type DeleteMode struct {
+	// Force: its FlashCopy mappings are stopped and deleted (the driver's part), and its host
+	// mappings are removed.
+	Force bool
+	// HostMaps: its host mappings are removed; FlashCopy mappings still refuse the deletion.
+	HostMaps bool
+}
+
+// hostMaps reports whether the volume's host mappings may go with it.
+func (d DeleteMode) hostMaps() bool { return d.Force || d.HostMaps }
+
+func (m *Manager) Delete(ref string, mode DeleteMode) error {
 	m.opMu.Lock()
 	defer m.opMu.Unlock()
 	if err := m.checkOpen(); err != nil {
@@ -323,8 +335,9 @@ func (m *Manager) Delete(ref string, force bool) error {
 		return noSuch(ref)
 	}
 	err := m.opts.Catalog.Update(func(tx *catalog.Tx) error {
-		// A volume mapped to a host is refused unless force; its host mappings go with it.
-		if err := tx.RemoveVolumeHostMaps(v.rec.ID, force); err != nil {
+		// A volume mapped to a host is refused unless -force or -removehostmappings; its host
+		// mappings then go with it.
+		if err := tx.RemoveVolumeHostMaps(v.rec.ID, mode.hostMaps()); err != nil {
 			return err
 		}
 		return tx.DeleteVolume(v.rec.ID)
@@ -353,12 +366,12 @@ func (m *Manager) Delete(ref string, force bool) error {
 // CheckDelete returns the refusal Delete(ref, force) would give for host mappings, changing
 // nothing: callers that must change other state first (the FlashCopy control plane) ask it
 // before.
-func (m *Manager) CheckDelete(ref string, force bool) error {
+func (m *Manager) CheckDelete(ref string, mode DeleteMode) error {
 	v := m.find(ref)
 	if v == nil {
 		return noSuch(ref)
 	}
-	return m.opts.Catalog.View(func(tx *catalog.Tx) error { return tx.CheckVolumeDelete(v.rec.ID, force) })
+	return m.opts.Catalog.View(func(tx *catalog.Tx) error { return tx.CheckVolumeDelete(v.rec.ID, mode.hostMaps()) })
 }
 
 // closeVolume waits for the requests in progress, optionally flushes, closes the stack (if it

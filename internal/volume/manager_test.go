@@ -134,10 +134,10 @@ func TestLifecyclePersistsAndCleansOrphans(t *testing.T) {
 			t.Errorf("Get(%q) = %v, want NoSuchObject", ref, err)
 		}
 	}
-	if err := e.m.Delete("1", false); err != nil {
+	if err := e.m.Delete("1", DeleteMode{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.m.Delete("b", false); fcerr.CodeOf(err) != fcerr.NoSuchObject {
+	if err := e.m.Delete("b", DeleteMode{}); fcerr.CodeOf(err) != fcerr.NoSuchObject {
 		t.Fatalf("second delete: %v", err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, FileName(1))); !os.IsNotExist(err) {
@@ -306,7 +306,7 @@ func TestDeleteWaitsForRequestsAndFailsLaterOnes(t *testing.T) {
 	<-slow.started
 
 	deleted := make(chan error)
-	go func() { deleted <- e.m.Delete("v", false) }()
+	go func() { deleted <- e.m.Delete("v", DeleteMode{}) }()
 	select {
 	case err := <-deleted:
 		t.Fatalf("Delete returned (%v) while a request was in progress", err)

@@ -41,7 +41,7 @@ func (d *Driver) Create(name string, size int64) (volume.Info, error) {
 	}
 	if err != nil {
 		// The model could not record it: undo, so that the two stay in step.
-		d.vols.Delete(strconv.FormatUint(info.ID, 10), true)
+		d.vols.Delete(strconv.FormatUint(info.ID, 10), volume.DeleteMode{Force: true})
 		return volume.Info{}, err
 	}
 	return d.volumeInfo(info), nil
@@ -49,24 +49,24 @@ func (d *Driver) Create(name string, size int64) (volume.Info, error) {
 
 // Delete removes a volume; refused while a mapping uses it, unless force, which first stops and
 // deletes those mappings.
-func (d *Driver) Delete(ref string, force bool) error {
+func (d *Driver) Delete(ref string, mode volume.DeleteMode) error {
 	info, err := d.vols.Get(ref)
 	if err != nil {
 		return err
 	}
 	id := mappings.VolumeID(info.ID)
 	// Host mappings first: a refusal must come before the model changes anything.
-	if err := d.vols.CheckDelete(strconv.Itoa(int(id)), force); err != nil {
+	if err := d.vols.CheckDelete(strconv.Itoa(int(id)), mode); err != nil {
 		return err
 	}
 	if err := d.command(func(m *mappings.Model) ([]mappings.Effect, error) {
-		return m.RemoveVolume(strconv.Itoa(int(id)), force)
+		return m.RemoveVolume(strconv.Itoa(int(id)), mode.Force)
 	}); err != nil {
 		return err
 	}
 	// Without d.mu: deleting waits for the volume's requests in progress, and one may be held
 	// by a start fence that needs d.mu to finish.
-	return d.vols.Delete(strconv.Itoa(int(id)), force)
+	return d.vols.Delete(strconv.Itoa(int(id)), mode)
 }
 
 // Get returns one volume.

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"fcnbd/internal/volume"
 	"fmt"
 	"maps"
 	"testing"
@@ -95,11 +96,11 @@ func TestCascadeStopSurvivesRestart(t *testing.T) {
 				if err := r.d.RmFcmap(ctx, "c1", true); err != nil {
 					r.t.Fatal(err)
 				}
-				if err := r.d.Delete("t1", false); fcerr.CodeOf(err) != fcerr.VolumeMapped {
+				if err := r.d.Delete("t1", volume.DeleteMode{}); fcerr.CodeOf(err) != fcerr.VolumeMapped {
 					r.t.Fatalf("rmvolume t1 while c2 reads through it: %v", err)
 				}
 				r.linksAgree("after the refused rmvolume")
-				if err := r.d.Delete("t1", true); err != nil {
+				if err := r.d.Delete("t1", volume.DeleteMode{Force: true}); err != nil {
 					r.t.Fatal(err)
 				}
 				return nil, map[string]string{"c2": "stopped"}

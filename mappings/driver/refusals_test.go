@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fcnbd/internal/volume"
 	"reflect"
 	"testing"
 
@@ -57,8 +58,8 @@ func TestRefusedCommandsChangeNothing(t *testing.T) {
 			_, err := r.d.MkFcmap(ctx, api.MkFcmap{Source: "tgt2", Target: "tgt", Name: "bad"})
 			return err
 		}},
-		{"rmvolume of a mapped source", fcerr.VolumeMapped, func() error { return r.d.Delete("src", false) }},
-		{"rmvolume of a mapped target", fcerr.VolumeMapped, func() error { return r.d.Delete("tgt2", false) }},
+		{"rmvolume of a mapped source", fcerr.VolumeMapped, func() error { return r.d.Delete("src", volume.DeleteMode{}) }},
+		{"rmvolume of a mapped target", fcerr.VolumeMapped, func() error { return r.d.Delete("tgt2", volume.DeleteMode{}) }},
 		{"rmfcmap of a stopped mapping without -force", fcerr.BadState, func() error { return r.d.RmFcmap(ctx, "stp", false) }},
 		{"start of an empty group", "", func() error { return r.d.StartConsistGrp(ctx, "g", false, false) }},
 		{"chfcmap bad rate", fcerr.BadValue, func() error { return r.d.ChFcmap(ctx, "idle", api.ChFcmap{CopyRate: ip(151)}) }},

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fcnbd/internal/volume"
 	"go/ast"
 	"go/parser"
 	"go/token"
@@ -165,8 +166,8 @@ func TestEngineStartRefusalsAreRefusedFirst(t *testing.T) {
 			spec:   func(v map[string]int, _ int) []cow.MappingSpec { return []cow.MappingSpec{spec(999, v["T4"], 256)} },
 			// rmvolume -force deletes the volume's mappings before the volume goes.
 			user: []userAttempt{
-				{"rmvolume of a prepared mapping's source", fcerr.VolumeMapped, func() error { return r.d.Delete("X", false) }},
-				{"rmvolume of a copying mapping's target", fcerr.VolumeMapped, func() error { return r.d.Delete("T1", false) }},
+				{"rmvolume of a prepared mapping's source", fcerr.VolumeMapped, func() error { return r.d.Delete("X", volume.DeleteMode{}) }},
+				{"rmvolume of a copying mapping's target", fcerr.VolumeMapped, func() error { return r.d.Delete("T1", volume.DeleteMode{}) }},
 				{"mkfcmap from an unknown volume", fcerr.NoSuchName, mkfcmap(api.MkFcmap{Source: "nosuch", Target: "U"})},
 			},
 		},
