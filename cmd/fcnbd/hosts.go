@@ -234,8 +234,7 @@ func rmvdiskhostmapCommand() *cli.Command {
 	}
 }
 
-// The host mapping lists: IBM's columns. fcnbd has one I/O group and no host clusters; the
-// vdisk_UID column is left empty (the volume's UID is lsvdisk's to define).
+// The host mapping lists: IBM's columns. fcnbd has one I/O group and no host clusters.
 var (
 	vdiskHostMapColumns = []string{"id", "name", "SCSI_id", "host_id", "host_name", "vdisk_UID",
 		"IO_group_id", "IO_group_name", "mapping_type", "host_cluster_id", "host_cluster_name", "protocol"}
@@ -243,7 +242,7 @@ var (
 		"IO_group_id", "IO_group_name", "mapping_type", "host_cluster_id", "host_cluster_name", "protocol"}
 )
 
-func hostMapObject(m api.HostMap, byVolume bool) object {
+func hostMapObject(m api.HostMap, sysID string, byVolume bool) object {
 	id, name := strconv.Itoa(m.HostID), m.HostName
 	if byVolume {
 		id, name = strconv.Itoa(m.VolumeID), m.VolumeName
@@ -254,7 +253,7 @@ func hostMapObject(m api.HostMap, byVolume bool) object {
 	} else {
 		fields = append(fields, field{"vdisk_id", strconv.Itoa(m.VolumeID)}, field{"vdisk_name", m.VolumeName})
 	}
-	fields = append(fields, field{"vdisk_UID", ""}, field{"IO_group_id", "0"}, field{"IO_group_name", "io_grp0"},
+	fields = append(fields, field{"vdisk_UID", vdiskUID(sysID, uint64(m.VolumeID))}, field{"IO_group_id", "0"}, field{"IO_group_name", "io_grp0"},
 		field{"mapping_type", "private"}, field{"host_cluster_id", ""}, field{"host_cluster_name", ""}, field{"protocol", "scsi"})
 	return object{fields: fields, json: m}
 }
@@ -288,7 +287,11 @@ func hostMapListCommand(name, usage, arg string, min int, byVolume bool) *cli.Co
 			if err != nil {
 				return err
 			}
-			objs := mapObjects(maps, func(m api.HostMap) object { return hostMapObject(m, byVolume) })
+			s, err := client(c).System(ctx(c))
+			if err != nil {
+				return err
+			}
+			objs := mapObjects(maps, func(m api.HostMap) object { return hostMapObject(m, s.ID, byVolume) })
 			return renderList(c.App.Writer, columns, columns, objs, o)
 		},
 	}

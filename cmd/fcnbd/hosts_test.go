@@ -43,7 +43,7 @@ func hostsDaemon(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewUnstartedServer(api.NewHandler(vols, zerolog.Nop()).WithHosts(hm))
+	srv := httptest.NewUnstartedServer(api.NewHandler(vols, zerolog.Nop()).WithHosts(hm).WithSystem(t.TempDir()))
 	srv.Listener.Close()
 	srv.Listener = l
 	srv.Start()
@@ -95,10 +95,14 @@ func TestHostCommands(t *testing.T) {
 			t.Errorf("lshost cinder-host misses %q:\n%s", line, out)
 		}
 	}
-	ok("0!vol1!0!0!cinder-host!!0!io_grp0!private!!!scsi\n0!vol1!0!1!hostA!!0!io_grp0!private!!!scsi\n",
+	// vdisk_UID is lsvdisk's: the system's id and the volume's.
+	sys, _, _ := cli("lssystem", "-delim", "!")
+	_, sysID, _ := strings.Cut(strings.SplitN(sys, "\n", 2)[0], "!")
+	uid0, uid1 := vdiskUID(sysID, 0), vdiskUID(sysID, 1)
+	ok("0!vol1!0!0!cinder-host!"+uid0+"!0!io_grp0!private!!!scsi\n0!vol1!0!1!hostA!"+uid0+"!0!io_grp0!private!!!scsi\n",
 		"lsvdiskhostmap", "-delim", "!", "-nohdr", "vol1")
 	ok("id:name:SCSI_id:vdisk_id:vdisk_name:vdisk_UID:IO_group_id:IO_group_name:mapping_type:host_cluster_id:host_cluster_name:protocol\n"+
-		"1:hostA:0:0:vol1::0:io_grp0:private:::scsi\n1:hostA:3:1:vol2::0:io_grp0:private:::scsi\n",
+		"1:hostA:0:0:vol1:"+uid0+":0:io_grp0:private:::scsi\n1:hostA:3:1:vol2:"+uid1+":0:io_grp0:private:::scsi\n",
 		"lshostvdiskmap", "-delim", ":", "hostA")
 
 	refused("CMMVC5707E", "mkhost", "-name", "x")
