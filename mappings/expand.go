@@ -4,8 +4,8 @@ import "fcnbd/internal/fcerr"
 
 // ExpandVolume gives volume ref the capacity size (expandvdisksize), which must be larger than
 // its capacity and a multiple of VolumeAlign. A volume that a FlashCopy mapping names, or that
-// an active mapping's target reads through, is refused (ExpandInMapping): SVC refuses to
-// expand a volume in a FlashCopy mapping, and a mapping's two volumes must keep one size.
+// an active mapping's target reads through, is refused (ExpandInMapping): a mapping's two
+// volumes keep one size (Cinder's driver deletes a volume's mappings before it extends it).
 // Refusals change nothing.
 func (m *Model) ExpandVolume(ref string, size int64) ([]Effect, error) {
 	return m.run(func(tx *txn) error {
