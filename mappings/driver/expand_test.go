@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"bytes"
 	"errors"
 	"math"
 	"os"
@@ -12,9 +13,11 @@ import (
 	"github.com/rs/zerolog"
 
 	"fcnbd/internal/api"
+	"fcnbd/internal/blockdev"
 	"fcnbd/internal/catalog"
 	"fcnbd/internal/fcerr"
 	"fcnbd/internal/store"
+	"fcnbd/internal/store/crashfs"
 	"fcnbd/internal/volume"
 )
 
@@ -277,5 +280,146 @@ func TestExpandUnderIO(t *testing.T) {
 	}
 	if got := dev.Size(); got != volSize+4<<20 {
 		t.Fatalf("size %d", got)
+	}
+}
+
+// TestExpandCrash: a crash just before the expansion's catalogue commit (the backing file
+// already grown) leaves the old capacity, and one just after leaves the new one; either way
+// every write acknowledged before the expansion is there (the expansion flushed it, even the
+// ones without FUA), the new range reads zeroes and the volume takes writes. Each crash copies
+// the catalogue as of its last commit and clones the files with half of what was not synced
+// lost (crashfs).
+func TestExpandCrash(t *testing.T) {
+	logger := zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.ErrorLevel + 1)
+	opts := Options{Logger: logger, ProgressInterval: 5 * time.Millisecond, FenceTimeout: 2 * time.Second}
+	cfs := crashfs.New()
+	dir := t.TempDir()
+	var cat *catalog.DB
+	type world struct {
+		dir string
+		fs  *crashfs.FS
+	}
+	crash := func() world {
+		w := world{dir: t.TempDir()}
+		f, err := os.Create(filepath.Join(w.dir, catalog.FileName))
+		if err == nil {
+			err = cat.CopyTo(f)
+			f.Close()
+		}
+		if err != nil {
+			t.Fatalf("copy the catalogue: %v", err)
+		}
+		w.fs = cfs.CrashClone(crashfs.CrashConfig{UnsyncedPercent: 50, Seed: 7})
+		return w
+	}
+	var armed atomic.Bool
+	var before world
+	cat, err := catalog.OpenWith(dir, catalog.Options{CommitHook: func(commit func() error) error {
+		if armed.CompareAndSwap(true, false) {
+			before = crash()
+		}
+		return commit()
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := opts
+	o.Catalog, o.FS = cat, cfs
+	d, err := Open(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"a", "b"} {
+		if _, err := d.Create(n, volSize); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lookup := func(d *Driver, n string) blockdev.Device {
+		e, ok := d.Lookup(n)
+		if !ok {
+			t.Fatalf("no volume %s", n)
+		}
+		return e.Device
+	}
+	a := lookup(d, "a")
+	for i := range 16 {
+		if err := a.WriteAt(pattern(byte(0x40+i), 4096), int64(i)*65536, i%4 == 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := lookup(d, "b").WriteAt(pattern(0x99, 4096), 0, true); err != nil {
+		t.Fatal(err)
+	}
+	armed.Store(true)
+	if _, err := d.ExpandVolume("a", volSize); err != nil {
+		t.Fatal(err)
+	}
+	if armed.Load() {
+		t.Fatal("the expansion made no catalogue commit")
+	}
+	after := crash()
+	d.Close()
+	cat.Close()
+
+	for _, c := range []struct {
+		name string
+		w    world
+		size int64
+	}{{"before the commit", before, volSize}, {"after the commit", after, 2 * volSize}} {
+		t.Run(c.name, func(t *testing.T) {
+			cat2, err := catalog.Open(c.w.dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cat2.Close()
+			o := opts
+			o.Catalog, o.FS = cat2, c.w.fs
+			d2, err := Open(o)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d2.Close()
+			a := lookup(d2, "a")
+			if got := a.Size(); got != c.size {
+				t.Fatalf("capacity %d, want %d", got, c.size)
+			}
+			if vi, err := d2.Get("a"); err != nil || vi.Capacity != c.size {
+				t.Fatalf("Get: %+v %v", vi, err)
+			}
+			p := make([]byte, 4096)
+			for i := range 16 {
+				if err := a.ReadAt(p, int64(i)*65536); err != nil || !bytes.Equal(p, pattern(byte(0x40+i), 4096)) {
+					t.Fatalf("write %d acknowledged before the expansion: %v, got %x…", i, err, p[:4])
+				}
+			}
+			q := make([]byte, c.size-volSize+4096)
+			if err := a.ReadAt(q, volSize-4096); err != nil || !bytes.Equal(q, make([]byte, len(q))) {
+				t.Fatalf("the end of the volume is not zero: %v", err)
+			}
+			if err := lookup(d2, "b").ReadAt(p, 0); err != nil || !bytes.Equal(p, pattern(0x99, 4096)) {
+				t.Fatalf("b: %v", err)
+			}
+			if err := a.WriteAt(pattern(0x77, 4096), c.size-4096, true); err != nil {
+				t.Fatal(err)
+			}
+			// The model agrees with the capacity: a partner of that size is accepted.
+			if _, err := d2.Create("p", c.size); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := d2.MkFcmap(t.Context(), api.MkFcmap{Source: "a", Target: "p", CopyRate: ip(0)}); err != nil {
+				t.Fatalf("mkfcmap with a partner of the capacity: %v", err)
+			}
+			// And a new expansion after the crash reads zeroes in its new range.
+			if err := d2.RmFcmap(t.Context(), "0", true); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := d2.ExpandVolume("a", volSize); err != nil {
+				t.Fatal(err)
+			}
+			q = make([]byte, volSize)
+			if err := a.ReadAt(q, c.size); err != nil || !bytes.Equal(q, make([]byte, volSize)) {
+				t.Fatalf("the range of an expansion after the crash is not zero: %v", err)
+			}
+		})
 	}
 }
