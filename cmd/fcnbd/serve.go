@@ -258,7 +258,7 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 		return openFailure(cfg.dataDir, err)
 	}
 	nbdSrv := nbd.NewServer(hostMgr.Exports(vols), nbd.Options{Logger: log, TLSMode: cfg.tlsMode, TLSConfig: cfg.tlsConfig})
-	httpSrv := &http.Server{Handler: api.NewHandler(vols, log).WithFlashCopy(vols).WithRecover(vols).WithHosts(hostMgr).WithSystem(cfg.dataDir).WithVolumeChanges(vols), ReadHeaderTimeout: 10 * time.Second}
+	httpSrv := &http.Server{Handler: api.NewHandler(vols, log).WithFlashCopy(vols).WithRecover(vols).WithHosts(hostMgr).WithSystem(cfg.dataDir).WithVolumeChanges(vols).WithVolumeExpand(vols), ReadHeaderTimeout: 10 * time.Second}
 	failed := make(chan error, len(nbdLs)+2)
 	if cfg.metrics != "" {
 		ml, err := net.Listen("tcp", cfg.metrics)

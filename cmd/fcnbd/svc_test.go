@@ -158,7 +158,10 @@ func TestVdiskCommands(t *testing.T) {
 		{[]string{"lsvdisk", "nope"}, "CMMVC5754E"},
 		{[]string{"rmvdisk", "nope"}, "CMMVC5754E"},
 		{[]string{"lsvdiskfcmappings"}, "CMMVC5707E"},
-		{[]string{"expandvdisksize", "-size", "1", "-unit", "gb", "v0"}, "CMMVC9006E"},
+		{[]string{"expandvdisksize", "-size", "300", "-unit", "tb", "v0"}, "CMMVC5731E"},
+		{[]string{"expandvdisksize", "-size", "1", "-unit", "b", "v0"}, "CMMVC5731E"},
+		{[]string{"expandvdisksize", "-size", "1", "-rsize", "1", "v0"}, "CMMVC5713E"},
+		{[]string{"expandvdisksize", "-rsize", "1", "-copy", "1", "v0"}, "CMMVC5731E"},
 		{[]string{"expandvdisksize", "-size", "1", "-unit", "gb", "nope"}, "CMMVC5754E"},
 		{[]string{"expandvdisksize", "-size", "x", "v0"}, "CMMVC5731E"},
 		{[]string{"expandvdisksize", "v0"}, "CMMVC5707E"},
@@ -174,7 +177,18 @@ func TestVdiskCommands(t *testing.T) {
 	}
 
 	// FC_id/FC_name: empty, the one mapping, or many.
+	// expandvdisksize adds -size (default unit mb); -rsize changes nothing (every volume is thin).
+	if out := cliOK(t, sock, "expandvdisksize", "-size", "3", "v2"); out != "" {
+		t.Errorf("expandvdisksize printed %q", out)
+	}
+	cliOK(t, sock, "expandvdisksize", "-rsize", "5", "-unit", "gb", "-copy", "0", "v2")
+	if d := detail(t, cliOK(t, sock, "lsvdisk", "-bytes", "-delim", "!", "v2")); d["capacity"] != strconv.Itoa(1<<30+3<<20) {
+		t.Errorf("after expandvdisksize v2 has capacity %s", d["capacity"])
+	}
 	cliOK(t, sock, "mkfcmap", "-source", "v0", "-target", "v1", "-copyrate", "0")
+	if _, errOut, code := runCLI(t, sock, "expandvdisksize", "-size", "1", "v1"); code != 1 || !strings.HasPrefix(errOut, "CMMVC9007E ") {
+		t.Errorf("expandvdisksize of a mapping's target: code %d stderr %q", code, errOut)
+	}
 	rows := table(t, cliOK(t, sock, "lsvdisk", "-delim", "!"))
 	if len(rows) != 4 || rows[0]["FC_id"] != "0" || rows[0]["FC_name"] != "fcmap0" || rows[0]["fc_map_count"] != "1" ||
 		rows[2]["FC_id"] != "" || rows[0]["vdisk_UID"] == rows[1]["vdisk_UID"] || len(rows[0]["vdisk_UID"]) != 32 {

@@ -361,34 +361,50 @@ func chvdiskCommand() *cli.Command {
 	}
 }
 
-// expandvdisksizeCommand checks its arguments and refuses: fcnbd can't grow a volume yet (its
-// data path is built for a fixed capacity). It exists so automation gets a CMMVC code rather
-// than an unknown command.
+// expandvdisksizeCommand grows a volume by -size (SVC's form: the amount to add, default unit
+// mb). -rsize, SVC's expansion of a thin volume's real capacity, is accepted and changes
+// nothing: every fcnbd volume is sparse. It prints nothing on success, as SVC.
 func expandvdisksizeCommand() *cli.Command {
 	return &cli.Command{
-		Name:      "expandvdisksize",
-		Usage:     "grow a volume: not supported yet, refused with CMMVC9006E",
-		UsageText: "fcnbd expandvdisksize -size N [-unit b|kb|mb|gb|tb|pb] VDISK",
+		Name:  "expandvdisksize",
+		Usage: "grow a volume by -size (new NBD connections see the new size; open ones keep theirs)",
+		UsageText: "fcnbd expandvdisksize -size N [-unit b|kb|mb|gb|tb|pb] VDISK\n" +
+			"       fcnbd expandvdisksize -rsize N [-unit U] [-copy 0] VDISK (accepted, no change: fcnbd volumes are sparse)",
 		Flags: []cli.Flag{
 			socketFlag(),
-			&cli.StringFlag{Name: "size", Usage: "how much to add, in -unit"},
-			&cli.StringFlag{Name: "unit", Usage: "the unit of -size: b, kb, mb (default), gb, tb, pb"},
+			&cli.StringFlag{Name: "size", Usage: "how much to add to the capacity, in -unit"},
+			&cli.StringFlag{Name: "rsize", Usage: "how much to add to a thin volume's real capacity: accepted, no change (every fcnbd volume is sparse)"},
+			&cli.StringFlag{Name: "unit", Usage: "the unit of -size or -rsize: b, kb, mb (default), gb, tb, pb"},
+			&cli.StringFlag{Name: "copy", Usage: "the volume copy for -rsize: 0 (fcnbd volumes have one copy)"},
 		},
 		Action: func(c *cli.Context) error {
 			a, err := args(c, 1, 1, "the volume (name or id)")
 			if err != nil {
 				return err
 			}
-			if !c.IsSet("size") {
-				return fcerr.New(fcerr.MissingParameter, "-size is missing")
+			switch {
+			case c.IsSet("size") && c.IsSet("rsize"):
+				return fcerr.New(fcerr.ExclusiveFlags, "-size and -rsize are mutually exclusive")
+			case !c.IsSet("size") && !c.IsSet("rsize"):
+				return fcerr.New(fcerr.MissingParameter, "-size or -rsize is missing")
+			case c.IsSet("copy") && !c.IsSet("rsize"):
+				return fcerr.New(fcerr.MissingParameter, "-copy needs -rsize")
+			case c.IsSet("copy") && c.String("copy") != "0":
+				return fcerr.New(fcerr.BadValue, "the -copy value %q is not valid: fcnbd volumes have one copy, 0", c.String("copy"))
 			}
-			if _, err := sizeInUnit(c.String("size"), c.String("unit")); err != nil {
-				return err
-			}
-			if _, err := client(c).Volume(ctx(c), a[0]); err != nil {
+			if c.IsSet("rsize") {
+				if _, err := sizeInUnit(c.String("rsize"), c.String("unit")); err != nil {
+					return err
+				}
+				_, err := client(c).Volume(ctx(c), a[0])
 				return byName(a[0], err)
 			}
-			return fcerr.New(fcerr.Unsupported, "fcnbd can't grow a volume yet: %s keeps its capacity", a[0])
+			add, err := sizeInUnit(c.String("size"), c.String("unit"))
+			if err != nil {
+				return err
+			}
+			_, err = client(c).ExpandVolume(ctx(c), a[0], add)
+			return byName(a[0], err)
 		},
 	}
 }

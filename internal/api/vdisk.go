@@ -3,8 +3,9 @@ package api
 // The volume change route (chvdisk):
 //
 //	PATCH /v1/volumes/{ref} ChVolume → 204
+//	POST /v1/volumes/{ref}/expand ExpandVolume → 200 Volume
 //
-// Only the name can change for now.
+// Only the name can change with PATCH; expand grows the capacity (expandvdisksize).
 
 import (
 	"context"
@@ -57,4 +58,52 @@ func (h *Handler) WithVolumeChanges(r Renamer) *Handler {
 // ChVolume changes volume ref.
 func (c *Client) ChVolume(ctx context.Context, ref string, req ChVolume) error {
 	return c.do(ctx, http.MethodPatch, "/v1/volumes/"+url.PathEscape(ref), req, nil)
+}
+
+// ExpandVolume is the body of an expandvdisksize request: how many bytes to add.
+type ExpandVolume struct {
+	Add *int64 `json:"add"`
+}
+
+// Expander grows volumes.
+type Expander interface {
+	ExpandVolume(ref string, add int64) (Volume, error)
+}
+
+// WithVolumeExpand registers the expand route, served by e, and returns h. Call it once,
+// before h serves its first request.
+func (h *Handler) WithVolumeExpand(e Expander) *Handler {
+	h.mux.HandleFunc("POST /v1/volumes/{ref}/expand", func(w http.ResponseWriter, req *http.Request) {
+		ref := req.PathValue("ref")
+		if err := validRef(ref); err != nil {
+			h.fail(w, req, err)
+			return
+		}
+		if !h.noQuery(w, req) {
+			return
+		}
+		var body ExpandVolume
+		if err := decode(w, req, &body); err != nil {
+			h.fail(w, req, err)
+			return
+		}
+		if body.Add == nil {
+			h.fail(w, req, fcerr.New(fcerr.MissingParameter, "the size to add is missing"))
+			return
+		}
+		v, err := e.ExpandVolume(ref, *body.Add)
+		if err != nil {
+			h.fail(w, req, err)
+			return
+		}
+		reply(w, http.StatusOK, v)
+	})
+	return h
+}
+
+// ExpandVolume grows volume ref by add bytes and returns it.
+func (c *Client) ExpandVolume(ctx context.Context, ref string, add int64) (Volume, error) {
+	var v Volume
+	err := c.do(ctx, http.MethodPost, "/v1/volumes/"+url.PathEscape(ref)+"/expand", ExpandVolume{Add: &add}, &v)
+	return v, err
 }

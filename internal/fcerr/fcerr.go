@@ -49,6 +49,9 @@ const (
 	InteractiveLogin     = "CMMVC9041E" // fcnbd: the SVC SSH account runs one command per connection, no interactive login
 	// SVC objects (svcobjs).
 	Unsupported = "CMMVC9006E" // fcnbd: a function fcnbd does not have (compression, mirroring)
+	// expandvdisksize (expand): IBM's code for expanding a volume in a FlashCopy mapping is not
+	// known to us.
+	ExpandInMapping = "CMMVC9007E" // fcnbd: a volume in a FlashCopy mapping can't be expanded
 )
 
 // Error is a refusal: a stable code and a sentence for the operator.

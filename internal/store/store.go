@@ -147,7 +147,17 @@ func (o *osFile) ReadAt(p []byte, off int64) (int, error) {
 
 func (o *osFile) WriteAt(p []byte, off int64) (int, error) { return o.f.WriteAt(p, off) }
 
-// Sync uses fdatasync: the size never changes after Create, so metadata sync is not needed.
+// Truncate sets the file's size and makes it durable (fsync, for the size is metadata). A
+// volume's expansion grows its file with it: the new range is a hole and reads as zeroes.
+func (o *osFile) Truncate(size int64) error {
+	if err := o.f.Truncate(size); err != nil {
+		return err
+	}
+	return o.f.Sync()
+}
+
+// Sync uses fdatasync: the size changes only by Truncate (a volume's expansion), which syncs
+// the size itself, so metadata sync is not needed.
 func (o *osFile) Sync() error {
 	if p := o.syncErr.Load(); p != nil {
 		return *p

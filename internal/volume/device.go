@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"fcnbd/internal/blockdev"
@@ -159,18 +160,27 @@ func (g *gate) close() {
 	g.mu.Unlock()
 }
 
-// gatedDevice is what the NBD server is handed: the volume's stack behind its gate.
+// gatedDevice is what the NBD server is handed: the volume's stack behind its gate. inner is
+// read by requests inside the gate and replaced only with the gate held exclusively (Expand);
+// size is inner's, readable without the gate.
 type gatedDevice struct {
 	name  string
 	gate  *gate
 	inner blockdev.Device
+	size  atomic.Int64
+}
+
+func newGatedDevice(name string, g *gate, inner blockdev.Device) *gatedDevice {
+	d := &gatedDevice{name: name, gate: g, inner: inner}
+	d.size.Store(inner.Size())
+	return d
 }
 
 func (d *gatedDevice) gone() error {
 	return fmt.Errorf("volume %s is deleted or the daemon is stopping: %w", d.name, syscall.EIO)
 }
 
-func (d *gatedDevice) Size() int64 { return d.inner.Size() }
+func (d *gatedDevice) Size() int64 { return d.size.Load() }
 
 func (d *gatedDevice) ReadAt(p []byte, off int64) error {
 	if !d.gate.enter() {
@@ -241,11 +251,14 @@ func (d *gatedDevice) Prefetch(off, length int64) error {
 
 // DirtyBitmapNames forwards to the stack (the driver's: the volume's incremental mappings).
 func (d *gatedDevice) DirtyBitmapNames() []string {
-	db, ok := d.inner.(blockdev.DirtyBitmaps)
-	if !ok || !d.gate.enter() {
+	if !d.gate.enter() {
 		return nil
 	}
 	defer d.gate.leave()
+	db, ok := d.inner.(blockdev.DirtyBitmaps)
+	if !ok {
+		return nil
+	}
 	return db.DirtyBitmapNames()
 }
 

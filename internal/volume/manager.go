@@ -55,7 +55,8 @@ type Info struct {
 }
 
 // StackFunc builds the device that serves volume v over its open backing file f. It is called
-// once per volume, when the volume is created or loaded at start. The returned device must
+// once per volume, when the volume is created or loaded at start, and again by Expand (after
+// the previous device's Close, over the same file, with the new capacity). The returned device must
 // report v.Capacity as its size. If it implements io.Closer, Close is called after its last
 // request and a final Flush, before f is closed; the manager closes f itself.
 type StackFunc func(v catalog.Volume, f store.File) (blockdev.Device, error)
@@ -195,7 +196,7 @@ func (m *Manager) build(rec catalog.Volume, f store.File) (*volume, error) {
 	}
 	g := &gate{}
 	return &volume{rec: rec, file: f, stack: stack, gate: g,
-		dev: &gatedDevice{name: rec.Name, gate: g, inner: stack}}, nil
+		dev: newGatedDevice(rec.Name, g, stack)}, nil
 }
 
 // ValidateName returns an fcerr refusal (BadName) if name is not a valid object name:

@@ -14,7 +14,8 @@ const cinderPython = "/usr/bin/python3"
 
 // TestCinderStorwize drives the daemon with OpenStack Cinder's own Storwize/SVC driver code
 // (storwize_svc_common, unchanged): the do_setup reads, a new volume, a snapshot, a volume
-// from the snapshot, a clone, and the deletion of everything, with the images checked over
+// from the snapshot, a clone, the clone extended (and the source's extension refused while its
+// snapshot exists), and the deletion of everything, with the images checked over
 // NBD. testdata/cinder_storwize.py does the work; it prints "CINDER OK" when every step passed.
 // The commands go where Cinder sends them in production: over SSH (the driver's own SSHPool
 // and processutils.ssh_execute, paramiko) to a real sshd and the restricted SVC account that

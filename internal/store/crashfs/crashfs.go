@@ -256,6 +256,24 @@ func (h *File) Punch(off, length int64) error {
 	return nil
 }
 
+// Truncate sets the file's size and makes the file durable, as store's files do (a volume's
+// expansion): a shrink drops the data past the new end, a growth reads as zeroes.
+func (h *File) Truncate(size int64) error {
+	if err := h.check("truncate"); err != nil {
+		return err
+	}
+	if size < 0 {
+		return pathErr("truncate", h.name, syscall.EINVAL)
+	}
+	h.n.mu.Lock()
+	if size < h.n.volatile.size {
+		h.n.modify(size, h.n.volatile.size-size, nil)
+	}
+	h.n.volatile.size = size
+	h.n.mu.Unlock()
+	return h.Sync()
+}
+
 // modify writes data (nil: zeroes) over [off, off+length) of the volatile image, recording
 // each touched sector's new version. n.mu is held.
 func (n *node) modify(off, length int64, data []byte) {

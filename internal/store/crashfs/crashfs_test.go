@@ -225,3 +225,43 @@ func TestUnsynced(t *testing.T) {
 		t.Fatalf("unsynced sectors after sync %d", n)
 	}
 }
+
+// TestTruncate: a shrink drops the data past the new end (a later growth reads zeroes there),
+// and the size is durable at once: a crash clone has it, with every unsynced write lost.
+func TestTruncate(t *testing.T) {
+	f := New()
+	h := mustCreate(t, f, "v", 4096)
+	if _, err := h.WriteAt(fill(4096, 1), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Truncate(8192); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.WriteAt(fill(1024, 2), 6144); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Truncate(2048 + 100); err != nil { // mid-sector
+		t.Fatal(err)
+	}
+	if err := h.Truncate(8192); err != nil {
+		t.Fatal(err)
+	}
+	want := append(fill(2148, 1), make([]byte, 8192-2148)...)
+	if got := read(t, h, 0, 8192); !bytes.Equal(got, want) {
+		t.Fatal("after shrink and growth: the data past the shrink's end is not zero, or data before it changed")
+	}
+	if _, err := h.WriteAt(fill(512, 3), 0); err != nil { // not synced
+		t.Fatal(err)
+	}
+	c := f.CrashClone(CrashConfig{UnsyncedPercent: 0, Seed: 1})
+	hc := mustOpen(t, c, "v")
+	if got := read(t, hc, 0, 8192); !bytes.Equal(got, want) {
+		t.Fatal("the crash clone differs from the state at the last truncate")
+	}
+	if _, err := hc.ReadAt(make([]byte, 1), 8192); err != io.EOF {
+		t.Fatalf("read past the clone's end: %v, want EOF", err)
+	}
+	if err := h.Truncate(-1); err == nil {
+		t.Error("a negative size was accepted")
+	}
+}

@@ -213,6 +213,27 @@ def main():
     nbd.expect(clone, [(0, 4 * MB, 0x22), (4 * MB, 4 * MB, 0x11), tail])
     check(True, 'images: source, snapshot, volume from snapshot and clone hold what they should')
 
+    # Extend the clone as extend_volume (_extend_volume_op) does: no FlashCopy mapping may be
+    # left on it, then expandvdisksize -size 1 -unit gb, which must print nothing.
+    check(helpers.ensure_vdisk_no_fc_mappings(clone, allow_snaps=False), 'ensure_vdisk_no_fc_mappings(%s)' % clone)
+    helpers.extend_vdisk(clone, 1)
+    size = int(a.size_gb) << 30
+    cap = int(helpers.get_vdisk_attributes(clone)['capacity'])
+    check(cap == size + (1 << 30), 'extend_vdisk(%s, 1): capacity %d' % (clone, cap))
+    nbd.io(clone, 'write -P 0x33 %d %d' % (size + (1 << 30) - MB, MB), 'flush')
+    nbd.expect(clone, [(0, 4 * MB, 0x22), (4 * MB, 4 * MB, 0x11), tail, (size, 8 * MB, 0),
+                       (size + (1 << 30) - MB, MB, 0x33)])
+    check(True, 'the extended clone keeps its image, reads zeroes in the new range and takes writes there')
+    # The source is in the snapshot's mapping: expandvdisksize is refused, nothing changes.
+    try:
+        helpers.extend_vdisk(src, 1)
+        refused = ''
+    except Exception as e:  # the driver's VolumeBackendAPIException, with the CLI's stderr in it
+        refused = str(e)
+    cap = int(helpers.get_vdisk_attributes(src)['capacity'])
+    check('CMMVC9007E' in refused and cap == size,
+          'extend_vdisk of a volume in a FlashCopy mapping refused with CMMVC9007E, capacity %d' % cap)
+
     # Delete a snapshot as delete_snapshot does: its mapping (copy rate 0) is stopped, then removed.
     snap2 = 'snapshot-2'
     helpers.create_copy(src, snap2, None, conf, dict(opts), False, state)
