@@ -197,30 +197,18 @@ type fcmapProgress struct {
 }
 
 func lsfcmapprogressCommand() *cli.Command {
-	return &cli.Command{
-		Name:      "lsfcmapprogress",
-		Usage:     "show the background copy progress of a FlashCopy mapping",
-		UsageText: "fcnbd lsfcmapprogress [-delim C] [-nohdr] [-json] MAPPING",
-		Flags:     append([]cli.Flag{socketFlag()}, fcViewFlags()...),
-		Action: func(c *cli.Context) error {
-			a, err := args(c, 1, 1, "the mapping (name or id)")
+	return tableCommand(tableSpec{
+		name: "lsfcmapprogress", usage: "show the background copy progress of a FlashCopy mapping",
+		arg: "MAPPING", what: "the mapping (name or id)", columns: []string{"id", "progress"},
+		rows: func(c *cli.Context, ref string) ([]object, error) {
+			m, err := client(c).Fcmap(ctx(c), ref)
 			if err != nil {
-				return err
+				return nil, err
 			}
-			o, err := viewOptionsFrom(c)
-			if err != nil {
-				return err
-			}
-			m, err := client(c).Fcmap(ctx(c), a[0])
-			if err != nil {
-				return err
-			}
-			cols := []string{"id", "progress"}
-			obj := object{fields: zipFields(cols, []string{strconv.Itoa(m.ID), strconv.Itoa(m.Progress)}),
-				json: fcmapProgress{m.ID, m.Progress}}
-			return renderList(c.App.Writer, cols, cols, []object{obj}, o)
+			return []object{{fields: zipFields([]string{"id", "progress"}, []string{strconv.Itoa(m.ID), strconv.Itoa(m.Progress)}),
+				json: fcmapProgress{m.ID, m.Progress}}}, nil
 		},
-	}
+	})
 }
 
 // fcmapRef names a mapping as lsfcmapdependentmaps shows it.
@@ -230,31 +218,17 @@ type fcmapRef struct {
 }
 
 func lsfcmapdependentmapsCommand() *cli.Command {
-	return &cli.Command{
-		Name:      "lsfcmapdependentmaps",
-		Usage:     "list the FlashCopy mappings that depend on a mapping",
-		UsageText: "fcnbd lsfcmapdependentmaps [-delim C] [-nohdr] [-json] [-filtervalue attr=value] MAPPING",
-		Flags:     append([]cli.Flag{socketFlag()}, fcViewFlags()...),
-		Action: func(c *cli.Context) error {
-			a, err := args(c, 1, 1, "the mapping (name or id)")
-			if err != nil {
-				return err
-			}
-			o, err := viewOptionsFrom(c)
-			if err != nil {
-				return err
-			}
-			ms, err := client(c).FcmapDependentMaps(ctx(c), a[0])
-			if err != nil {
-				return err
-			}
-			cols := []string{"fc_id", "fc_name"}
-			objs := mapObjects(ms, func(m api.Fcmap) object {
+	cols := []string{"fc_id", "fc_name"}
+	return tableCommand(tableSpec{
+		name: "lsfcmapdependentmaps", usage: "list the FlashCopy mappings that depend on a mapping",
+		arg: "MAPPING", what: "the mapping (name or id)", columns: cols,
+		rows: func(c *cli.Context, ref string) ([]object, error) {
+			ms, err := client(c).FcmapDependentMaps(ctx(c), ref)
+			return mapObjects(ms, func(m api.Fcmap) object {
 				return object{fields: zipFields(cols, []string{strconv.Itoa(m.ID), m.Name}), json: fcmapRef{m.ID, m.Name}}
-			})
-			return renderList(c.App.Writer, cols, cols, objs, o)
+			}), err
 		},
-	}
+	})
 }
 
 var vdiskFcmapCopiesColumns = []string{"id", "name", "status", "progress", "difference", "start_time",
@@ -274,13 +248,44 @@ func lsvdiskdependentmapsCommand() *cli.Command {
 // lsfcmap's, so every lsfcmap attribute can be filtered on).
 func volumeMapsCommand(name, usage string, columns []string,
 	list func(*api.Client, context.Context, string) ([]api.Fcmap, error)) *cli.Command {
+	return tableCommand(tableSpec{
+		name: name, usage: usage, arg: "VOLUME", what: "the volume (name or id)", columns: columns, fields: fcmapFields,
+		rows: func(c *cli.Context, ref string) ([]object, error) {
+			ms, err := list(client(c), ctx(c), ref)
+			return mapObjects(ms, fcmapObject), err
+		},
+	})
+}
+
+// tableSpec describes an ls command that prints one table (never a detailed view): about the
+// object it names — arg is its placeholder in the usage, what its description in a refusal —
+// or, without arg or with optional and no object named, about everything.
+type tableSpec struct {
+	name, usage, arg, what string
+	optional               bool     // the object may be left out
+	columns, fields        []string // fields: the filterable attributes; nil means the columns
+	rows                   func(c *cli.Context, ref string) ([]object, error)
+}
+
+func tableCommand(s tableSpec) *cli.Command {
+	usage, min, max := "fcnbd "+s.name+" [-delim C] [-nohdr] [-json] [-filtervalue attr=value]", 0, 0
+	switch {
+	case s.arg != "" && s.optional:
+		usage, max = usage+" ["+s.arg+"]", 1
+	case s.arg != "":
+		usage, min, max = usage+" "+s.arg, 1, 1
+	}
+	fields := s.fields
+	if fields == nil {
+		fields = s.columns
+	}
 	return &cli.Command{
-		Name:      name,
-		Usage:     usage,
-		UsageText: "fcnbd " + name + " [-delim C] [-nohdr] [-json] [-filtervalue attr=value] VOLUME",
+		Name:      s.name,
+		Usage:     s.usage,
+		UsageText: usage,
 		Flags:     append([]cli.Flag{socketFlag()}, fcViewFlags()...),
 		Action: func(c *cli.Context) error {
-			a, err := args(c, 1, 1, "the volume (name or id)")
+			a, err := args(c, min, max, s.what)
 			if err != nil {
 				return err
 			}
@@ -288,11 +293,15 @@ func volumeMapsCommand(name, usage string, columns []string,
 			if err != nil {
 				return err
 			}
-			ms, err := list(client(c), ctx(c), a[0])
+			ref := ""
+			if len(a) == 1 {
+				ref = a[0]
+			}
+			objs, err := s.rows(c, ref)
 			if err != nil {
 				return err
 			}
-			return renderList(c.App.Writer, columns, fcmapFields, mapObjects(ms, fcmapObject), o)
+			return renderList(c.App.Writer, s.columns, fields, objs, o)
 		},
 	}
 }

@@ -263,38 +263,24 @@ func hostMapListCommand(name, usage, arg string, min int, byVolume bool) *cli.Co
 	if byVolume {
 		columns = vdiskHostMapColumns
 	}
-	return &cli.Command{
-		Name:      name,
-		Usage:     usage,
-		UsageText: "fcnbd " + name + " [-delim C] [-nohdr] [-json] [-filtervalue attr=value] " + arg,
-		Flags:     append([]cli.Flag{socketFlag()}, fcViewFlags()...),
-		Action: func(c *cli.Context) error {
-			a, err := args(c, min, 1, arg)
-			if err != nil {
-				return err
-			}
-			o, err := viewOptionsFrom(c)
-			if err != nil {
-				return err
-			}
-			var host, vol string
-			if len(a) == 1 && byVolume {
-				vol = a[0]
-			} else if len(a) == 1 {
-				host = a[0]
+	return tableCommand(tableSpec{
+		name: name, usage: usage, arg: arg, what: arg, optional: min == 0, columns: columns,
+		rows: func(c *cli.Context, ref string) ([]object, error) {
+			host, vol := ref, ""
+			if byVolume {
+				host, vol = "", ref
 			}
 			maps, err := client(c).HostMaps(ctx(c), host, vol)
 			if err != nil {
-				return err
+				return nil, err
 			}
 			s, err := client(c).System(ctx(c))
 			if err != nil {
-				return err
+				return nil, err
 			}
-			objs := mapObjects(maps, func(m api.HostMap) object { return hostMapObject(m, s.ID, byVolume) })
-			return renderList(c.App.Writer, columns, columns, objs, o)
+			return mapObjects(maps, func(m api.HostMap) object { return hostMapObject(m, s.ID, byVolume) }), nil
 		},
-	}
+	})
 }
 
 func lsvdiskhostmapCommand() *cli.Command {

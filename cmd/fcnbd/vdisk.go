@@ -273,56 +273,32 @@ func lsvdiskCommand() *cli.Command {
 // columns id and name (which Cinder's driver reads).
 func lsvdiskfcmappingsCommand() *cli.Command {
 	cols := []string{"id", "name"}
-	return &cli.Command{
-		Name:      "lsvdiskfcmappings",
-		Usage:     "list the FlashCopy mappings a volume is the source or target of",
-		UsageText: "fcnbd lsvdiskfcmappings [-delim C] [-nohdr] [-json] VDISK",
-		Flags:     append([]cli.Flag{socketFlag()}, fcViewFlags()...),
-		Action: func(c *cli.Context) error {
-			a, err := args(c, 1, 1, "the volume (name or id)")
+	return tableCommand(tableSpec{
+		name: "lsvdiskfcmappings", usage: "list the FlashCopy mappings a volume is the source or target of",
+		arg: "VDISK", what: "the volume (name or id)", columns: cols,
+		rows: func(c *cli.Context, ref string) ([]object, error) {
+			v, err := client(c).Volume(ctx(c), ref)
 			if err != nil {
-				return err
-			}
-			o, err := viewOptionsFrom(c)
-			if err != nil {
-				return err
-			}
-			v, err := client(c).Volume(ctx(c), a[0])
-			if err != nil {
-				return err
+				return nil, err
 			}
 			rows, err := vdiskRows(c, []api.Volume{v})
 			if err != nil {
-				return err
+				return nil, err
 			}
-			objs := mapObjects(rows[0].Fcmaps, func(m api.Fcmap) object {
+			return mapObjects(rows[0].Fcmaps, func(m api.Fcmap) object {
 				return object{fields: zipFields(cols, []string{strconv.Itoa(m.ID), m.Name}), json: fcmapRef{m.ID, m.Name}}
-			})
-			return renderList(c.App.Writer, cols, cols, objs, o)
+			}), nil
 		},
-	}
+	})
 }
 
 // lsfcmapcandidateCommand lists the volumes that can still be in another mapping.
 func lsfcmapcandidateCommand() *cli.Command {
-	cols := []string{"id"}
-	return &cli.Command{
-		Name:      "lsfcmapcandidate",
-		Usage:     "list the volumes that can be the source or target of another FlashCopy mapping",
-		UsageText: "fcnbd lsfcmapcandidate [-delim C] [-nohdr] [-json]",
-		Flags:     append([]cli.Flag{socketFlag()}, fcViewFlags()...),
-		Action: func(c *cli.Context) error {
-			if _, err := args(c, 0, 0, ""); err != nil {
-				return err
-			}
-			o, err := viewOptionsFrom(c)
-			if err != nil {
-				return err
-			}
+	return tableCommand(tableSpec{
+		name: "lsfcmapcandidate", usage: "list the volumes that can be the source or target of another FlashCopy mapping",
+		columns: []string{"id"},
+		rows: func(c *cli.Context, _ string) ([]object, error) {
 			vols, err := client(c).Volumes(ctx(c))
-			if err != nil {
-				return err
-			}
 			var objs []object
 			for _, v := range vols {
 				if v.FCMapCount < maxMapsPerVolume {
@@ -330,9 +306,9 @@ func lsfcmapcandidateCommand() *cli.Command {
 					objs = append(objs, object{fields: []field{{"id", id}}, json: map[string]uint64{"id": v.ID}})
 				}
 			}
-			return renderList(c.App.Writer, cols, cols, objs, o)
+			return objs, err
 		},
-	}
+	})
 }
 
 // maxMapsPerVolume is SVC's limit of mappings per source volume.
