@@ -234,6 +234,37 @@ func (h *Handler) deleteVolume(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
+// ref returns the path value name if it can name an object, else refuses.
+func (h *Handler) ref(w http.ResponseWriter, r *http.Request, name string) (string, bool) {
+	ref := r.PathValue(name)
+	if err := validRef(ref); err != nil {
+		h.fail(w, r, err)
+		return "", false
+	}
+	return ref, true
+}
+
+// body decodes the request body into v, or refuses.
+func (h *Handler) body(w http.ResponseWriter, r *http.Request, v any) bool {
+	if err := decode(w, r, v); err != nil {
+		h.fail(w, r, err)
+		return false
+	}
+	return true
+}
+
+// result replies v with code, or the refusal err.
+func (h *Handler) result(w http.ResponseWriter, r *http.Request, err error, code int, v any) {
+	switch {
+	case err != nil:
+		h.fail(w, r, err)
+	case v == nil:
+		w.WriteHeader(code)
+	default:
+		reply(w, code, v)
+	}
+}
+
 func (h *Handler) noQuery(w http.ResponseWriter, r *http.Request) bool {
 	if r.URL.RawQuery != "" {
 		h.fail(w, r, fcerr.New(fcerr.BadValue, "the query %q is not valid for this request", r.URL.RawQuery))

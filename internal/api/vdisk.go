@@ -29,28 +29,16 @@ type Renamer interface {
 // once, before h serves its first request.
 func (h *Handler) WithVolumeChanges(r Renamer) *Handler {
 	h.mux.HandleFunc("PATCH /v1/volumes/{ref}", func(w http.ResponseWriter, req *http.Request) {
-		ref := req.PathValue("ref")
-		if err := validRef(ref); err != nil {
-			h.fail(w, req, err)
-			return
-		}
-		if !h.noQuery(w, req) {
-			return
-		}
+		ref, ok := h.ref(w, req, "ref")
 		var body ChVolume
-		if err := decode(w, req, &body); err != nil {
-			h.fail(w, req, err)
+		if !ok || !h.noQuery(w, req) || !h.body(w, req, &body) {
 			return
 		}
 		if body.Name == nil {
 			h.fail(w, req, fcerr.New(fcerr.MissingParameter, "nothing to change: give a name"))
 			return
 		}
-		if err := r.RenameVolume(ref, *body.Name); err != nil {
-			h.fail(w, req, err)
-			return
-		}
-		w.WriteHeader(http.StatusNoContent)
+		h.result(w, req, r.RenameVolume(ref, *body.Name), http.StatusNoContent, nil)
 	})
 	return h
 }
@@ -74,17 +62,9 @@ type Expander interface {
 // before h serves its first request.
 func (h *Handler) WithVolumeExpand(e Expander) *Handler {
 	h.mux.HandleFunc("POST /v1/volumes/{ref}/expand", func(w http.ResponseWriter, req *http.Request) {
-		ref := req.PathValue("ref")
-		if err := validRef(ref); err != nil {
-			h.fail(w, req, err)
-			return
-		}
-		if !h.noQuery(w, req) {
-			return
-		}
+		ref, ok := h.ref(w, req, "ref")
 		var body ExpandVolume
-		if err := decode(w, req, &body); err != nil {
-			h.fail(w, req, err)
+		if !ok || !h.noQuery(w, req) || !h.body(w, req, &body) {
 			return
 		}
 		if body.Add == nil {
@@ -92,11 +72,7 @@ func (h *Handler) WithVolumeExpand(e Expander) *Handler {
 			return
 		}
 		v, err := e.ExpandVolume(ref, *body.Add)
-		if err != nil {
-			h.fail(w, req, err)
-			return
-		}
-		reply(w, http.StatusOK, v)
+		h.result(w, req, err, http.StatusOK, v)
 	})
 	return h
 }
