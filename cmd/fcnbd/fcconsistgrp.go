@@ -1,7 +1,6 @@
 package main
 
 import (
-	"fmt"
 	"strconv"
 
 	"github.com/urfave/cli/v2"
@@ -27,11 +26,7 @@ func mkfcconsistgrpCommand() *cli.Command {
 				return err
 			}
 			id, err := client(c).MkConsistGrp(ctx(c), api.MkConsistGrp{Name: c.String("name"), Autodelete: c.Bool("autodelete")})
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(c.App.Writer, "FlashCopy Consistency Group, id [%d], successfully created\n", id)
-			return nil
+			return created(c, "FlashCopy Consistency Group", id, err)
 		},
 	}
 }

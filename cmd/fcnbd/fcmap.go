@@ -78,11 +78,7 @@ func mkfcmapCommand() *cli.Command {
 				return err
 			}
 			id, err := client(c).MkFcmap(ctx(c), req)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(c.App.Writer, "FlashCopy Mapping, id [%d], successfully created\n", id)
-			return nil
+			return created(c, "FlashCopy Mapping", id, err)
 		},
 	}
 }

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"fmt"
 	"strconv"
 	"strings"
 
@@ -61,11 +60,7 @@ func mkhostCommand() *cli.Command {
 				Name: c.String("name"), Type: c.String("type"), Protocol: c.String("protocol"),
 				IOGrps: splitList(c.String("iogrp"), ":"), HostPorts: hostPortsFrom(c),
 			})
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(c.App.Writer, "Host, id [%d], successfully created\n", id)
-			return nil
+			return created(c, "Host", id, err)
 		},
 	}
 }
@@ -203,11 +198,7 @@ func mkvdiskhostmapCommand() *cli.Command {
 				req.SCSI = &n
 			}
 			scsi, err := client(c).MkHostMap(ctx(c), req)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(c.App.Writer, "Virtual Disk to Host map, id [%d], successfully created\n", scsi)
-			return nil
+			return created(c, "Virtual Disk to Host map", scsi, err)
 		},
 	}
 }

@@ -139,6 +139,16 @@ func client(c *cli.Context) *api.Client { return api.NewClient(socketPath(c)) }
 
 func ctx(c *cli.Context) context.Context { return c.Context }
 
+// created prints SVC's line for an object a mk command made, "<what>, id [N], successfully
+// created" (automation reads the id from it), or returns the command's error.
+func created[ID int | uint64](c *cli.Context, what string, id ID, err error) error {
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(c.App.Writer, "%s, id [%d], successfully created\n", what, id)
+	return nil
+}
+
 // args checks the command's positional arguments: between min and max of them.
 func args(c *cli.Context, min, max int, what string) ([]string, error) {
 	a := c.Args().Slice()

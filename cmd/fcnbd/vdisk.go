@@ -135,11 +135,7 @@ func mkvdiskCommand() *cli.Command {
 				return fcerr.New(fcerr.MissingParameter, "-name is missing: fcnbd volumes are named")
 			}
 			v, err := client(c).CreateVolume(ctx(c), name, size)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(c.App.Writer, "Virtual Disk, id [%d], successfully created\n", v.ID)
-			return nil
+			return created(c, "Virtual Disk", v.ID, err)
 		},
 	}
 }

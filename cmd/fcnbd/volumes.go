@@ -50,11 +50,7 @@ func mkvolumeCommand() *cli.Command {
 				return err
 			}
 			v, err := client(c).CreateVolume(ctx(c), c.String("name"), size)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(c.App.Writer, "Volume, id [%d], successfully created\n", v.ID)
-			return nil
+			return created(c, "Volume", v.ID, err)
 		},
 	}
 }
