@@ -104,6 +104,9 @@ func (r *rig) snapshot() snapshot {
 		r.t.Fatal(err)
 	}
 	s.maps, s.groups = r.d.Fcmaps(ctx), r.d.ConsistGrps(ctx)
+	for i := range s.maps {
+		s.maps[i].CopyThroughput = 0 // a rate over the last seconds: it decays with no change
+	}
 	vs, _ := json.Marshal(r.d.Volumes())
 	s.vols = string(vs)
 	return s
