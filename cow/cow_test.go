@@ -626,3 +626,49 @@ func TestViaRebuildsRelinkedCascade(t *testing.T) {
 	g.write(0, 5*grain, pattern(grain, 3)) // T1's write still preserves C2's image
 	g.checkAll(0, 2)
 }
+
+// TestCleanManyBatches: S ← T2 ← T1 on volumes of several cleaning batches, so that batches
+// overlap (copyStreams) and the cleaning wraps around to grains it passed over, with host writes
+// to every volume meanwhile. Cleaning runs both ways: before T2's CopyComplete, and when T2 is
+// stopped. Every image is the model's at the end, and T1 holds every grain.
+func TestCleanManyBatches(t *testing.T) {
+	for _, stop := range []bool{false, true} {
+		t.Run(fmt.Sprintf("stop=%v", stop), func(t *testing.T) {
+			r, _ := seedRand(t)
+			size := int64(3*copyBatchBytes + 5*64*kib)
+			g := newRig(t, 3, size, 64*kib, r)
+			g.start(g.spec(1, 0, 1)) // copy rate 0: T1 reads through T2 once T2 starts
+			s := g.spec(2, 0, 2)
+			s.CopyRate, s.CleanRate = 150, 150
+			if stop {
+				s.CopyRate = 0
+			}
+			g.start(s)
+			if stop {
+				// T2 gets grains by host writes only; stopping it cleans them into T1.
+				for range 200 {
+					g.write(0, r.Int64N(size-4096), pattern(4096, byte(r.IntN(256))))
+				}
+				if err := g.e.SetRates(2, 0, 150); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := g.e.StopMapping(2, false); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for i := range 300 {
+				g.write(i%3, r.Int64N(size-4096), pattern(4096, byte(i)))
+			}
+			if stop {
+				g.waitEvent(CleanComplete, 2, 30*time.Second)
+				g.checkAll(0, 1)
+				return
+			}
+			g.waitEvent(CopyComplete, 2, 30*time.Second)
+			if p := g.progress(1); p.Percent != 100 {
+				t.Fatalf("T1 should hold every grain after T2's cleaning: %+v", p)
+			}
+			g.checkAll(0, 1, 2)
+		})
+	}
+}

@@ -537,36 +537,60 @@ func (e *Engine) cleanWorker(ctx context.Context, m *mapping) {
 
 // clean copies, highest grain first, every grain m's target holds into each downstream volume
 // that does not hold it, until none is left, in batches as the background copy makes them
-// (charged to the rate for the bytes they read). It returns false if ctx ended or m failed.
+// (charged to the rate for the bytes they read), up to copyStreams batches at once as the
+// background copy does: while one is made durable, the next (the grains below it) is copied.
+// When nothing is owed below the batches in flight, it waits for them and looks again from the
+// top. It returns false if ctx ended or m failed.
 func (e *Engine) clean(ctx context.Context, m *mapping, rateOf func() int) bool {
 	var grains []int
-	for {
+	inflight := make(chan struct{}, copyStreams)
+	var wg sync.WaitGroup
+	var stopped atomic.Bool // a batch failed m
+	below := m.split.Len()  // the next batch is below the batches in flight
+	defer wg.Wait()
+	for !stopped.Load() {
 		var d *volume
 		var data int64
-		d, grains, data = e.nextClean(m, grains[:0], batchLimit(rateOf()))
+		d, grains, data = e.nextClean(m, grains[:0], below, batchLimit(rateOf()))
 		if d == nil {
+			if below < m.split.Len() {
+				wg.Wait()
+				below = m.split.Len()
+				continue
+			}
 			return ctx.Err() == nil && !m.failed.Load()
 		}
 		if !waitRate(ctx, m, int(max(data, 1)), rateOf, nil) || !e.slot(ctx) {
 			return false
 		}
-		ok := e.cleanGrains(m, d, grains)
-		e.unslot()
-		if !ok {
+		select {
+		case inflight <- struct{}{}:
+		case <-ctx.Done():
+			e.unslot()
 			return false
 		}
+		b := slices.Clone(grains)
+		below = b[len(b)-1]
+		wg.Go(func() {
+			defer func() { <-inflight; e.unslot() }()
+			if !e.cleanGrains(m, d, b) {
+				stopped.Store(true)
+			}
+		})
 	}
+	return false
 }
 
-// nextClean finds the highest grain some downstream volume d of m's target reads through it,
-// and returns it with the grains below it that d also reads through the target, down to the
-// first that it does not, while their data adds up to less than limit bytes (as the target's
-// store says: a hint) and they are fewer than copyBatchGrains; grains are in descending order.
-func (e *Engine) nextClean(m *mapping, grains []int, limit int64) (_ *volume, _ []int, data int64) {
+// nextClean finds the highest grain below grain below that some downstream volume d of m's
+// target reads through it, and returns it with the grains below it that d also reads through
+// the target, down to the first that it does not, while their data adds up to less than limit
+// bytes (as the target's store says: a hint) and they are fewer than copyBatchGrains; grains
+// are in descending order.
+func (e *Engine) nextClean(m *mapping, grains []int, below int, limit int64) (_ *volume, _ []int, data int64) {
 	t := m.target
 	t.gate.RLock()
 	defer t.gate.RUnlock()
-	if t.target != m {
+	if t.target != m || below <= 0 {
 		return nil, grains, 0
 	}
 	var best *volume
@@ -576,7 +600,7 @@ func (e *Engine) nextClean(m *mapping, grains []int, limit int64) (_ *volume, _ 
 			continue
 		}
 		ds := d.target.split
-		for g := ds.PrevClear(ds.Len() - 1); g > bestG; g = ds.PrevClear(g - 1) {
+		for g := ds.PrevClear(min(below, ds.Len()) - 1); g > bestG; g = ds.PrevClear(g - 1) {
 			if m.split.Test(g) {
 				best, bestG = d, g
 				break
@@ -656,6 +680,10 @@ func (e *Engine) cleanGrains(m *mapping, d *volume, grains []int) bool {
 	}
 	if len(done) == 0 {
 		return true
+	}
+	// While the batch is made durable, the disk can already read the next one, below it.
+	if low, _ := m.split.Extent(grains[0]); low > 0 {
+		store.Prefetch(t.file, max(0, low-copyBatchBytes), min(low, copyBatchBytes))
 	}
 	failpoint("cow-after-clean-write")
 	if err := e.commit.commit(d, []BitUpdate{{Mapping: dm.id, Grains: done}}); err != nil {

@@ -6,6 +6,9 @@
 #            copies through the page cache and syncs once per batch)
 #   clean    cleaning at rate 150 of the same amount (a stopped-copying target's grains into the
 #            older target that reads through it), against dd of the cleaned target's file
+#            full and clean each run BENCH_COPY_ROUNDS rounds (default 3), the engine and dd one
+#            after the other in each, caches dropped before each; the row is the median of each
+#            side: one 1 GiB dd on this machine's disk varies by up to 2x from run to run
 #   sparse   background copy at rate 150 of a 16x larger volume with the same amount written, in
 #            64 MiB extents, against the full copy's time
 #   rate     background copy at rate 81 (32 MiB/s), measured over 8 s from the mapping's
@@ -15,7 +18,7 @@
 #
 # Env: FCNBD_BIN (default bin/fcnbd), BENCH_DIR (default .cache/bench-copy), BENCH_SIZE (default
 # 1G: the full and clean volumes; sparse is 16 times larger), BENCH_HOSTIO_SIZE (default 4G),
-# BENCH_RUNTIME (seconds of fio per hostio measurement, default 4).
+# BENCH_RUNTIME (seconds of fio per hostio measurement, default 4), BENCH_COPY_ROUNDS (3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${FCNBD_BIN:-$PWD/bin/fcnbd}
@@ -23,6 +26,7 @@ dir=${BENCH_DIR:-$PWD/.cache/bench-copy}
 size=${BENCH_SIZE:-1G}
 hsize=${BENCH_HOSTIO_SIZE:-4G}
 runtime=${BENCH_RUNTIME:-4}
+rounds=${BENCH_COPY_ROUNDS:-3}
 bytes=$(numfmt --from=iec "$size")
 big=$((bytes * 16))
 
@@ -46,40 +50,53 @@ fill() { # volume bytes offset: incompressible data through NBD
 }
 
 echo "bench-copy: preparing volumes" >&2
-for v in src full t1 t2; do fc mkvolume -name "$v" -size "$size" >/dev/null; done
+fc mkvolume -name src -size "$size" >/dev/null
 fc mkvolume -name big -size "$big" >/dev/null
 fc mkvolume -name bigt -size "$big" >/dev/null
 fill src "$bytes" 0
 for ((i = 0; i < 16; i++)); do fill big $((64 << 20)) $((i * big / 16)); done
 
-echo "bench-copy: full" >&2
-fc mkfcmap -source src -target full -name cfull -copyrate 150 -grainsize 64 >/dev/null
-drop; t0=$(now)
-fc startfcmap -prep cfull
-fc wait -timeout 10m cfull
-t1=$(now)
-drop; t2=$(now)
-dd if="$(volfile src)" of="$dir/dd.img" bs=1M conv=fsync status=none
-t3=$(now); rm -f "$dir/dd.img"
-echo "full $t0 $t1 $t2 $t3" > "$dir/times"
+# dd of volume $1's backing file, caches dropped first: "t0 t1" on stdout.
+ddtimes() {
+  local t0 t1
+  drop; t0=$(now)
+  dd if="$(volfile "$1")" of="$dir/dd.img" bs=1M conv=fsync status=none
+  t1=$(now); rm -f "$dir/dd.img"
+  echo "$t0 $t1"
+}
 
-echo "bench-copy: clean" >&2
-# t1 reads through t2 (the newer mapping from the same source sits upstream): once t2 holds
-# every grain, raising its clean rate from 0 cleans them all into t1.
-fc mkfcmap -source src -target t1 -name ct1 -copyrate 0 -grainsize 64 >/dev/null
-fc startfcmap -prep ct1
-fc mkfcmap -source src -target t2 -name ct2 -copyrate 150 -cleanrate 0 -grainsize 64 >/dev/null
-fc startfcmap -prep ct2
-for _ in $(seq 600); do [ "$(progress ct2)" = 100 ] && break; sleep 0.2; done
-[ "$(progress ct2)" = 100 ] || { echo "bench-copy: ct2 did not reach 100 %" >&2; exit 1; }
-drop; t0=$(now)
-fc chfcmap -cleanrate 150 ct2
-fc wait -timeout 10m ct2
-t1=$(now)
-drop; t2=$(now)
-dd if="$(volfile t2)" of="$dir/dd.img" bs=1M conv=fsync status=none
-t3=$(now); rm -f "$dir/dd.img"
-echo "clean $t0 $t1 $t2 $t3" >> "$dir/times"
+for ((r = 1; r <= rounds; r++)); do
+  echo "bench-copy: full, round $r" >&2
+  fc mkvolume -name full -size "$size" >/dev/null
+  fc mkfcmap -source src -target full -name cfull -copyrate 150 -grainsize 64 >/dev/null
+  drop; t0=$(now)
+  fc startfcmap -prep cfull
+  fc wait -timeout 10m cfull
+  t1=$(now)
+  echo "full $t0 $t1 $(ddtimes src)" >> "$dir/times"
+  fc rmfcmap cfull >/dev/null
+  fc rmvolume full >/dev/null
+
+  echo "bench-copy: clean, round $r" >&2
+  # t1 reads through t2 (the newer mapping from the same source sits upstream): once t2 holds
+  # every grain, raising its clean rate from 0 cleans them all into t1.
+  fc mkvolume -name t1 -size "$size" >/dev/null
+  fc mkvolume -name t2 -size "$size" >/dev/null
+  fc mkfcmap -source src -target t1 -name ct1 -copyrate 0 -grainsize 64 >/dev/null
+  fc startfcmap -prep ct1
+  fc mkfcmap -source src -target t2 -name ct2 -copyrate 150 -cleanrate 0 -grainsize 64 >/dev/null
+  fc startfcmap -prep ct2
+  for _ in $(seq 600); do [ "$(progress ct2)" = 100 ] && break; sleep 0.2; done
+  [ "$(progress ct2)" = 100 ] || { echo "bench-copy: ct2 did not reach 100 %" >&2; exit 1; }
+  drop; t0=$(now)
+  fc chfcmap -cleanrate 150 ct2
+  fc wait -timeout 10m ct2
+  t1=$(now)
+  echo "clean $t0 $t1 $(ddtimes t2)" >> "$dir/times"
+  for m in ct2 ct1; do fc stopfcmap -force "$m" >/dev/null 2>&1 || true; fc rmfcmap -force "$m" >/dev/null; done
+  fc rmvolume t1 >/dev/null
+  fc rmvolume t2 >/dev/null
+done
 
 echo "bench-copy: sparse" >&2
 fc mkfcmap -source big -target bigt -name cbig -copyrate 150 -grainsize 64 >/dev/null
@@ -118,22 +135,28 @@ fio4k copy
 echo "hostio $(progress chost)" >> "$dir/times"
 
 python3 - "$dir" "$bytes" <<'PY'
-import json, os, sys
+import json, os, statistics, sys
 d, n = sys.argv[1], int(sys.argv[2])
-t = {}
+t, rounds = {}, {}
 for line in open(os.path.join(d, "times")):
     k, *v = line.split()
     t[k] = v
+    rounds.setdefault(k, []).append(list(map(float, v)))
 def row(k):
-    t0, t1, t2, t3 = map(float, t[k])
-    return n / (t1 - t0) / 2**20, (n / (t3 - t2) / 2**20) if t3 > t2 else 0, t1 - t0
+    """The medians, over the rounds, of the engine's and dd's MiB/s, and of the engine's time."""
+    eng = [n / (r[1] - r[0]) / 2**20 for r in rounds[k]]
+    dd = [n / (r[3] - r[2]) / 2**20 for r in rounds[k] if r[3] > r[2]]
+    secs = [r[1] - r[0] for r in rounds[k]]
+    per = "  ".join(f"{e:.0f}/{x:.0f}" for e, x in zip(eng, dd))
+    return statistics.median(eng), statistics.median(dd) if dd else 0, statistics.median(secs), per
 print()
-print("Background copy and cleaning (rate 150, 64 KiB grains)")
-full, dd, tfull = row("full")
-print(f"{'background copy, full volume':<40}{full:>8.0f} MiB/s   dd {dd:>5.0f} MiB/s   ratio {full / dd:.2f}x")
-clean, dd2, _ = row("clean")
-print(f"{'cleaning, full volume':<40}{clean:>8.0f} MiB/s   dd {dd2:>5.0f} MiB/s   ratio {clean / dd2:.2f}x")
-_, _, tsparse = row("sparse")
+print("Background copy and cleaning (rate 150, 64 KiB grains; medians of "
+      f"{len(rounds['full'])} rounds, engine/dd MiB/s per round after the ratio)")
+full, dd, tfull, per = row("full")
+print(f"{'background copy, full volume':<40}{full:>8.0f} MiB/s   dd {dd:>5.0f} MiB/s   ratio {full / dd:.2f}x   {per}")
+clean, dd2, _, per = row("clean")
+print(f"{'cleaning, full volume':<40}{clean:>8.0f} MiB/s   dd {dd2:>5.0f} MiB/s   ratio {clean / dd2:.2f}x   {per}")
+_, _, tsparse, _ = row("sparse")
 print(f"{'background copy, 16x volume, same data':<40}{tsparse:>8.2f} s       full {tfull:>5.2f} s       ratio {tsparse / tfull:.2f}x")
 b0, b1, r0, r1 = map(float, t["rate"])
 got = (b1 - b0) / (r1 - r0) / 2**20
