@@ -240,13 +240,11 @@ if want sparse; then sparse_row; fi
 
 if want tls; then bench_tls; fi
 
-# ---- FlashCopy rows: the cost of copy-on-write and the background copy rate ----
+# ---- FlashCopy rows: the cost of copy-on-write ----
 if ! want flashcopy; then exit 0; fi
 # fcsrc gets a copy-rate-0 mapping to fctgt; 4 KiB random writes over the first quarter of fcsrc
 # are measured without a mapping, while grains split for the first time, and once every grain of
-# that quarter is split. Then a second mapping from fcsrc (same grain size: one dependency tree
-# has one grain size) copies the whole volume at rate 150, timed against dd of the same backing
-# file.
+# that quarter is split.
 fc=(--socket "$dir/c.sock")
 grain_kib=64
 region=$((bytes / 4))
@@ -258,16 +256,8 @@ fiofc() { # name rw bs depth extra...
     --iodepth="$depth" --size="$region" --norandommap --randrepeat=0 "$@" \
     --output-format=json --output="$dir/results/fc.$name.json" >/dev/null
 }
-volfile() { # the backing file of a volume, by its id
-  local id
-  id=$("$bin" "${fc[@]}" lsvolume -delim : "$1" | sed -n 's/^id://p')
-  echo "$dir/fcnbd/vol-$id.img"
-}
 "$bin" "${fc[@]}" mkvolume -name fcsrc -size "$size" >/dev/null
 "$bin" "${fc[@]}" mkvolume -name fctgt -size "$size" >/dev/null
-"$bin" "${fc[@]}" mkvolume -name fcfull -size "$size" >/dev/null
-srcfile=$(volfile fcsrc)
-[ -f "$srcfile" ] || { echo "bench: no backing file $srcfile for fcsrc" >&2; exit 1; }
 nbdcopy "$dir/src.img" "nbd+unix:///fcsrc?socket=$dir/fcnbd.sock"
 fiofc nomapping randwrite 4k 32 --time_based --runtime="$runtime" --ramp_time=2
 "$bin" "${fc[@]}" mkfcmap -source fcsrc -target fctgt -name bench_snap -copyrate 0 -grainsize "$grain_kib" >/dev/null
@@ -280,24 +270,8 @@ fiofc presplit write 1m 8
 fiofc allsplit randwrite 4k 32 --time_based --runtime="$runtime" --ramp_time=2
 "$bin" "${fc[@]}" lsfcmap -delim : bench_snap | grep -E '^(status|progress|split_on_write):' >&2
 
-# Background copy at rate 150 against dd copying the same backing file (both from a cold page
-# cache where the host lets us drop it). bench_snap goes first: a newer mapping from the same
-# source sits upstream of its target in the cascade, so it could not complete while bench_snap
-# still reads through it.
-"$bin" "${fc[@]}" stopfcmap -force bench_snap
-"$bin" "${fc[@]}" wait -status stopped -timeout 1m bench_snap
-"$bin" "${fc[@]}" rmfcmap -force bench_snap
-"$bin" "${fc[@]}" mkfcmap -source fcsrc -target fcfull -name bench_full -copyrate 150 -grainsize "$grain_kib" >/dev/null
-sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-t0=$(date +%s.%N)
-"$bin" "${fc[@]}" startfcmap -prep bench_full
-"$bin" "${fc[@]}" wait -timeout 10m bench_full
-t1=$(date +%s.%N)
-sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-t2=$(date +%s.%N)
-dd if="$srcfile" of="$dir/dd.img" bs=1M conv=fsync status=none
-t3=$(date +%s.%N)
-echo "$t0 $t1 $t2 $t3 $bytes" > "$dir/results/fc.copy"
+# The background copy's speed has one home: scripts/bench-copy.sh (medians of interleaved rounds
+# against dd), which make bench also runs.
 
 python3 - "$dir/results" <<'PY'
 import json, os, sys
@@ -313,7 +287,4 @@ for name, label in [("nomapping", "no mapping"), ("firstsplit", "mapping, grains
                     ("allsplit", "mapping, all written grains split")]:
     iops, p99 = fc(name)
     print(f"{label:<44}{iops:>10.0f}{p99:>10.0f}{iops / base[0]:>9.2f}x")
-t0, t1, t2, t3, n = map(float, open(os.path.join(res, "fc.copy")).read().split())
-copy, dd = n / (t1 - t0) / 2**20, n / (t3 - t2) / 2**20
-print(f"background copy at rate 150: {copy:.0f} MiB/s; dd of the backing file: {dd:.0f} MiB/s; ratio {copy / dd:.2f}x")
 PY
