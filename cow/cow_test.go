@@ -158,7 +158,10 @@ func TestBackgroundCopyCompletes(t *testing.T) {
 	g.write(0, 5*64*kib, pattern(10, 1))
 	g.waitEvent(CopyComplete, 1, 10*time.Second)
 	p := g.progress(1)
-	if p.Percent != 100 || p.GrainsCopied+p.SplitOnWrite != int64(p.Grains) || p.BytesCopied > 2<<20 || p.BytesCopied < 2<<20-holes {
+	// A split-on-write may copy a grain that a batch being made durable has copied already
+	// (copyGrains): both copies were read and written, and bytes_copied counts both.
+	if p.Percent != 100 || p.GrainsCopied+p.SplitOnWrite != int64(p.Grains) ||
+		p.BytesCopied > 2<<20+p.SplitOnWrite*64*kib || p.BytesCopied < 2<<20-holes {
 		t.Fatalf("progress at completion: %+v (the source had %d bytes of holes)", p, holes)
 	}
 	g.write(0, 0, pattern(64*kib, 2))
@@ -635,11 +638,12 @@ func TestCleanManyBatches(t *testing.T) {
 	for _, stop := range []bool{false, true} {
 		t.Run(fmt.Sprintf("stop=%v", stop), func(t *testing.T) {
 			r, _ := seedRand(t)
-			size := int64(3*copyBatchBytes + 5*64*kib)
+			const rate = 110 // 128 MiB/s: batches of 8 MiB, so that the volumes stay small
+			size := 3*batchLimit(rate) + 5*64*kib
 			g := newRig(t, 3, size, 64*kib, r)
 			g.start(g.spec(1, 0, 1)) // copy rate 0: T1 reads through T2 once T2 starts
 			s := g.spec(2, 0, 2)
-			s.CopyRate, s.CleanRate = 150, 150
+			s.CopyRate, s.CleanRate = rate, rate
 			if stop {
 				s.CopyRate = 0
 			}
@@ -649,7 +653,7 @@ func TestCleanManyBatches(t *testing.T) {
 				for range 200 {
 					g.write(0, r.Int64N(size-4096), pattern(4096, byte(r.IntN(256))))
 				}
-				if err := g.e.SetRates(2, 0, 150); err != nil {
+				if err := g.e.SetRates(2, 0, rate); err != nil {
 					t.Fatal(err)
 				}
 				if _, err := g.e.StopMapping(2, false); err != nil {

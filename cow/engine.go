@@ -109,7 +109,7 @@ type Event struct {
 // Options tunes an Engine. Zero values mean the defaults.
 type Options struct {
 	// BackgroundSlots caps grain copies running at once for background copy and cleaning
-	// across the engine (default 2), so that workers share the disks with host I/O.
+	// across the engine (default 4), so that workers share the disks with host I/O.
 	BackgroundSlots int
 }
 
@@ -204,7 +204,7 @@ func (m *mapping) poke() {
 // New returns an engine that commits split bits to journal.
 func New(journal BitJournal, opts Options) *Engine {
 	if opts.BackgroundSlots <= 0 {
-		opts.BackgroundSlots = 2
+		opts.BackgroundSlots = 4
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Engine{

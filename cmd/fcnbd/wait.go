@@ -18,8 +18,12 @@ import (
 	"fcnbd/internal/fcerr"
 )
 
-// pollInterval is how often wait asks the daemon.
-const pollInterval = 200 * time.Millisecond
+// pollInterval is how often wait asks the daemon, unless -interval says otherwise (at least
+// minPollInterval).
+const (
+	pollInterval    = 200 * time.Millisecond
+	minPollInterval = 10 * time.Millisecond
+)
 
 // waitStates are the statuses wait accepts: a mapping's (docs/flashcopy.md §2) and a group's.
 var waitStates = []string{"idle_or_copied", "preparing", "prepared", "copying", "stopping", "stopped", "suspended", "empty"}
@@ -28,8 +32,8 @@ func waitCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "wait",
 		Usage:     "wait until a FlashCopy mapping or consistency group reaches a status",
-		UsageText: "fcnbd wait MAPPING|GROUP [-status STATUS] [-timeout DURATION] [-group]",
-		Description: "Polls every 200 ms; on a terminal, shows a progress bar. Without -group, a reference\n" +
+		UsageText: "fcnbd wait MAPPING|GROUP [-status STATUS] [-timeout DURATION] [-interval DURATION] [-group]",
+		Description: "Polls every 200 ms (-interval); on a terminal, shows a progress bar. Without -group, a reference\n" +
 			"that names no mapping is looked up as a group. A mapping deleted while waiting for\n" +
 			"idle_or_copied (autodelete) counts as done. Exits non-zero on timeout, or if the object\n" +
 			"stops (or is deleted) while waiting for another status.",
@@ -37,6 +41,7 @@ func waitCommand() *cli.Command {
 			socketFlag(),
 			&cli.StringFlag{Name: "status", Value: "idle_or_copied", Usage: "the status to wait for: " + strings.Join(waitStates, ", ")},
 			&cli.StringFlag{Name: "timeout", Usage: "give up after this long (e.g. 30s, 5m); default: wait for ever"},
+			&cli.StringFlag{Name: "interval", Value: pollInterval.String(), Usage: "how often to ask the daemon (at least " + minPollInterval.String() + "): the end is seen up to this late"},
 			&cli.BoolFlag{Name: "group", Usage: "the reference is a consistency group"},
 		},
 		Action: func(c *cli.Context) error {
@@ -49,9 +54,12 @@ func waitCommand() *cli.Command {
 			case len(a) > 1:
 				return fcerr.New(fcerr.BadValue, "unexpected argument %q", a[1])
 			}
-			w := &waiter{cl: client(c), want: c.String("status"), interval: pollInterval}
+			w := &waiter{cl: client(c), want: c.String("status")}
 			if !slices.Contains(waitStates, w.want) {
 				return fcerr.New(fcerr.BadValue, "the -status value %q is not valid: use one of %s", w.want, strings.Join(waitStates, ", "))
+			}
+			if w.interval, err = time.ParseDuration(c.String("interval")); err != nil || w.interval < minPollInterval {
+				return fcerr.New(fcerr.BadValue, "the -interval value %q is not valid: use a duration of at least %v, such as 50ms", c.String("interval"), minPollInterval)
 			}
 			if c.IsSet("timeout") {
 				if w.timeout, err = time.ParseDuration(c.String("timeout")); err != nil || w.timeout <= 0 {
