@@ -852,6 +852,22 @@ func (tp *topo) complete(op *topoOp) {
 			if w.tgt == v && !w.closed.IsZero() && !replied.Before(w.opened) && !call.Sent.After(w.closed) {
 				lost = true
 			}
+			// A write answered before a start's window opened but processed here only after
+			// the start updated the models (this goroutine ran late): the start took the model
+			// as it was without it. On the start's target the start overwrote the write; on its
+			// source, the target holds it, not the tag the start copied. Neither model can
+			// place it now.
+			if !w.closed.IsZero() && replied.Before(w.opened) {
+				if w.tgt == v {
+					lost = true
+				}
+				if w.src == v {
+					for b := op.first; b < op.first+op.n; b++ {
+						w.tgt.tag[b] = unknownTag
+					}
+					w.tgt.gen++
+				}
+			}
 		}
 		for b := op.first; b < op.first+op.n; b++ {
 			switch {
