@@ -68,15 +68,22 @@ ddtimes() {
   echo "$t0 $t1"
 }
 
+# A rate-150 background copy by a new mapping $1 from $2 to $3, caches dropped first, from its
+# start to its end as wait sees it: "t0 t1" on stdout.
+copytimes() {
+  local t0 t1
+  fc mkfcmap -source "$2" -target "$3" -name "$1" -copyrate 150 -grainsize 64 >/dev/null
+  drop; t0=$(now)
+  fc startfcmap -prep "$1"
+  fc wait -interval 10ms -timeout 10m "$1" >&2
+  t1=$(now)
+  echo "$t0 $t1"
+}
+
 for ((r = 1; r <= rounds; r++)); do
   echo "bench-copy: full, round $r" >&2
   fc mkvolume -name full -size "$size" >/dev/null
-  fc mkfcmap -source src -target full -name cfull -copyrate 150 -grainsize 64 >/dev/null
-  drop; t0=$(now)
-  fc startfcmap -prep cfull
-  fc wait -interval 10ms -timeout 10m cfull
-  t1=$(now)
-  echo "full $t0 $t1 $(ddtimes src)" >> "$dir/times"
+  echo "full $(copytimes cfull src full) $(ddtimes src)" >> "$dir/times"
   fc rmfcmap cfull >/dev/null
   fc rmvolume full >/dev/null
 
@@ -102,12 +109,7 @@ for ((r = 1; r <= rounds; r++)); do
 done
 
 echo "bench-copy: sparse" >&2
-fc mkfcmap -source big -target bigt -name cbig -copyrate 150 -grainsize 64 >/dev/null
-drop; t0=$(now)
-fc startfcmap -prep cbig
-fc wait -interval 10ms -timeout 10m cbig
-t1=$(now)
-echo "sparse $t0 $t1 0 0" >> "$dir/times"
+echo "sparse $(copytimes cbig big bigt) 0 0" >> "$dir/times"
 
 echo "bench-copy: rate" >&2
 fc mkvolume -name rtgt -size "$size" >/dev/null
