@@ -6,7 +6,7 @@
 #            copies through the page cache and syncs once per batch)
 #   clean    cleaning at rate 150 of the same amount (a stopped-copying target's grains into the
 #            older target that reads through it), against dd of the cleaned target's file
-#            full and clean each run BENCH_COPY_ROUNDS rounds (default 3), the engine and dd one
+#            full and clean each run BENCH_COPY_ROUNDS rounds (default 5), the engine and dd one
 #            after the other in each, caches dropped before each; the row is the median of each
 #            side: one 1 GiB dd on this machine's disk varies by up to 2x from run to run
 #   sparse   background copy at rate 150 of a 16x larger volume with the same amount written, in
@@ -21,7 +21,7 @@
 #
 # Env: FCNBD_BIN (default bin/fcnbd), BENCH_DIR (default .cache/bench-copy), BENCH_SIZE (default
 # 1G: the full and clean volumes; sparse is 16 times larger), BENCH_HOSTIO_SIZE (default 4G),
-# BENCH_RUNTIME (seconds of fio per hostio measurement, default 4), BENCH_COPY_ROUNDS (3).
+# BENCH_RUNTIME (seconds of fio per hostio measurement, default 4), BENCH_COPY_ROUNDS (5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${FCNBD_BIN:-$PWD/bin/fcnbd}
@@ -29,7 +29,7 @@ dir=${BENCH_DIR:-$PWD/.cache/bench-copy}
 size=${BENCH_SIZE:-1G}
 hsize=${BENCH_HOSTIO_SIZE:-4G}
 runtime=${BENCH_RUNTIME:-4}
-rounds=${BENCH_COPY_ROUNDS:-3}
+rounds=${BENCH_COPY_ROUNDS:-5}
 bytes=$(numfmt --from=iec "$size")
 big=$((bytes * 16))
 
