@@ -130,8 +130,9 @@ const yieldBatchBytes = 4 << 20
 
 // copyStreams is how many batches of one mapping are copied at once: while some are being made
 // durable (synced and committed), the next are read and written. With copyBatchBytes, measured
-// by make bench (scripts/bench-copy.sh) on this project's machine: 2 streams of 16 MiB copied a
-// full 1 GiB volume at about 780 MiB/s and cleaned it at 760, 4 of 64 MiB at 980 and 1030.
+// with scripts/bench-copy.sh's full and clean rows on this project's machine: 2 streams of
+// 16 MiB copied a 1 GiB volume at about 780 MiB/s and cleaned it at 760; 4 of 64 MiB, at 980
+// and 1030.
 const copyStreams = 4
 
 // copyWorker is the background copy (lowest unsplit grain first, at the copy rate) and, once
