@@ -21,6 +21,8 @@ packages=(
   openssh-client  # svcssh tests: ssh, scp, sftp, ssh-keygen
   python3-paramiko # the Cinder Storwize driver's SSH client
   python3-cinder  # OpenStack Cinder's Storwize driver, driven against fcnbd's SVC command line
+  etcd-server     # cluster mode: the etcd members the cluster tests start (and a production cluster runs)
+  etcd-client     # etcdctl: cluster tests wait for an etcd leader with it
 )
 
 missing=()

@@ -61,6 +61,14 @@ func serveCommand() *cli.Command {
 				Usage: "directory with server-cert.pem and server-key.pem, and optionally ca-cert.pem: then every TLS client must present a certificate that CA signed"},
 			&cli.StringFlag{Name: "tls-psk", EnvVars: []string{"FCNBD_TLS_PSK"},
 				Usage: "TLS with pre-shared keys: not supported (Go's TLS has none); the daemon refuses to start with it"},
+			&cli.StringFlag{Name: "cluster", EnvVars: []string{"FCNBD_CLUSTER"},
+				Usage: "cluster mode: etcd endpoints, comma-separated (e.g. http://10.0.0.1:2379,http://10.0.0.2:2379); with --node, --iogrp and --shared-dir"},
+			&cli.StringFlag{Name: "node", EnvVars: []string{"FCNBD_NODE"}, Usage: "cluster mode: this node's name, unique in the cluster"},
+			&cli.IntFlag{Name: "iogrp", EnvVars: []string{"FCNBD_IOGRP"}, Usage: "cluster mode: the I/O group this node serves (0, 1, …)"},
+			&cli.StringFlag{Name: "shared-dir", EnvVars: []string{"FCNBD_SHARED_DIR"},
+				Usage: "cluster mode: the storage every node of the I/O group sees (a local or cluster filesystem with coherent byte-range locks; not NFS); the group's volumes, catalogue and bitmaps live in iogrp<N>/ under it"},
+			&cli.DurationFlag{Name: "lease", Value: 5 * time.Second, EnvVars: []string{"FCNBD_LEASE"},
+				Usage: "cluster mode: a node that can't renew its etcd lease for this long is taken for dead and its partner takes over (whole seconds)"},
 			&cli.DurationFlag{Name: "fence-timeout", Value: 5 * time.Second, EnvVars: []string{"FCNBD_FENCE_TIMEOUT"},
 				Usage: "how long a FlashCopy start may hold the sources' I/O before it is abandoned"},
 		},
@@ -88,7 +96,12 @@ func serveCommand() *cli.Command {
 			if execErr != nil {
 				log.Warn().Err(execErr).Str("GODEBUG", monitorSetting).Msg("could not re-execute with the runtime setting; running without it")
 			}
+			cl, err := clusterSettings(c, log)
+			if err != nil {
+				return err
+			}
 			return serve(c.Context, serveConfig{
+				cluster:      cl,
 				metrics:      c.String("metrics"),
 				cacheSize:    cacheSize,
 				fenceTimeout: c.Duration("fence-timeout"),
@@ -131,6 +144,7 @@ func setMemoryLimit(log zerolog.Logger, cacheSize int64) {
 }
 
 type serveConfig struct {
+	cluster                          *clusterConfig // nil: the single-node daemon
 	dataDir, socket, nbdUnix, nbdTCP string
 	cacheSize                        int64
 	metrics                          string
@@ -179,12 +193,32 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 	sysutil.Harden(log, sysutil.Options{NoMlock: cfg.noMlock})
 	setMemoryLimit(log, cfg.cacheSize)
 
-	if err := os.MkdirAll(cfg.dataDir, 0o700); err != nil {
-		return err
-	}
-	cat, err := catalog.Open(cfg.dataDir)
-	if err != nil {
-		return openFailure(cfg.dataDir, err)
+	var (
+		cat *catalog.DB
+		fs  store.Dir
+	)
+	if cfg.cluster != nil {
+		member, err := cfg.cluster.join(ctx, cfg.nbdTCP)
+		if err != nil {
+			return err
+		}
+		defer member.Close()
+		var catDir string
+		cat, fs, catDir, err = cfg.cluster.takeOver(ctx, member)
+		if err != nil {
+			return err
+		}
+		cfg.dataDir = catDir
+		go cfg.cluster.watch(member)
+	} else {
+		if err := os.MkdirAll(cfg.dataDir, 0o700); err != nil {
+			return err
+		}
+		cat, err = catalog.Open(cfg.dataDir)
+		if err != nil {
+			return openFailure(cfg.dataDir, err)
+		}
+		fs = store.Dir{Path: cfg.dataDir}
 	}
 	defer func() {
 		if cerr := cat.Close(); cerr != nil && err == nil {
@@ -192,7 +226,7 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 		}
 	}()
 	vols, err := driver.Open(driver.Options{
-		Catalog: cat, FS: store.Dir{Path: cfg.dataDir}, Logger: log,
+		Catalog: cat, FS: fs, Logger: log,
 		CacheSize: cfg.cacheSize, WriteThrough: cfg.cacheSize == 0, FenceTimeout: cfg.fenceTimeout,
 	})
 	if err != nil {

@@ -333,6 +333,8 @@ func status(code string) int {
 		return http.StatusConflict
 	case fcerr.Internal, fcerr.MetadataUnwritable, fcerr.FenceTimeout:
 		return http.StatusInternalServerError
+	case fcerr.ClusterUnavailable:
+		return http.StatusServiceUnavailable
 	}
 	return http.StatusBadRequest
 }

@@ -73,6 +73,12 @@ type Options struct {
 	// make the metadata store fail (and recover) and to hold commits off while they copy the
 	// file to simulate a crash; production leaves it nil.
 	CommitHook func(commit func() error) error
+	// Transition, if set, runs inside every read-write transaction that changed a control-plane
+	// record (the FlashCopy model, a volume, a host, a host mapping or an id counter), after
+	// its function and before the commit; an error aborts the transaction and nothing is
+	// written. Bitmap-only transactions don't call it. Cluster mode uses it to condition every
+	// state transition on the owner's epoch in etcd and to publish the new state there.
+	Transition func(*Tx) error
 }
 
 // Open opens (creating if needed) dir/catalog.db and checks it: the page structure, the format
@@ -180,6 +186,8 @@ func (db *DB) check() (err error) {
 // Tx is one catalogue transaction. A Tx is valid only inside the function it was passed to.
 type Tx struct {
 	tx *bolt.Tx
+	// transition is set by every write of a control-plane record (Options.Transition).
+	transition bool
 }
 
 // View runs fn in a read-only transaction.
@@ -191,7 +199,18 @@ func (db *DB) View(fn func(*Tx) error) error {
 // written in fn becomes durable together, or (on any error, or a crash before Update returns)
 // none does.
 func (db *DB) Update(fn func(*Tx) error) error {
-	commit := func() error { return db.bolt.Update(func(tx *bolt.Tx) error { return fn(&Tx{tx: tx}) }) }
+	commit := func() error {
+		return db.bolt.Update(func(btx *bolt.Tx) error {
+			tx := &Tx{tx: btx}
+			if err := fn(tx); err != nil {
+				return err
+			}
+			if tx.transition && db.opts.Transition != nil {
+				return db.opts.Transition(tx)
+			}
+			return nil
+		})
+	}
 	if db.opts.CommitHook != nil {
 		return db.opts.CommitHook(commit)
 	}
@@ -228,6 +247,7 @@ func (t *Tx) NextID(seq string) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
+	t.transition = true
 	if err := t.tx.Bucket(bucketCounters).Put([]byte(seq), key(id+1)); err != nil {
 		return 0, err
 	}
@@ -259,10 +279,16 @@ func (t *Tx) VolumeByName(name string) (Volume, bool, error) {
 }
 
 // PutVolume creates or replaces the record of v.ID.
-func (t *Tx) PutVolume(v Volume) error { return put(t.tx.Bucket(bucketVolumes), v.ID, v) }
+func (t *Tx) PutVolume(v Volume) error {
+	t.transition = true
+	return put(t.tx.Bucket(bucketVolumes), v.ID, v)
+}
 
 // DeleteVolume removes the record of id; deleting a missing record is not an error.
-func (t *Tx) DeleteVolume(id uint64) error { return t.tx.Bucket(bucketVolumes).Delete(key(id)) }
+func (t *Tx) DeleteVolume(id uint64) error {
+	t.transition = true
+	return t.tx.Bucket(bucketVolumes).Delete(key(id))
+}
 
 // The generic record helpers below are how every kind is stored: a later kind (mappings,
 // groups) adds a bucket to init and three one-line methods on Tx.

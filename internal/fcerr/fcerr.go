@@ -52,6 +52,8 @@ const (
 	// expandvdisksize (expand): IBM's code for expanding a volume in a FlashCopy mapping is not
 	// known to us.
 	ExpandInMapping = "CMMVC9007E" // fcnbd: a volume in a FlashCopy mapping can't be expanded
+	// Cluster mode (issue 16).
+	ClusterUnavailable = "CMMVC5786E" // the action failed because the cluster is not in a stable state (no etcd quorum, or this node no longer owns the I/O group)
 )
 
 // Error is a refusal: a stable code and a sentence for the operator.

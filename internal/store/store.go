@@ -56,10 +56,31 @@ type FS interface {
 }
 
 // Dir is the real FS: files in one directory of the host filesystem.
-type Dir struct{ Path string }
+type Dir struct {
+	Path string
+	// Fence, if set, admits every change to the directory and its files (writes, punches,
+	// truncation, creation, removal): in cluster mode, only the I/O group's owner writes.
+	Fence *Fence
+}
+
+// guard runs fn as a fenced change if the directory has a fence.
+func guard(f *Fence, fn func() error) error {
+	if f == nil {
+		return fn()
+	}
+	return f.Guard(fn)
+}
 
 // Create implements FS. The new file and its directory entry are synced before it returns.
-func (d Dir) Create(name string, size int64) (File, error) {
+func (d Dir) Create(name string, size int64) (file File, err error) {
+	err = guard(d.Fence, func() error {
+		file, err = d.create(name, size)
+		return err
+	})
+	return file, err
+}
+
+func (d Dir) create(name string, size int64) (File, error) {
 	p := filepath.Join(d.Path, name)
 	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
@@ -79,7 +100,7 @@ func (d Dir) Create(name string, size int64) (File, error) {
 		f.Close()
 		return nil, err
 	}
-	return &osFile{f: f}, nil
+	return &osFile{f: f, fence: d.Fence}, nil
 }
 
 // Open implements FS.
@@ -88,7 +109,7 @@ func (d Dir) Open(name string) (File, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &osFile{f: f}, nil
+	return &osFile{f: f, fence: d.Fence}, nil
 }
 
 // List returns the names of the regular files in the directory, sorted. It lets callers find
@@ -109,6 +130,10 @@ func (d Dir) List() ([]string, error) {
 
 // Remove implements FS.
 func (d Dir) Remove(name string) error {
+	return guard(d.Fence, func() error { return d.remove(name) })
+}
+
+func (d Dir) remove(name string) error {
 	err := os.Remove(filepath.Join(d.Path, name))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -129,7 +154,8 @@ func syncDir(path string) error {
 }
 
 type osFile struct {
-	f *os.File
+	f     *os.File
+	fence *Fence // nil outside cluster mode
 	// syncErr is the first failed sync's error. Linux reports a writeback failure to one
 	// fsync and may then forget it, so a later fsync could "succeed" for data that never
 	// reached the disk: once a sync failed, every later one fails too, until the file is
@@ -145,12 +171,21 @@ func (o *osFile) ReadAt(p []byte, off int64) (int, error) {
 	return n, err
 }
 
-func (o *osFile) WriteAt(p []byte, off int64) (int, error) { return o.f.WriteAt(p, off) }
+func (o *osFile) WriteAt(p []byte, off int64) (n int, err error) {
+	if o.fence == nil {
+		return o.f.WriteAt(p, off)
+	}
+	err = o.fence.Guard(func() error {
+		n, err = o.f.WriteAt(p, off)
+		return err
+	})
+	return n, err
+}
 
 // Truncate sets the file's size and makes it durable (fsync, for the size is metadata). A
 // volume's expansion grows its file with it: the new range is a hole and reads as zeroes.
 func (o *osFile) Truncate(size int64) error {
-	if err := o.f.Truncate(size); err != nil {
+	if err := guard(o.fence, func() error { return o.f.Truncate(size) }); err != nil {
 		return err
 	}
 	return o.f.Sync()
@@ -174,10 +209,12 @@ func (o *osFile) Punch(off, length int64) error {
 	if length == 0 {
 		return nil
 	}
-	err := unix.Fallocate(int(o.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	err := guard(o.fence, func() error {
+		return unix.Fallocate(int(o.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	})
 	if errors.Is(err, unix.EOPNOTSUPP) {
 		// Filesystems without hole punching still get the contract: the range reads as zeroes.
-		return writeZeroes(o.f, off, length)
+		return writeZeroes(o, off, length)
 	}
 	return err
 }
@@ -193,7 +230,7 @@ func (o *osFile) ZeroFast(off, length int64, punch bool) error {
 	if punch {
 		mode = unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE
 	}
-	err := unix.Fallocate(int(o.f.Fd()), mode, off, length)
+	err := guard(o.fence, func() error { return unix.Fallocate(int(o.f.Fd()), mode, off, length) })
 	if errors.Is(err, unix.EOPNOTSUPP) {
 		return fmt.Errorf("fallocate %s: %v: %w", o.f.Name(), err, blockdev.ErrNotFast)
 	}

@@ -1,0 +1,280 @@
+// Package cluster is fcnbd's cluster mode: the nodes of an I/O group, coordinated through etcd.
+// etcd holds membership (one lease-backed key per node), one owner per I/O group (an etcd
+// election on the same lease) and so the fencing epoch (the owner key's creation revision,
+// which only grows), and a published copy of the group's control-plane state. Every state
+// transition is one etcd transaction conditioned on the owner key still being this node's
+// (Member.Transition). fcnbd runs no consensus of its own.
+//
+// The data path never asks etcd: writes are fenced at the shared store (store.Fence) with the
+// same epoch, so an old owner that was paused or cut off cannot write after a new one claimed
+// the storage, whatever the clocks say.
+package cluster
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+
+	"fcnbd/internal/fcerr"
+)
+
+// Prefix is where fcnbd keeps its keys in etcd.
+const Prefix = "/fcnbd/"
+
+// ErrNotOwner is wrapped when this node no longer owns its I/O group.
+var ErrNotOwner = errors.New("this node no longer owns its I/O group")
+
+// Config says how a node joins the cluster.
+type Config struct {
+	Endpoints []string
+	Node      string
+	IOGroup   int
+	// TTL is the lease of the node's keys: a node that can't renew it for this long is taken for
+	// dead, and its partner takes over. Whole seconds, at least 1.
+	TTL time.Duration
+	// Addr is where the node serves NBD when it owns its I/O group (published for clients).
+	Addr string
+	// Timeout bounds each etcd request of a state transition.
+	Timeout time.Duration
+	Log     zerolog.Logger
+}
+
+// Node is one node's published record.
+type Node struct {
+	Name    string    `json:"name"`
+	IOGroup int       `json:"iogrp"`
+	Addr    string    `json:"addr"`
+	State   string    `json:"state"` // standby, owner
+	Since   time.Time `json:"since"`
+	Epoch   uint64    `json:"epoch,omitempty"`
+}
+
+// Member is this node's membership: its lease, its node key and its place in its I/O group's
+// election.
+type Member struct {
+	cfg   Config
+	cli   *clientv3.Client
+	lease clientv3.LeaseID
+	sess  *concurrency.Session
+	elec  *concurrency.Election
+
+	mu      sync.Mutex
+	renewed time.Time     // when the last keepalive answer arrived
+	lost    chan struct{} // closed when the lease is lost or can't be renewed for TTL
+	lostErr error
+	epoch   uint64
+}
+
+func nodeKey(name string) string     { return Prefix + "nodes/" + name }
+func ownerPrefix(iogrp int) string   { return Prefix + "iogrp/" + strconv.Itoa(iogrp) + "/owner" }
+func stateKey(iogrp int) string      { return Prefix + "iogrp/" + strconv.Itoa(iogrp) + "/state" }
+func ttlSeconds(d time.Duration) int { return max(1, int(d/time.Second)) }
+
+// Join connects to etcd, takes a lease and publishes the node as a standby of its I/O group.
+func Join(ctx context.Context, cfg Config) (*Member, error) {
+	if cfg.Node == "" {
+		return nil, fmt.Errorf("cluster: a node needs a name (--node)")
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 2 * time.Second
+	}
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints: cfg.Endpoints, DialTimeout: cfg.Timeout,
+		Logger: nil, AutoSyncInterval: 0,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cluster: etcd %v: %w", cfg.Endpoints, err)
+	}
+	m := &Member{cfg: cfg, cli: cli, lost: make(chan struct{})}
+	gctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
+	grant, err := cli.Grant(gctx, int64(ttlSeconds(cfg.TTL)))
+	cancel()
+	if err != nil {
+		cli.Close()
+		return nil, fmt.Errorf("cluster: etcd %v: lease: %w", cfg.Endpoints, err)
+	}
+	m.lease = grant.ID
+	m.renewed = time.Now()
+	// Refuse a second live node of the same name: the node key is created only if absent.
+	rec, _ := json.Marshal(Node{Name: cfg.Node, IOGroup: cfg.IOGroup, Addr: cfg.Addr, State: "standby", Since: time.Now().UTC()})
+	tctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
+	resp, err := cli.Txn(tctx).
+		If(clientv3.Compare(clientv3.CreateRevision(nodeKey(cfg.Node)), "=", 0)).
+		Then(clientv3.OpPut(nodeKey(cfg.Node), string(rec), clientv3.WithLease(m.lease))).Commit()
+	cancel()
+	if err == nil && !resp.Succeeded {
+		err = fmt.Errorf("another live node is called %q", cfg.Node)
+	}
+	if err != nil {
+		cli.Revoke(context.Background(), m.lease)
+		cli.Close()
+		return nil, fmt.Errorf("cluster: join as %s: %w", cfg.Node, err)
+	}
+	kctx, kcancel := context.WithCancel(context.Background())
+	ka, err := cli.KeepAlive(kctx, m.lease)
+	if err != nil {
+		kcancel()
+		cli.Close()
+		return nil, fmt.Errorf("cluster: keepalive: %w", err)
+	}
+	go m.keepalive(ka, kcancel)
+	m.sess, err = concurrency.NewSession(cli, concurrency.WithLease(m.lease))
+	if err != nil {
+		kcancel()
+		cli.Close()
+		return nil, fmt.Errorf("cluster: session: %w", err)
+	}
+	m.elec = concurrency.NewElection(m.sess, ownerPrefix(cfg.IOGroup))
+	return m, nil
+}
+
+// keepalive follows the lease's renewals; the lease is lost when etcd says so (the channel
+// closes) or when no renewal arrived for a whole TTL, as far as this node's clock can tell (it
+// may have been paused, or cut off from etcd).
+func (m *Member) keepalive(ka <-chan *clientv3.LeaseKeepAliveResponse, cancel context.CancelFunc) {
+	defer cancel()
+	ttl := time.Duration(ttlSeconds(m.cfg.TTL)) * time.Second
+	tick := time.NewTicker(ttl / 10)
+	defer tick.Stop()
+	for {
+		select {
+		case r, ok := <-ka:
+			if !ok || r == nil {
+				m.loseLease(errors.New("etcd ended the node's lease"))
+				return
+			}
+			m.mu.Lock()
+			m.renewed = time.Now()
+			m.mu.Unlock()
+		case <-tick.C:
+			m.mu.Lock()
+			late := time.Since(m.renewed)
+			m.mu.Unlock()
+			if late > ttl {
+				m.loseLease(fmt.Errorf("the node's lease was not renewed for %s (TTL %s): etcd unreachable, or this node was paused", late.Round(time.Millisecond), ttl))
+				return
+			}
+		}
+	}
+}
+
+func (m *Member) loseLease(err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	select {
+	case <-m.lost:
+	default:
+		m.lostErr = err
+		close(m.lost)
+	}
+}
+
+// Lost is closed when the node's lease is lost: an owner must stand down at once.
+func (m *Member) Lost() <-chan struct{} { return m.lost }
+
+// LostErr says why Lost closed.
+func (m *Member) LostErr() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.lostErr
+}
+
+// Campaign waits until this node owns its I/O group, and returns the epoch of its ownership.
+func (m *Member) Campaign(ctx context.Context) (uint64, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-m.lost:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	if err := m.elec.Campaign(ctx, m.cfg.Node); err != nil {
+		if e := m.LostErr(); e != nil {
+			return 0, e
+		}
+		return 0, fmt.Errorf("cluster: campaign for I/O group %d: %w", m.cfg.IOGroup, err)
+	}
+	m.mu.Lock()
+	m.epoch = uint64(m.elec.Rev())
+	m.mu.Unlock()
+	m.publishNode("owner")
+	return m.epoch, nil
+}
+
+// Epoch is this node's ownership epoch (0 while a standby).
+func (m *Member) Epoch() uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.epoch
+}
+
+func (m *Member) publishNode(state string) {
+	rec, _ := json.Marshal(Node{Name: m.cfg.Node, IOGroup: m.cfg.IOGroup, Addr: m.cfg.Addr, State: state, Since: time.Now().UTC(), Epoch: m.Epoch()})
+	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.Timeout)
+	defer cancel()
+	if _, err := m.cli.Put(ctx, nodeKey(m.cfg.Node), string(rec), clientv3.WithLease(m.lease)); err != nil {
+		m.cfg.Log.Warn().Err(err).Str("state", state).Msg("cluster: could not publish the node's state")
+	}
+}
+
+// Transition conditions one state transition on this node still owning its I/O group: one etcd
+// transaction that succeeds only if the owner key is still this node's, and that publishes
+// state (the group's control-plane state after the transition) with it. It fails with a
+// ClusterUnavailable refusal if etcd can't be reached in time (no quorum), and wraps
+// ErrNotOwner if another node owns the group.
+func (m *Member) Transition(state []byte) error {
+	select {
+	case <-m.lost:
+		return fcerr.New(fcerr.ClusterUnavailable, "this node lost its cluster lease (%v): no state transition is possible here", m.LostErr())
+	default:
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.Timeout)
+	defer cancel()
+	resp, err := m.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(m.elec.Key()), "=", m.elec.Rev())).
+		Then(clientv3.OpPut(stateKey(m.cfg.IOGroup), string(state))).Commit()
+	if err != nil {
+		return fcerr.New(fcerr.ClusterUnavailable, "the cluster's etcd did not confirm the transition within %s (%v): no quorum? Nothing was changed", m.cfg.Timeout, err)
+	}
+	if !resp.Succeeded {
+		m.loseLease(fmt.Errorf("%w: another node took I/O group %d over", ErrNotOwner, m.cfg.IOGroup))
+		return fcerr.New(fcerr.ClusterUnavailable, "%v", m.LostErr())
+	}
+	return nil
+}
+
+// Close resigns (if owner), ends the lease and disconnects.
+func (m *Member) Close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.Timeout)
+	defer cancel()
+	m.cli.Revoke(ctx, m.lease)
+	return m.cli.Close()
+}
+
+// Nodes lists every live node of the cluster, in name order.
+func (m *Member) Nodes(ctx context.Context) ([]Node, error) {
+	ctx, cancel := context.WithTimeout(ctx, m.cfg.Timeout)
+	defer cancel()
+	resp, err := m.cli.Get(ctx, Prefix+"nodes/", clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend))
+	if err != nil {
+		return nil, fcerr.New(fcerr.ClusterUnavailable, "etcd: %v", err)
+	}
+	var out []Node
+	for _, kv := range resp.Kvs {
+		var n Node
+		if json.Unmarshal(kv.Value, &n) == nil {
+			out = append(out, n)
+		}
+	}
+	return out, nil
+}

@@ -1,0 +1,542 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"fcnbd/internal/nbdclient"
+)
+
+// Cluster mode (issue 16): a 3-member etcd on loopback ports, two fcnbd nodes of one I/O group
+// sharing one directory, and the owner killed, paused or cut off.
+
+// etcdCluster is three etcd members (Debian's etcd-server) started by the test.
+type etcdCluster struct {
+	t       testing.TB
+	dir     string
+	clients []string
+	peers   []string
+	cmds    []*exec.Cmd
+	logs    []*syncBuffer
+}
+
+func startEtcd(t testing.TB) *etcdCluster {
+	t.Helper()
+	needTools(t, "etcd")
+	dir, err := os.MkdirTemp("", "fcnbd-etcd-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &etcdCluster{t: t, dir: dir}
+	for range 3 {
+		e.clients = append(e.clients, "http://"+freeTCPAddr(t))
+		e.peers = append(e.peers, "http://"+freeTCPAddr(t))
+	}
+	e.cmds = make([]*exec.Cmd, 3)
+	e.logs = make([]*syncBuffer, 3)
+	for i := range 3 {
+		e.start(i)
+	}
+	t.Cleanup(func() {
+		for i := range e.cmds {
+			e.kill(i)
+		}
+		if t.Failed() {
+			for i, l := range e.logs {
+				out := l.String()
+				if len(out) > 4000 {
+					out = out[len(out)-4000:]
+				}
+				t.Logf("etcd member %d log (end):\n%s", i, out)
+			}
+		}
+		os.RemoveAll(dir)
+	})
+	// Wait for a leader: a write through the first member.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		out, err := exec.Command("etcdctl", "--endpoints", e.endpoints(), "--command-timeout=2s", "put", "/fcnbd-test/ready", "1").CombinedOutput()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("etcd did not elect a leader in 20s: %v %s", err, out)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	return e
+}
+
+func (e *etcdCluster) endpoints() string { return strings.Join(e.clients, ",") }
+
+func (e *etcdCluster) start(i int) {
+	var initial []string
+	for j, p := range e.peers {
+		initial = append(initial, fmt.Sprintf("m%d=%s", j, p))
+	}
+	cmd := exec.Command("etcd", "--name", fmt.Sprintf("m%d", i), "--data-dir", filepath.Join(e.dir, strconv.Itoa(i)),
+		"--listen-client-urls", e.clients[i], "--advertise-client-urls", e.clients[i],
+		"--listen-peer-urls", e.peers[i], "--initial-advertise-peer-urls", e.peers[i],
+		"--initial-cluster", strings.Join(initial, ","), "--initial-cluster-state", "new",
+		"--initial-cluster-token", "fcnbd-test", "--heartbeat-interval", "100", "--election-timeout", "1000")
+	cmd.Env = append(os.Environ(), "ETCDCTL_API=3")
+	if e.logs[i] == nil {
+		e.logs[i] = &syncBuffer{}
+	}
+	cmd.Stdout, cmd.Stderr = e.logs[i], e.logs[i]
+	if err := cmd.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	e.cmds[i] = cmd
+}
+
+func (e *etcdCluster) kill(i int) {
+	if c := e.cmds[i]; c != nil {
+		c.Process.Kill()
+		c.Wait()
+		e.cmds[i] = nil
+	}
+}
+
+// clusterNode is one `fcnbd serve --cluster` process; it is restarted (as a standby) after it
+// is killed or stands down.
+type clusterNode struct {
+	t      testing.TB
+	name   string
+	args   []string
+	ctl    string
+	tcp    string
+	cmd    *exec.Cmd
+	logs   *syncBuffer
+	exited chan struct{}
+	status error
+}
+
+func newClusterNode(t testing.TB, e *etcdCluster, shared, name string, lease time.Duration) *clusterNode {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "fcnbd-node-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := &clusterNode{t: t, name: name, ctl: filepath.Join(dir, "c.sock"), tcp: freeTCPAddr(t), logs: &syncBuffer{}}
+	n.args = []string{"serve", "--cluster", e.endpoints(), "--node", name, "--iogrp", "0", "--shared-dir", shared,
+		"--socket", n.ctl, "--nbd-unix", "", "--nbd-tcp", n.tcp, "--lease", lease.String(),
+		"--no-mlock", "--cache-size", "64M", "--log-level", "debug"}
+	t.Cleanup(func() {
+		n.kill()
+		if t.Failed() {
+			out := n.logs.String()
+			if len(out) > 20000 {
+				out = out[len(out)-20000:]
+			}
+			t.Logf("node %s log (end):\n%s", name, out)
+		}
+		os.RemoveAll(dir)
+	})
+	return n
+}
+
+func (n *clusterNode) start() {
+	n.t.Helper()
+	n.cmd = exec.Command(fcnbdBin(n.t), n.args...)
+	fmt.Fprintf(n.logs, "----- start %s\n", time.Now().Format(time.TimeOnly))
+	n.cmd.Stdout, n.cmd.Stderr = n.logs, n.logs
+	if err := n.cmd.Start(); err != nil {
+		n.t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	n.exited = exited
+	go func(c *exec.Cmd) {
+		err := c.Wait()
+		n.status = err
+		close(exited)
+	}(n.cmd)
+}
+
+func (n *clusterNode) running() bool {
+	if n.cmd == nil {
+		return false
+	}
+	select {
+	case <-n.exited:
+		return false
+	default:
+		return true
+	}
+}
+
+func (n *clusterNode) kill() {
+	if n.cmd == nil {
+		return
+	}
+	n.cmd.Process.Signal(syscall.SIGCONT)
+	n.cmd.Process.Kill()
+	<-n.exited
+	n.cmd = nil
+}
+
+func (n *clusterNode) signal(s syscall.Signal) { n.cmd.Process.Signal(s) }
+
+// cli runs an fcnbd command against this node's control socket.
+func (n *clusterNode) run(args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, fcnbdBin(n.t), append([]string{"--socket", n.ctl}, args...)...).CombinedOutput()
+	return string(out), err
+}
+
+func (n *clusterNode) cli(args ...string) string {
+	n.t.Helper()
+	out, err := n.run(args...)
+	if err != nil {
+		n.t.Fatalf("node %s: fcnbd %s: %v\n%s", n.name, strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+// owner waits until one of nodes serves export over NBD and returns it with a connection.
+func waitOwner(t testing.TB, within time.Duration, export string, nodes ...*clusterNode) (*clusterNode, *nbdclient.Client) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for time.Now().Before(deadline) {
+		for _, n := range nodes {
+			if !n.running() {
+				continue
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			c, err := nbdclient.Dial(ctx, "tcp", n.tcp, export)
+			cancel()
+			if err == nil {
+				return n, c
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("no node served %s within %s", export, within)
+	return nil, nil
+}
+
+const (
+	clBlock  = 64 << 10
+	clBlocks = 256 // 16 MiB volumes
+)
+
+// pattern fills a block with its tag: 8 bytes, repeated.
+func pattern(tag uint64) []byte {
+	b := make([]byte, clBlock)
+	for i := 0; i < clBlock; i += 8 {
+		binary.LittleEndian.PutUint64(b[i:], tag)
+	}
+	return b
+}
+
+// tagOf returns the block's tag, or an error if it is not one tag repeated.
+func tagOf(b []byte) (uint64, error) {
+	tag := binary.LittleEndian.Uint64(b)
+	if !bytes.Equal(b, pattern(tag)) {
+		return 0, errors.New("block is not one tag repeated (torn or foreign data)")
+	}
+	return tag, nil
+}
+
+// blockModel is what each block of the source must hold: its last flushed tag, or one of the
+// tags written after that flush and not yet flushed when the owner died.
+type blockModel struct {
+	durable []uint64
+	pending [][]uint64
+}
+
+func (m *blockModel) check(t testing.TB, c *nbdclient.Client, what string) {
+	t.Helper()
+	buf := make([]byte, clBlock)
+	for i := range clBlocks {
+		if err := c.ReadAt(buf, uint64(i*clBlock)); err != nil {
+			t.Fatalf("%s: read block %d: %v", what, i, err)
+		}
+		tag, err := tagOf(buf)
+		if err != nil {
+			t.Fatalf("%s: block %d: %v", what, i, err)
+		}
+		if tag != m.durable[i] && !slices.Contains(m.pending[i], tag) {
+			t.Fatalf("%s: block %d holds tag %#x; its last flushed write was %#x (and unflushed %x): a flushed write was lost",
+				what, i, tag, m.durable[i], m.pending[i])
+		}
+		m.durable[i], m.pending[i] = tag, nil
+	}
+}
+
+// TestClusterFailover kills the owner of the I/O group with kill -9 at random moments while a
+// client writes and flushes and a FlashCopy mapping copies: the partner must serve within a
+// bounded time, no flushed write may be lost, and the target keeps its point-in-time image.
+// FCNBD_CLUSTER_KILLS sets the number of kills (10 by default; make soak runs 200).
+func TestClusterFailover(t *testing.T) {
+	needRoot(t)
+	kills := 10
+	if v := os.Getenv("FCNBD_CLUSTER_KILLS"); v != "" {
+		kills, _ = strconv.Atoi(v)
+	}
+	e := startEtcd(t)
+	shared := t.TempDir()
+	lease := 2 * time.Second
+	nodes := []*clusterNode{newClusterNode(t, e, shared, "node1", lease), newClusterNode(t, e, shared, "node2", lease)}
+	nodes[0].start()
+	owner, c := waitOwnerCLI(t, nodes...)
+	owner.cli("mkvdisk", "-name", "src", "-size", "16", "-unit", "mb", "-mdiskgrp", "0")
+	owner.cli("mkvdisk", "-name", "tgt", "-size", "16", "-unit", "mb", "-mdiskgrp", "0")
+	_ = c
+	nodes[1].start()
+
+	_, c = waitOwner(t, 10*time.Second, "src", nodes...)
+	m := &blockModel{durable: make([]uint64, clBlocks), pending: make([][]uint64, clBlocks)}
+	for i := range clBlocks {
+		tag := uint64(i) << 32
+		if err := c.WriteAt(pattern(tag), uint64(i*clBlock), false); err != nil {
+			t.Fatal(err)
+		}
+		m.durable[i] = tag
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	snapshot := slices.Clone(m.durable)
+	owner.cli("mkfcmap", "-source", "src", "-target", "tgt", "-name", "m0", "-copyrate", "30")
+	owner.cli("startfcmap", "-prep", "m0")
+
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 16))
+	var takeovers []time.Duration
+	gen := uint64(1)
+	for k := range kills {
+		// The owner serves; check everything, then write and flush until it is killed.
+		owner, c := waitOwner(t, 30*time.Second, "src", nodes...)
+		m.check(t, c, fmt.Sprintf("after kill %d", k))
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				var batch []int
+				for range 4 {
+					i := rng.IntN(clBlocks)
+					gen++
+					tag := gen<<8 | uint64(i)&0xff | 1<<63
+					mu.Lock()
+					m.pending[i] = append(m.pending[i], tag)
+					mu.Unlock()
+					if err := c.WriteAt(pattern(tag), uint64(i*clBlock), false); err != nil {
+						return
+					}
+					batch = append(batch, i)
+				}
+				if err := c.Flush(); err != nil {
+					return
+				}
+				mu.Lock()
+				for _, i := range batch {
+					if p := m.pending[i]; len(p) > 0 { // (a batch may write a block twice)
+						m.durable[i], m.pending[i] = p[len(p)-1], nil
+					}
+				}
+				mu.Unlock()
+			}
+		})
+		time.Sleep(time.Duration(100+rng.IntN(1400)) * time.Millisecond)
+		owner.kill()
+		killed := time.Now()
+		close(stop)
+		c.Close()
+		wg.Wait()
+		other := nodes[0]
+		if other == owner {
+			other = nodes[1]
+		}
+		_, c2 := waitOwner(t, 30*time.Second, "src", other)
+		took := time.Since(killed)
+		takeovers = append(takeovers, took)
+		c2.Close()
+		owner.start() // back as a standby
+	}
+	owner, c = waitOwner(t, 30*time.Second, "src", nodes...)
+	m.check(t, c, "at the end")
+	c.Close()
+	sorted := slices.Clone(takeovers)
+	slices.Sort(sorted)
+	if len(sorted) > 0 {
+		t.Logf("%d kills: takeover (kill -9 to the partner serving NBD) median %s, max %s (lease %s)",
+			len(sorted), sorted[len(sorted)/2].Round(time.Millisecond), sorted[len(sorted)-1].Round(time.Millisecond), lease)
+		if max := sorted[len(sorted)-1]; max > 4*lease+5*time.Second {
+			t.Errorf("a takeover took %s: more than 4 leases and 5 s", max)
+		}
+	}
+	// The target keeps the source's image of the start, through every failover.
+	tc := dialOwner(t, owner, "tgt")
+	buf := make([]byte, clBlock)
+	for i := range clBlocks {
+		if err := tc.ReadAt(buf, uint64(i*clBlock)); err != nil {
+			t.Fatal(err)
+		}
+		if tag, err := tagOf(buf); err != nil || tag != snapshot[i] {
+			t.Fatalf("target block %d: tag %#x (%v), want the point-in-time %#x", i, tag, err, snapshot[i])
+		}
+	}
+	tc.Close()
+	out := owner.cli("lsfcmap", "m0")
+	if !strings.Contains(out, "status") || strings.Contains(out, "suspended") {
+		t.Errorf("lsfcmap after the failovers:\n%s", out)
+	}
+}
+
+// waitOwnerCLI waits until one of nodes answers on its control socket as the owner.
+func waitOwnerCLI(t testing.TB, nodes ...*clusterNode) (*clusterNode, *nbdclient.Client) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		for _, n := range nodes {
+			if n.running() {
+				if _, err := n.run("lsvdisk"); err == nil {
+					return n, nil
+				}
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatal("no node became the owner within 30s")
+	return nil, nil
+}
+
+func dialOwner(t testing.TB, n *clusterNode, export string) *nbdclient.Client {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := nbdclient.Dial(ctx, "tcp", n.tcp, export)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// TestClusterSplitBrain pauses the owner (SIGSTOP) past its lease while a client of it has
+// writes outstanding, lets the partner take over and write, then resumes the old owner: none
+// of its writes may reach the store, and it must stand down.
+func TestClusterSplitBrain(t *testing.T) {
+	needRoot(t)
+	e := startEtcd(t)
+	shared := t.TempDir()
+	lease := 2 * time.Second
+	a, b := newClusterNode(t, e, shared, "a", lease), newClusterNode(t, e, shared, "b", lease)
+	a.start()
+	waitOwnerCLI(t, a)
+	a.cli("mkvdisk", "-name", "v", "-size", "16", "-unit", "mb", "-mdiskgrp", "0")
+	b.start()
+	time.Sleep(500 * time.Millisecond) // b joins as a standby
+
+	ca := dialOwner(t, a, "v")
+	for i := range clBlocks {
+		if err := ca.WriteAt(pattern(1), uint64(i*clBlock), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := ca.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// Unflushed writes in a's cache, then a pause: its destage may be anywhere.
+	for i := range clBlocks / 2 {
+		if err := ca.WriteAt(pattern(2), uint64(i*clBlock), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a.signal(syscall.SIGSTOP)
+	paused := time.Now()
+	// While a is paused its client sends more: these reach a only when it resumes.
+	// (The socket fills up while a is paused, so they are sent from a goroutine.)
+	lateCh := make(chan []*nbdclient.Call, 1)
+	go func() {
+		var late []*nbdclient.Call
+		for i := range clBlocks {
+			late = append(late, ca.Submit(nbdclient.OpWrite, 0, uint64(i*clBlock), clBlock, pattern(3)))
+		}
+		lateCh <- append(late, ca.Submit(nbdclient.OpFlush, 0, 0, 0, nil))
+	}()
+
+	_, cb := waitOwner(t, 30*time.Second, "v", b)
+	t.Logf("b serves %s after a was paused", time.Since(paused).Round(time.Millisecond))
+	buf := make([]byte, clBlock)
+	for i := range clBlocks {
+		if err := cb.ReadAt(buf, uint64(i*clBlock)); err != nil {
+			t.Fatal(err)
+		}
+		tag, err := tagOf(buf)
+		if err != nil || (tag != 1 && tag != 2) || (tag == 2 && i >= clBlocks/2) {
+			t.Fatalf("b's view of block %d before its own writes: tag %d (%v)", i, tag, err)
+		}
+		if err := cb.WriteAt(pattern(4), uint64(i*clBlock), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := cb.Flush(); err != nil {
+		t.Fatal(err)
+	}
+
+	a.signal(syscall.SIGCONT)
+	select {
+	case <-a.exited:
+	case <-time.After(15 * time.Second):
+		t.Fatal("the old owner did not stand down within 15 s of resuming")
+	}
+	var ee *exec.ExitError
+	if !errors.As(a.status, &ee) || ee.ExitCode() != 3 {
+		t.Errorf("the old owner ended with %v, want exit status 3 (stood down)", a.status)
+	}
+	if !strings.Contains(a.logs.String(), "standing down") {
+		t.Errorf("the old owner's log does not say it stood down")
+	}
+	late := <-lateCh
+	for _, call := range late {
+		<-call.Done
+	}
+	if err := late[len(late)-1].Err; err == nil {
+		t.Errorf("the old owner acknowledged a FLUSH after it lost the I/O group")
+	}
+	// Every block is b's: nothing of a's reached the store after b took over.
+	cb.Close()
+	cb = dialOwner(t, b, "v")
+	for i := range clBlocks {
+		if err := cb.ReadAt(buf, uint64(i*clBlock)); err != nil {
+			t.Fatal(err)
+		}
+		if tag, err := tagOf(buf); err != nil || tag != 4 {
+			t.Fatalf("block %d after the old owner resumed: tag %d (%v), want the new owner's 4: split-brain", i, tag, err)
+		}
+	}
+	cb.Close()
+	// The store itself, read directly: b's reads above may come from its cache, which would hide
+	// a write of a's below it. b flushed before a resumed and has written nothing since.
+	data, err := os.ReadFile(filepath.Join(shared, "iogrp0", "vol-0.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range clBlocks {
+		if tag, err := tagOf(data[i*clBlock : (i+1)*clBlock]); err != nil || tag != 4 {
+			t.Fatalf("the store's block %d: tag %d (%v), want the new owner's 4: the old owner wrote after the takeover", i, tag, err)
+		}
+	}
+}
