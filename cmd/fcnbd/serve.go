@@ -205,6 +205,9 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 		defer member.Close()
 		var catDir string
 		cat, fs, catDir, err = cfg.cluster.takeOver(ctx, member)
+		if lost := member.LostErr(); err != nil && lost != nil {
+			cfg.cluster.standDown(lost) // a standby whose lease ran out: start again, as a standby
+		}
 		if err != nil {
 			return err
 		}

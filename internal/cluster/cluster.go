@@ -42,7 +42,9 @@ type Config struct {
 	TTL time.Duration
 	// Addr is where the node serves NBD when it owns its I/O group (published for clients).
 	Addr string
-	// Timeout bounds each etcd request of a state transition.
+	// Timeout bounds each etcd request of a state transition (default: half the TTL, between 1 s
+	// and 5 s, so that a command is refused before the lease runs out, and an etcd leader
+	// election, a second or two, fits in it).
 	Timeout time.Duration
 	Log     zerolog.Logger
 }
@@ -79,13 +81,32 @@ func stateKey(iogrp int) string      { return Prefix + "iogrp/" + strconv.Itoa(i
 func ttlSeconds(d time.Duration) int { return max(1, int(d/time.Second)) }
 
 // Join connects to etcd, takes a lease and publishes the node as a standby of its I/O group.
+// While etcd can't be reached (no quorum yet), or another node holds the name (or this node's
+// previous life does, until its lease runs out), it keeps trying, until ctx ends.
 func Join(ctx context.Context, cfg Config) (*Member, error) {
 	if cfg.Node == "" {
 		return nil, fmt.Errorf("cluster: a node needs a name (--node)")
 	}
 	if cfg.Timeout <= 0 {
-		cfg.Timeout = 2 * time.Second
+		cfg.Timeout = min(max(cfg.TTL/2, time.Second), 5*time.Second)
 	}
+	for wait := 200 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
+		m, err := join(ctx, cfg)
+		if err == nil {
+			return m, nil
+		}
+		cfg.Log.Warn().Err(err).Msg("cluster: can't join yet; retrying")
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("cluster: join as %s: %w (last: %v)", cfg.Node, ctx.Err(), err)
+		case <-time.After(wait):
+		}
+	}
+}
+
+var errNameTaken = errors.New("name taken")
+
+func join(ctx context.Context, cfg Config) (*Member, error) {
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints: cfg.Endpoints, DialTimeout: cfg.Timeout,
 		Logger: nil, AutoSyncInterval: 0,
@@ -111,7 +132,7 @@ func Join(ctx context.Context, cfg Config) (*Member, error) {
 		Then(clientv3.OpPut(nodeKey(cfg.Node), string(rec), clientv3.WithLease(m.lease))).Commit()
 	cancel()
 	if err == nil && !resp.Succeeded {
-		err = fmt.Errorf("another live node is called %q", cfg.Node)
+		err = fmt.Errorf("another live node is called %q: %w", cfg.Node, errNameTaken)
 	}
 	if err != nil {
 		cli.Revoke(context.Background(), m.lease)

@@ -77,3 +77,16 @@ func CodeOf(err error) string {
 	}
 	return ""
 }
+
+// Unwritable is the refusal for a catalogue commit that failed with err: MetadataUnwritable,
+// or, when the cluster refused the transition (no etcd quorum, or this node lost its I/O
+// group), the cluster's own ClusterUnavailable, so that the operator sees the cause's code.
+// The message is the formatted context, then the cause.
+func Unwritable(err error, format string, args ...any) *Error {
+	msg := fmt.Sprintf(format, args...)
+	var e *Error
+	if errors.As(err, &e) && e.Code == ClusterUnavailable {
+		return &Error{Code: ClusterUnavailable, Message: msg + ": " + e.Message}
+	}
+	return &Error{Code: MetadataUnwritable, Message: msg + ": the catalogue could not be written: " + err.Error()}
+}

@@ -222,7 +222,7 @@ func (m *Manager) update(what string, fn func(tx *catalog.Tx) error) error {
 	case fcerr.CodeOf(err) != "":
 		return err
 	case err != nil:
-		return fcerr.New(fcerr.MetadataUnwritable, "%s: the catalogue could not be written: %v", what, err)
+		return fcerr.Unwritable(err, "%s", what)
 	}
 	m.gen.Add(1)
 	return nil

@@ -116,7 +116,7 @@ func (m *Manager) Expand(ref string, add int64, hooks ExpandHooks) (Info, error)
 		})
 		if err != nil {
 			closeStack(stack)
-			err = fcerr.New(fcerr.MetadataUnwritable, "expand volume %s: the catalogue could not be written, the capacity is unchanged: %v", old.Name, err)
+			err = fcerr.Unwritable(err, "expand volume %s (the capacity is unchanged)", old.Name)
 		}
 	}
 	if err != nil {

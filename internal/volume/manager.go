@@ -298,7 +298,7 @@ func (m *Manager) Create(name string, size int64) (Info, error) {
 	if err != nil {
 		m.closeVolume(v, false)
 		m.opts.FS.Remove(rec.File)
-		return Info{}, fcerr.New(fcerr.MetadataUnwritable, "create volume %s: the catalogue could not be written: %v", name, err)
+		return Info{}, fcerr.Unwritable(err, "create volume %s", name)
 	}
 	m.mu.Lock()
 	m.byID[id], m.byName[name] = v, v
@@ -347,7 +347,7 @@ func (m *Manager) Delete(ref string, mode DeleteMode) error {
 		return err
 	}
 	if err != nil {
-		return fcerr.New(fcerr.MetadataUnwritable, "delete volume %s: the catalogue could not be written: %v", v.rec.Name, err)
+		return fcerr.Unwritable(err, "delete volume %s", v.rec.Name)
 	}
 	m.mu.Lock()
 	delete(m.byID, v.rec.ID)

@@ -27,7 +27,7 @@ func (m *Manager) Rename(ref, name string) error {
 	rec := v.rec
 	rec.Name = name
 	if err := m.opts.Catalog.Update(func(tx *catalog.Tx) error { return tx.PutVolume(rec) }); err != nil {
-		return fcerr.New(fcerr.MetadataUnwritable, "rename volume %s: the catalogue could not be written: %v", v.rec.Name, err)
+		return fcerr.Unwritable(err, "rename volume %s", v.rec.Name)
 	}
 	m.mu.Lock()
 	delete(m.byName, v.rec.Name)

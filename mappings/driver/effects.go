@@ -169,7 +169,7 @@ func (d *Driver) persist(m *mappings.Model) error {
 	}
 	failpoint("before-persist")
 	if err := d.cat.Update(func(tx *catalog.Tx) error { return tx.PutModel(data) }); err != nil {
-		return fcerr.New(fcerr.MetadataUnwritable, "the catalogue could not be written: %v", err)
+		return fcerr.Unwritable(err, "persist the FlashCopy state")
 	}
 	failpoint("after-persist")
 	return nil
@@ -234,7 +234,7 @@ func (d *Driver) commitStart(next *mappings.Model, e mappings.CommitStart) error
 			d.eng.RemoveMapping(id)
 		}
 		undoImages()
-		return fcerr.New(fcerr.MetadataUnwritable, "start: the catalogue could not be written: %v", err)
+		return fcerr.Unwritable(err, "start")
 	}
 	failpoint("start-after-commit")
 	d.adoptDifferences(next, e, diffs)

@@ -116,7 +116,7 @@ func (d *Driver) suspendLocked(ids []mappings.MappingID) {
 // eventFailedLocked handles an event whose first effect (the catalogue commit) failed. d.mu
 // is held.
 func (d *Driver) eventFailedLocked(ev mappings.Event, err error) {
-	if fcerr.CodeOf(err) != fcerr.MetadataUnwritable {
+	if c := fcerr.CodeOf(err); c != fcerr.MetadataUnwritable && c != fcerr.ClusterUnavailable {
 		return
 	}
 	id, ok := eventMap(ev)

@@ -58,8 +58,8 @@ func startEtcd(t testing.TB) *etcdCluster {
 		if t.Failed() {
 			for i, l := range e.logs {
 				out := l.String()
-				if len(out) > 4000 {
-					out = out[len(out)-4000:]
+				if len(out) > 40000 {
+					out = out[len(out)-40000:]
 				}
 				t.Logf("etcd member %d log (end):\n%s", i, out)
 			}
@@ -539,4 +539,90 @@ func TestClusterSplitBrain(t *testing.T) {
 			t.Fatalf("the store's block %d: tag %d (%v), want the new owner's 4: the old owner wrote after the takeover", i, tag, err)
 		}
 	}
+}
+
+// TestClusterEtcdFailures: one etcd member lost changes nothing; with quorum lost, no state
+// transition happens (CMMVC5786E, nothing changed), and the owner, unable to renew its lease,
+// stops serving once the lease has run out; with quorum back, a node takes the group over again
+// with everything as it was.
+func TestClusterEtcdFailures(t *testing.T) {
+	needRoot(t)
+	e := startEtcd(t)
+	shared := t.TempDir()
+	lease := 10 * time.Second
+	a, b := newClusterNode(t, e, shared, "a", lease), newClusterNode(t, e, shared, "b", lease)
+	a.start()
+	waitOwnerCLI(t, a)
+	b.start()
+	a.cli("mkvdisk", "-name", "v0", "-size", "16", "-unit", "mb", "-mdiskgrp", "0")
+	c := dialOwner(t, a, "v0")
+	if err := c.WriteAt(pattern(1), 0, true); err != nil {
+		t.Fatal(err)
+	}
+
+	// One member down: commands, I/O and ownership carry on past a whole lease.
+	e.kill(2)
+	a.cli("mkvdisk", "-name", "v1", "-size", "16", "-unit", "mb", "-mdiskgrp", "0")
+	deadline := time.Now().Add(lease / 2)
+	for time.Now().Before(deadline) {
+		if err := c.WriteAt(pattern(2), 0, true); err != nil {
+			t.Fatalf("I/O with one etcd member down: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !a.running() {
+		t.Fatalf("the owner stopped with one etcd member down")
+	}
+
+	// Quorum lost: a command is refused with the cluster's code and changes nothing.
+	e.kill(1)
+	lost := time.Now()
+	out, err := a.run("mkvdisk", "-name", "v2", "-size", "16", "-unit", "mb", "-mdiskgrp", "0")
+	if err == nil || !strings.Contains(out, "CMMVC5786E") {
+		t.Fatalf("mkvdisk without etcd quorum: %v\n%s\nwant a CMMVC5786E refusal", err, out)
+	}
+	t.Logf("refused %s after quorum was lost: %s", time.Since(lost).Round(time.Millisecond), strings.TrimSpace(out))
+	if a.running() {
+		if vols := a.cli("lsvdisk", "-nohdr", "-delim", ":"); strings.Contains(vols, "v2") {
+			t.Fatalf("a refused mkvdisk left a volume:\n%s", vols)
+		}
+	}
+	// The owner can't renew its lease: it stops serving when the lease runs out, since it
+	// can't tell whether its partner took over on the other side of a partition.
+	select {
+	case <-a.exited:
+		t.Logf("the owner stood down %s after quorum was lost", time.Since(lost).Round(time.Millisecond))
+	case <-time.After(lease + 10*time.Second):
+		t.Fatal("the owner kept serving without etcd quorum for a lease and 10 s")
+	}
+	if b.running() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		if c, err := nbdclient.Dial(ctx, "tcp", b.tcp, "v0"); err == nil {
+			c.Close()
+			t.Fatal("the standby served without etcd quorum")
+		}
+		cancel()
+	}
+
+	// Quorum back: the group comes back with its volumes and data.
+	e.start(1)
+	e.start(2)
+	b.kill() // the supervisor's part: both nodes start again, as standbys
+	a.kill()
+	a.start()
+	b.start()
+	owner, c2 := waitOwner(t, 60*time.Second, "v0", a, b)
+	buf := make([]byte, clBlock)
+	if err := c2.ReadAt(buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	if tag, err := tagOf(buf); err != nil || tag != 2 {
+		t.Fatalf("block 0 after quorum came back: tag %d (%v), want the last FUA write's 2", tag, err)
+	}
+	c2.Close()
+	vols := owner.cli("lsvdisk", "-nohdr", "-delim", ":")
+	if !strings.Contains(vols, ":v1:") || strings.Contains(vols, ":v2:") {
+		t.Fatalf("volumes after quorum came back:\n%s\nwant v0 and v1, not v2", vols)
+	}
+	owner.cli("mkvdisk", "-name", "v2", "-size", "16", "-unit", "mb", "-mdiskgrp", "0")
 }
