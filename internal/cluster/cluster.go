@@ -259,11 +259,29 @@ func (m *Member) Transition(state []byte) error {
 		return fcerr.New(fcerr.ClusterUnavailable, "this node lost its cluster lease (%v): no state transition is possible here", m.LostErr())
 	default:
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.Timeout)
-	defer cancel()
-	resp, err := m.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.CreateRevision(m.elec.Key()), "=", m.elec.Rev())).
-		Then(clientv3.OpPut(stateKey(m.cfg.IOGroup), string(state))).Commit()
+	// Attempts of at most a second, within Timeout: a request caught by an etcd leader
+	// election is dropped by etcd and only times out on its side, while a new one succeeds.
+	// Repeating the transaction is harmless: it compares and writes the same state.
+	var (
+		resp     *clientv3.TxnResponse
+		err      error
+		deadline = time.Now().Add(m.cfg.Timeout)
+	)
+	for {
+		attempt := time.Now().Add(time.Second)
+		if attempt.After(deadline) {
+			attempt = deadline
+		}
+		ctx, cancel := context.WithDeadline(context.Background(), attempt)
+		resp, err = m.cli.Txn(ctx).
+			If(clientv3.Compare(clientv3.CreateRevision(m.elec.Key()), "=", m.elec.Rev())).
+			Then(clientv3.OpPut(stateKey(m.cfg.IOGroup), string(state))).Commit()
+		cancel()
+		if err == nil || time.Until(deadline) < 100*time.Millisecond {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	if err != nil {
 		return fcerr.New(fcerr.ClusterUnavailable, "the cluster's etcd did not confirm the transition within %s (%v): no quorum? Nothing was changed", m.cfg.Timeout, err)
 	}

@@ -327,6 +327,7 @@ func TestClusterFailover(t *testing.T) {
 		stop := make(chan struct{})
 		var wg sync.WaitGroup
 		var mu sync.Mutex
+		wrng := rand.New(rand.NewPCG(rng.Uint64(), 1)) // the writer's own
 		wg.Go(func() {
 			for {
 				select {
@@ -336,7 +337,7 @@ func TestClusterFailover(t *testing.T) {
 				}
 				var batch []int
 				for range 4 {
-					i := rng.IntN(clBlocks)
+					i := wrng.IntN(clBlocks)
 					gen++
 					tag := gen<<8 | uint64(i)&0xff | 1<<63
 					mu.Lock()
