@@ -2,8 +2,11 @@ package main
 
 import (
 	"fmt"
+	"net"
 	"os"
+	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -32,6 +35,8 @@ func attachCommand() *cli.Command {
 		UsageText: "fcnbd attach [--method nbd|nbd-client|nbdfuse] [--nbd-unix PATH | --nbd-tcp HOST:PORT] VOLUME",
 		Flags: []cli.Flag{socketFlag(), nbdUnixFlag(), attachDirFlag(),
 			&cli.StringFlag{Name: "nbd-tcp", Usage: "reach the daemon's NBD server at HOST:PORT instead of its Unix socket"},
+			&cli.StringFlag{Name: "follow", Usage: "cluster mode: the NBD TCP addresses of the volume's I/O group's nodes, comma-separated; " +
+				"the device goes through an `fcnbd follow` process that keeps it working across a failover (VOLUME is then the name)"},
 			&cli.StringFlag{Name: "method", Usage: "nbd: the kernel NBD driver, set up by fcnbd itself; " +
 				"nbd-client: the kernel NBD driver, set up by nbd-client; nbdfuse: nbdfuse + a loop device " +
 				"(default: nbd where the kernel has the NBD driver, else nbdfuse)"},
@@ -47,19 +52,31 @@ func attachCommand() *cli.Command {
 			if method != "" && !slices.Contains(attach.Methods, method) {
 				return fmt.Errorf("--method %q: want one of %s", method, strings.Join(attach.Methods, ", "))
 			}
-			// The daemon resolves an id to the name, which is the export name.
-			v, err := client(c).Volume(ctx(c), a[0])
-			if err != nil {
-				return err
+			name, socket, followPID := a[0], c.String("nbd-unix"), 0
+			if nodes := c.String("follow"); nodes != "" {
+				// Cluster mode: the device goes through a follow process, which finds the owner.
+				if socket, followPID, err = startFollow(c, nodes, name); err != nil {
+					return err
+				}
+			} else {
+				// The daemon resolves an id to the name, which is the export name.
+				v, err := client(c).Volume(ctx(c), a[0])
+				if err != nil {
+					return err
+				}
+				name = v.Name
 			}
 			// Interrupted, attach undoes what it did instead of leaving it unrecorded.
 			sctx, stop := signal.NotifyContext(ctx(c), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 			defer stop()
-			rec, err := attach.Attach(sctx, v.Name, attach.Options{Dir: c.String("attach-dir"),
-				Socket: c.String("nbd-unix"), TCP: c.String("nbd-tcp"), Method: method, Timeout: c.Duration("timeout"),
-				Connections: c.Int("connections")})
+			rec, err := attach.Attach(sctx, name, attach.Options{Dir: c.String("attach-dir"),
+				Socket: socket, TCP: c.String("nbd-tcp"), Method: method, Timeout: c.Duration("timeout"),
+				Connections: c.Int("connections"), FollowPID: followPID})
 			if err != nil {
-				return fmt.Errorf("attach %s: %w", v.Name, err)
+				if followPID > 0 {
+					syscall.Kill(followPID, syscall.SIGTERM)
+				}
+				return fmt.Errorf("attach %s: %w", name, err)
 			}
 			fmt.Fprintln(c.App.Writer, rec.Device)
 			return nil
@@ -121,5 +138,53 @@ func detachCommand() *cli.Command {
 			}
 			return attach.Detach(ctx(c), a[0], attach.Options{Dir: c.String("attach-dir"), Timeout: c.Duration("timeout")})
 		},
+	}
+}
+
+// startFollow starts `fcnbd follow` for volume, detached from this process, on a socket under
+// the attach directory, and returns the socket and its pid once it listens.
+func startFollow(c *cli.Context, nodes, volume string) (string, int, error) {
+	if c.String("nbd-tcp") != "" {
+		return "", 0, fmt.Errorf("--follow and --nbd-tcp: give the nodes' addresses to --follow only")
+	}
+	dir := c.String("attach-dir")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", 0, err
+	}
+	base := filepath.Join(dir, fmt.Sprintf("follow-%s-%d", volume, os.Getpid()))
+	socket := base + ".sock"
+	logf, err := os.OpenFile(base+".log", os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return "", 0, err
+	}
+	defer logf.Close()
+	self, err := os.Executable()
+	if err != nil {
+		return "", 0, err
+	}
+	cmd := exec.Command(self, "follow", "--nodes", nodes, "--listen", socket, volume)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return "", 0, err
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	deadline := time.Now().Add(c.Duration("timeout") + time.Minute)
+	for {
+		if conn, err := net.Dial("unix", socket); err == nil {
+			conn.Close()
+			return socket, cmd.Process.Pid, nil
+		}
+		select {
+		case err := <-exited:
+			out, _ := os.ReadFile(base + ".log")
+			return "", 0, fmt.Errorf("fcnbd follow exited (%v): %s", err, strings.TrimSpace(string(out)))
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			cmd.Process.Kill()
+			return "", 0, fmt.Errorf("fcnbd follow did not listen on %s in time", socket)
+		}
 	}
 }

@@ -55,7 +55,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		Flags:           []cli.Flag{globalSocketFlag()},
 		HideHelpCommand: true,
 		Commands: slices.Concat(
-			[]*cli.Command{serveCommand(), attachCommand(), detachCommand(), attachHelperCommand(), waitCommand()},
+			[]*cli.Command{serveCommand(), attachCommand(), detachCommand(), attachHelperCommand(), waitCommand(), followCommand()},
 			svcFrontCommands(), []*cli.Command{sshsetupCommand()},
 			svc(
 				mkvolumeCommand(), lsvolumeCommand(), rmvolumeCommand(),

@@ -54,7 +54,11 @@ type Record struct {
 	FusePID int    `json:"fuse_pid,omitempty"` // nbdfuse's pid
 	// HelperPID is the pid of the process holding a MethodNBD device (in NBD_DO_IT). A
 	// MethodNBD record without it was made by nbd-client (before MethodNBDClient existed).
-	HelperPID int       `json:"helper_pid,omitempty"`
+	HelperPID int `json:"helper_pid,omitempty"`
+	// FollowPID is the pid of the `fcnbd follow` process the device reaches the volume
+	// through (cluster mode: it follows the volume's I/O group across failovers); detach stops
+	// it after the device.
+	FollowPID int       `json:"follow_pid,omitempty"`
 	Created   time.Time `json:"created"`
 }
 
@@ -78,6 +82,9 @@ type Options struct {
 	// Helper is the command that runs RunHelper for MethodNBD; empty means this executable
 	// with the argument HelperCommand.
 	Helper []string
+	// FollowPID, if set, is the `fcnbd follow` process serving Socket: recorded, and stopped
+	// by the detach (or a failed attach) once the device is gone.
+	FollowPID int
 }
 
 func (o *Options) defaults() {
@@ -129,7 +136,7 @@ func Attach(ctx context.Context, volume string, o Options) (Record, error) {
 	if err != nil {
 		return Record{}, err
 	}
-	rec := Record{ID: id, Volume: volume, Method: o.Method, Socket: o.Socket, TCP: o.TCP, Created: time.Now().UTC()}
+	rec := Record{ID: id, Volume: volume, Method: o.Method, Socket: o.Socket, TCP: o.TCP, FollowPID: o.FollowPID, Created: time.Now().UTC()}
 	if rec.TCP != "" {
 		rec.Socket = ""
 	}
@@ -403,6 +410,20 @@ func Detach(ctx context.Context, device string, o Options) error {
 // undo takes an attachment apart; each step is skipped if already done, so it can finish a
 // Detach that was interrupted.
 func undo(ctx context.Context, rec Record, o Options) error {
+	if err := undoDevice(ctx, rec, o); err != nil {
+		return err
+	}
+	if rec.FollowPID > 0 && alive(rec.FollowPID) {
+		// Its last act is a FLUSH, which makes durable what the device wrote through it.
+		syscall.Kill(rec.FollowPID, syscall.SIGTERM)
+		if err := waitFor(ctx, o.Timeout, func() bool { return !alive(rec.FollowPID) }); err != nil {
+			return fmt.Errorf("fcnbd follow (pid %d) did not exit: %w", rec.FollowPID, err)
+		}
+	}
+	return nil
+}
+
+func undoDevice(ctx context.Context, rec Record, o Options) error {
 	switch rec.Method {
 	case MethodNBD:
 		if rec.HelperPID != 0 {

@@ -289,18 +289,10 @@ func TestClusterFailover(t *testing.T) {
 	if v := os.Getenv("FCNBD_CLUSTER_KILLS"); v != "" {
 		kills, _ = strconv.Atoi(v)
 	}
-	e := startEtcd(t)
-	shared := t.TempDir()
 	lease := 2 * time.Second
-	nodes := []*clusterNode{newClusterNode(t, e, shared, "node1", lease), newClusterNode(t, e, shared, "node2", lease)}
-	nodes[0].start()
-	owner, c := waitOwnerCLI(t, nodes...)
-	owner.cli("mkvdisk", "-name", "src", "-size", "16", "-unit", "mb", "-mdiskgrp", "0")
-	owner.cli("mkvdisk", "-name", "tgt", "-size", "16", "-unit", "mb", "-mdiskgrp", "0")
-	_ = c
-	nodes[1].start()
-
-	_, c = waitOwner(t, 10*time.Second, "src", nodes...)
+	_, _, owner, standby := startPair(t, lease, "src", "tgt")
+	nodes := []*clusterNode{owner, standby}
+	_, c := waitOwner(t, 10*time.Second, "src", nodes...)
 	m := &blockModel{durable: make([]uint64, clBlocks), pending: make([][]uint64, clBlocks)}
 	for i := range clBlocks {
 		tag := uint64(i) << 32
@@ -406,22 +398,38 @@ func TestClusterFailover(t *testing.T) {
 	}
 }
 
+// startPair starts a 3-member etcd and two nodes of I/O group 0 with a shared directory: a,
+// which becomes the owner and makes the 16 MiB volumes vols, then b, a standby.
+func startPair(t testing.TB, lease time.Duration, vols ...string) (e *etcdCluster, shared string, a, b *clusterNode) {
+	t.Helper()
+	needRoot(t)
+	e = startEtcd(t)
+	shared = t.TempDir()
+	a, b = newClusterNode(t, e, shared, "a", lease), newClusterNode(t, e, shared, "b", lease)
+	a.start()
+	waitOwnerCLI(t, a)
+	for _, v := range vols {
+		a.cli("mkvdisk", "-name", v, "-size", "16", "-unit", "mb", "-mdiskgrp", "0")
+	}
+	b.start()
+	return e, shared, a, b
+}
+
 // waitOwnerCLI waits until one of nodes answers on its control socket as the owner.
-func waitOwnerCLI(t testing.TB, nodes ...*clusterNode) (*clusterNode, *nbdclient.Client) {
+func waitOwnerCLI(t testing.TB, nodes ...*clusterNode) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
 		for _, n := range nodes {
 			if n.running() {
 				if _, err := n.run("lsvdisk"); err == nil {
-					return n, nil
+					return
 				}
 			}
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Fatal("no node became the owner within 30s")
-	return nil, nil
 }
 
 func dialOwner(t testing.TB, n *clusterNode, export string) *nbdclient.Client {
@@ -439,15 +447,7 @@ func dialOwner(t testing.TB, n *clusterNode, export string) *nbdclient.Client {
 // writes outstanding, lets the partner take over and write, then resumes the old owner: none
 // of its writes may reach the store, and it must stand down.
 func TestClusterSplitBrain(t *testing.T) {
-	needRoot(t)
-	e := startEtcd(t)
-	shared := t.TempDir()
-	lease := 2 * time.Second
-	a, b := newClusterNode(t, e, shared, "a", lease), newClusterNode(t, e, shared, "b", lease)
-	a.start()
-	waitOwnerCLI(t, a)
-	a.cli("mkvdisk", "-name", "v", "-size", "16", "-unit", "mb", "-mdiskgrp", "0")
-	b.start()
+	_, shared, a, b := startPair(t, 2*time.Second, "v")
 	time.Sleep(500 * time.Millisecond) // b joins as a standby
 
 	ca := dialOwner(t, a, "v")
@@ -547,15 +547,8 @@ func TestClusterSplitBrain(t *testing.T) {
 // stops serving once the lease has run out; with quorum back, a node takes the group over again
 // with everything as it was.
 func TestClusterEtcdFailures(t *testing.T) {
-	needRoot(t)
-	e := startEtcd(t)
-	shared := t.TempDir()
 	lease := 10 * time.Second
-	a, b := newClusterNode(t, e, shared, "a", lease), newClusterNode(t, e, shared, "b", lease)
-	a.start()
-	waitOwnerCLI(t, a)
-	b.start()
-	a.cli("mkvdisk", "-name", "v0", "-size", "16", "-unit", "mb", "-mdiskgrp", "0")
+	e, _, a, b := startPair(t, lease, "v0")
 	c := dialOwner(t, a, "v0")
 	if err := c.WriteAt(pattern(1), 0, true); err != nil {
 		t.Fatal(err)
@@ -626,4 +619,128 @@ func TestClusterEtcdFailures(t *testing.T) {
 		t.Fatalf("volumes after quorum came back:\n%s\nwant v0 and v1, not v2", vols)
 	}
 	owner.cli("mkvdisk", "-name", "v2", "-size", "16", "-unit", "mb", "-mdiskgrp", "0")
+}
+
+// TestClusterFollowExt4: ext4 on a kernel block device (nbdfuse + loop) over `fcnbd follow`,
+// files written and synced while the I/O group's owner is killed with kill -9: the filesystem
+// sees pauses, not errors; afterwards e2fsck finds it clean and every file is intact, synced
+// or not (follow replays the writes the dead owner had acknowledged from its cache).
+func TestClusterFollowExt4(t *testing.T) {
+	needTools(t, "mkfs.ext4", "e2fsck", "mount", "umount", "nbdfuse", "losetup")
+	_, fuseErr := os.Stat("/dev/fuse")
+	need(t, "/dev/fuse does not exist", fuseErr == nil)
+	kills := 3
+	if v := os.Getenv("FCNBD_CLUSTER_KILLS"); v != "" {
+		kills, _ = strconv.Atoi(v)
+	}
+	_, _, a, b := startPair(t, 2*time.Second)
+	a.cli("mkvdisk", "-name", "fs", "-size", "256", "-unit", "mb", "-mdiskgrp", "0")
+	nodes := []*clusterNode{a, b}
+
+	attachDir := t.TempDir()
+	attachFollow := func() string {
+		out, err := exec.Command(fcnbdBin(t), "attach", "--attach-dir", attachDir, "--follow", a.tcp+","+b.tcp,
+			"--method", "nbdfuse", "fs").CombinedOutput()
+		if err != nil {
+			t.Fatalf("fcnbd attach --follow: %v\n%s", err, out)
+		}
+		dev := strings.TrimSpace(string(out))
+		t.Cleanup(func() { exec.Command(fcnbdBin(t), "detach", "--attach-dir", attachDir, dev).Run() })
+		return dev
+	}
+	followLog := func() string {
+		logs, _ := filepath.Glob(filepath.Join(attachDir, "follow-*.log"))
+		var all []byte
+		for _, l := range logs {
+			data, _ := os.ReadFile(l)
+			all = append(all, data...)
+		}
+		return string(all)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("fcnbd follow log:\n%s", followLog())
+		}
+	})
+	dev := attachFollow()
+	sh(t, "mkfs.ext4", "-q", "-F", dev)
+	mnt := t.TempDir()
+	sh(t, "mount", dev, mnt)
+	mounted := true
+	t.Cleanup(func() {
+		if mounted {
+			exec.Command("umount", mnt).Run()
+		}
+	})
+
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))
+	want := map[string]string{}
+	write := func(name string, syncIt bool) {
+		data := make([]byte, (1+rng.IntN(6))*50*1024)
+		for i := range data {
+			data[i] = byte(rng.Uint32())
+		}
+		f, err := os.Create(filepath.Join(mnt, name))
+		if err == nil {
+			_, err = f.Write(data)
+		}
+		if err == nil && syncIt {
+			err = f.Sync()
+		}
+		if err == nil {
+			err = f.Close()
+		}
+		if err != nil {
+			t.Fatalf("write %s: %v", name, err)
+		}
+		want[name] = sum(data)
+	}
+	for k := range kills {
+		owner, c := waitOwner(t, 30*time.Second, "fs", nodes...)
+		c.Close()
+		for i := range 6 {
+			write(fmt.Sprintf("k%d-synced-%d", k, i), true)
+		}
+		done := make(chan struct{})
+		go func() {
+			time.Sleep(time.Duration(200+rng.IntN(800)) * time.Millisecond)
+			owner.kill()
+			close(done)
+		}()
+		// Writes carry on through the kill: they pause while the partner takes over.
+		for i := 0; ; i++ {
+			select {
+			case <-done:
+			default:
+				if i < 24 {
+					write(fmt.Sprintf("k%d-during-%d", k, i), i%2 == 0)
+				}
+				time.Sleep(20 * time.Millisecond)
+				continue
+			}
+			break
+		}
+		for i := range 4 {
+			write(fmt.Sprintf("k%d-after-%d", k, i), i%2 == 0)
+		}
+		owner.start()
+	}
+	sh(t, "umount", mnt)
+	mounted = false
+	sh(t, "e2fsck", "-fn", dev)
+	sh(t, "mount", "-o", "ro", dev, mnt)
+	mounted = true
+	for name, s := range want {
+		data, err := os.ReadFile(filepath.Join(mnt, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := sum(data); got != s {
+			t.Errorf("%s: checksum %s after %d failovers, want %s", name, got, kills, s)
+		}
+	}
+	if !strings.Contains(followLog(), "failed over") {
+		t.Errorf("fcnbd follow never logged a failover:\n%s", followLog())
+	}
+	t.Logf("%d files checked after %d kills of the owner", len(want), kills)
 }
