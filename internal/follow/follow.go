@@ -36,7 +36,7 @@ type Options struct {
 	// MaxUnflushed is the most data of acknowledged writes held for replay (default 256 MiB);
 	// a write beyond it first flushes.
 	MaxUnflushed int64
-	Log zerolog.Logger
+	Log          zerolog.Logger
 }
 
 // entry is one acknowledged change not yet covered by a successful FLUSH.
