@@ -290,7 +290,7 @@ func TestClusterFailover(t *testing.T) {
 		kills, _ = strconv.Atoi(v)
 	}
 	lease := 2 * time.Second
-	_, _, owner, standby := startPair(t, lease, "src", "tgt")
+	_, _, owner, standby := startPair(t, lease, "src", "tgt", "src2", "tgt2")
 	nodes := []*clusterNode{owner, standby}
 	_, c := waitOwner(t, 10*time.Second, "src", nodes...)
 	m := &blockModel{durable: make([]uint64, clBlocks), pending: make([][]uint64, clBlocks)}
@@ -306,8 +306,21 @@ func TestClusterFailover(t *testing.T) {
 	}
 	c.Close()
 	snapshot := slices.Clone(m.durable)
-	owner.cli("mkfcmap", "-source", "src", "-target", "tgt", "-name", "m0", "-copyrate", "30")
-	owner.cli("startfcmap", "-prep", "m0")
+	// A second source, idle, in the same consistency group.
+	c = dialOwner(t, owner, "src2")
+	for i := range clBlocks {
+		if err := c.WriteAt(pattern(uint64(i)<<40), uint64(i*clBlock), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	owner.cli("mkfcconsistgrp", "-name", "g0")
+	owner.cli("mkfcmap", "-source", "src", "-target", "tgt", "-name", "m0", "-copyrate", "30", "-consistgrp", "g0")
+	owner.cli("mkfcmap", "-source", "src2", "-target", "tgt2", "-name", "m1", "-copyrate", "0", "-consistgrp", "g0")
+	owner.cli("startfcconsistgrp", "-prep", "g0")
 
 	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 16))
 	var takeovers []time.Duration
@@ -380,22 +393,56 @@ func TestClusterFailover(t *testing.T) {
 			t.Errorf("a takeover took %s: more than 4 leases and 5 s", max)
 		}
 	}
-	// The target keeps the source's image of the start, through every failover.
-	tc := dialOwner(t, owner, "tgt")
-	buf := make([]byte, clBlock)
-	for i := range clBlocks {
-		if err := tc.ReadAt(buf, uint64(i*clBlock)); err != nil {
-			t.Fatal(err)
-		}
-		if tag, err := tagOf(buf); err != nil || tag != snapshot[i] {
-			t.Fatalf("target block %d: tag %#x (%v), want the point-in-time %#x", i, tag, err, snapshot[i])
+	// The targets keep the sources' images of the group's start, through every failover.
+	checkTargets := func(owner *clusterNode, when string) {
+		t.Helper()
+		buf := make([]byte, clBlock)
+		for _, tg := range []string{"tgt", "tgt2"} {
+			tc := dialOwner(t, owner, tg)
+			for i := range clBlocks {
+				if err := tc.ReadAt(buf, uint64(i*clBlock)); err != nil {
+					t.Fatal(err)
+				}
+				want := snapshot[i]
+				if tg == "tgt2" {
+					want = uint64(i) << 40
+				}
+				if tag, err := tagOf(buf); err != nil || tag != want {
+					t.Fatalf("%s: %s block %d: tag %#x (%v), want the point-in-time %#x", when, tg, i, tag, err, want)
+				}
+			}
+			tc.Close()
 		}
 	}
-	tc.Close()
-	out := owner.cli("lsfcmap", "m0")
-	if !strings.Contains(out, "status") || strings.Contains(out, "suspended") {
-		t.Errorf("lsfcmap after the failovers:\n%s", out)
+	checkTargets(owner, "after the kills")
+	maps := func(n *clusterNode) string {
+		out := n.cli("lsfcmap", "-nohdr", "-delim", ":")
+		var rows []string
+		for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+			f := strings.Split(l, ":")
+			rows = append(rows, f[1]+" "+f[8]+" "+f[6]) // name, status, group
+		}
+		return strings.Join(rows, "; ")
 	}
+	before := maps(owner)
+	// m0 copies in the background (it may have finished across the failovers), m1 does not.
+	if strings.Contains(before, "suspended") || strings.Contains(before, "stopped") || !strings.Contains(before, "m1 copying") {
+		t.Errorf("mappings after the kills: %s, want m0 copying or copied, m1 copying", before)
+	}
+	t.Logf("mappings after the kills: %s", before)
+
+	// Both nodes down (bitmaps offline: no node can serve them), then one back: the mappings
+	// come back where they were, and so do the targets.
+	for _, n := range nodes {
+		n.kill()
+	}
+	nodes[1].start()
+	owner, c = waitOwner(t, 30*time.Second, "src", nodes[1])
+	c.Close()
+	if after := maps(owner); after != before {
+		t.Errorf("mappings after both nodes were down: %s, want %s", after, before)
+	}
+	checkTargets(owner, "after both nodes were down")
 }
 
 // startPair starts a 3-member etcd and two nodes of I/O group 0 with a shared directory: a,
