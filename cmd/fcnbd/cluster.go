@@ -16,6 +16,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/urfave/cli/v2"
 
+	"fcnbd/internal/api"
 	"fcnbd/internal/catalog"
 	"fcnbd/internal/cluster"
 	"fcnbd/internal/store"
@@ -130,6 +131,24 @@ func (cfg *clusterConfig) takeOver(ctx context.Context, m *cluster.Member) (*cat
 		Dur("waited_for_ownership", claimStart.Sub(won)).Dur("claim", time.Since(claimStart)).
 		Msg("cluster: this node owns the I/O group")
 	return cat, store.Dir{Path: dir, Fence: fence}, catDir, nil
+}
+
+// view reads the cluster's nodes and I/O groups for lsnode and lsiogrp.
+func (cfg *clusterConfig) view(m *cluster.Member) func(context.Context) (*api.Cluster, error) {
+	return func(ctx context.Context) (*api.Cluster, error) {
+		nodes, groups, err := m.Status(ctx)
+		if err != nil {
+			return nil, err
+		}
+		v := &api.Cluster{Node: cfg.node, IOGroup: cfg.iogrp}
+		for _, n := range nodes {
+			v.Nodes = append(v.Nodes, api.ClusterNode{Name: n.Name, IOGroup: n.IOGroup, Addr: n.Addr, Online: n.Online, Owner: n.Online && n.State == "owner"})
+		}
+		for _, g := range groups {
+			v.Groups = append(v.Groups, api.IOGroup{ID: g.ID, Owner: g.Owner, Volumes: g.Volumes})
+		}
+		return v, nil
+	}
 }
 
 // watch stands the node down as soon as its lease is lost.

@@ -194,8 +194,9 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 	setMemoryLimit(log, cfg.cacheSize)
 
 	var (
-		cat *catalog.DB
-		fs  store.Dir
+		cat         *catalog.DB
+		fs          store.Dir
+		clusterView func(context.Context) (*api.Cluster, error) // nil outside cluster mode
 	)
 	if cfg.cluster != nil {
 		member, err := cfg.cluster.join(ctx, cfg.nbdTCP)
@@ -213,6 +214,7 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 		}
 		cfg.dataDir = catDir
 		go cfg.cluster.watch(member)
+		clusterView = cfg.cluster.view(member)
 	} else {
 		if err := os.MkdirAll(cfg.dataDir, 0o700); err != nil {
 			return err
@@ -295,7 +297,7 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 		return openFailure(cfg.dataDir, err)
 	}
 	nbdSrv := nbd.NewServer(hostMgr.Exports(vols), nbd.Options{Logger: log, TLSMode: cfg.tlsMode, TLSConfig: cfg.tlsConfig})
-	httpSrv := &http.Server{Handler: api.NewHandler(vols, log).WithFlashCopy(vols).WithRecover(vols).WithHosts(hostMgr).WithSystem(cfg.dataDir).WithVolumeChanges(vols).WithVolumeExpand(vols), ReadHeaderTimeout: 10 * time.Second}
+	httpSrv := &http.Server{Handler: api.NewHandler(vols, log).WithFlashCopy(vols).WithRecover(vols).WithHosts(hostMgr).WithClusterSystem(cfg.dataDir, clusterView).WithVolumeChanges(vols).WithVolumeExpand(vols), ReadHeaderTimeout: 10 * time.Second}
 	failed := make(chan error, len(nbdLs)+2)
 	if cfg.metrics != "" {
 		ml, err := net.Listen("tcp", cfg.metrics)

@@ -6,6 +6,8 @@ package main
 // remote copy). Columns follow IBM Storage Virtualize's CLI reference, in its order.
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"strconv"
 	"strings"
@@ -119,6 +121,28 @@ type nodeRow struct {
 	ISCSIName  string `json:"iscsi_name"`
 }
 
+// nodes are the cluster's nodes in cluster mode, else this host as the one node.
+func nodes(s api.System) []nodeRow {
+	if s.Cluster == nil {
+		return []nodeRow{theNode(s)}
+	}
+	var rows []nodeRow
+	for i, n := range s.Cluster.Nodes {
+		sum := sha256.Sum256([]byte(n.Name))
+		status, config := "offline", "no"
+		if n.Online {
+			status = "online"
+		}
+		if n.Owner {
+			config = "yes"
+		}
+		rows = append(rows, nodeRow{ID: i + 1, Name: n.Name, WWNN: "5005076800" + strings.ToUpper(hex.EncodeToString(sum[:3])),
+			Status: status, IOGroupID: n.IOGroup, IOGroup: "io_grp" + strconv.Itoa(n.IOGroup), ConfigNode: config,
+			ISCSIName: "iqn.1986-03.com.ibm:2145." + strings.ToLower(n.Name)})
+	}
+	return rows
+}
+
 func theNode(s api.System) nodeRow {
 	name := strings.ToLower(s.Name)
 	return nodeRow{ID: 1, Name: "node1", WWNN: "5005076800" + strings.ToUpper(s.ID[:6]), Status: "online",
@@ -144,18 +168,19 @@ func lsnodeCommand() *cli.Command {
 			if err != nil {
 				return nodeRow{}, err
 			}
-			n := theNode(s)
-			if ref != "1" && ref != n.Name {
-				return nodeRow{}, noSuch("node", ref)
+			for _, n := range nodes(s) {
+				if ref == strconv.Itoa(n.ID) || ref == n.Name {
+					return n, nil
+				}
 			}
-			return n, nil
+			return nodeRow{}, noSuch("node", ref)
 		},
 		all: func(c *cli.Context) ([]nodeRow, error) {
 			s, err := client(c).System(ctx(c))
 			if err != nil {
 				return nil, err
 			}
-			return []nodeRow{theNode(s)}, nil
+			return nodes(s), nil
 		},
 		object: nodeObject,
 	})
@@ -168,9 +193,17 @@ type iogrpRow struct {
 	NodeCount  int    `json:"node_count"`
 	VdiskCount int    `json:"vdisk_count"`
 	HostCount  int    `json:"host_count"`
+	// fcnbd's own, after the product's fields in the detailed view: the node serving the group
+	// and whether it is served (cluster mode: offline while no node owns it, and so its volumes
+	// and FlashCopy mappings are offline).
+	Owner  string `json:"owner_node"`
+	Status string `json:"status"`
 }
 
-var iogrpColumns = []string{"id", "name", "node_count", "vdisk_count", "host_count", "site_id", "site_name"}
+var (
+	iogrpColumns = []string{"id", "name", "node_count", "vdisk_count", "host_count", "site_id", "site_name"}
+	iogrpFields  = append(slicesClone(iogrpColumns), "owner_node", "status")
+)
 
 func iogrps(c *cli.Context) ([]iogrpRow, error) {
 	vols, err := client(c).Volumes(ctx(c))
@@ -181,15 +214,47 @@ func iogrps(c *cli.Context) ([]iogrpRow, error) {
 	if err != nil {
 		return nil, err
 	}
-	// Every host is io_grp0's: fcnbd has one I/O group.
-	return []iogrpRow{{0, "io_grp0", 1, len(vols), len(hosts)}, {1, "io_grp1", 0, 0, 0}, {2, "io_grp2", 0, 0, 0},
-		{3, "io_grp3", 0, 0, 0}, {4, "recovery_io_grp", 0, 0, 0}}, nil
+	s, err := client(c).System(ctx(c))
+	if err != nil {
+		return nil, err
+	}
+	rows := []iogrpRow{{0, "io_grp0", 0, 0, 0, "", ""}, {1, "io_grp1", 0, 0, 0, "", ""}, {2, "io_grp2", 0, 0, 0, "", ""},
+		{3, "io_grp3", 0, 0, 0, "", ""}, {4, "recovery_io_grp", 0, 0, 0, "", ""}}
+	if s.Cluster == nil {
+		// Every volume and host is io_grp0's: the single-node daemon is one I/O group.
+		rows[0].NodeCount, rows[0].VdiskCount, rows[0].HostCount = 1, len(vols), len(hosts)
+		rows[0].Owner, rows[0].Status = theNode(s).Name, "online"
+		return rows, nil
+	}
+	for _, n := range s.Cluster.Nodes {
+		if n.IOGroup >= 0 && n.IOGroup < 4 {
+			rows[n.IOGroup].NodeCount++
+		}
+	}
+	for _, g := range s.Cluster.Groups {
+		if g.ID >= 0 && g.ID < 4 {
+			rows[g.ID].VdiskCount, rows[g.ID].Owner = g.Volumes, g.Owner
+		}
+	}
+	for i := range rows[:4] {
+		switch {
+		case rows[i].NodeCount == 0:
+		case rows[i].Owner == "":
+			rows[i].Status = "offline"
+		default:
+			rows[i].Status = "online"
+		}
+	}
+	// This node's own group, as it is now (hosts are defined per I/O group's catalogue).
+	own := &rows[s.Cluster.IOGroup]
+	own.VdiskCount, own.HostCount = len(vols), len(hosts)
+	return rows, nil
 }
 
 func lsiogrpCommand() *cli.Command {
 	return lsCommand(lsSpec[iogrpRow]{
 		name: "lsiogrp", usage: "list the I/O groups, or show one in detail", arg: "IOGRP",
-		flags: viewFlags(), columns: iogrpColumns, fields: iogrpColumns,
+		flags: viewFlags(), columns: iogrpColumns, fields: iogrpFields,
 		one: func(c *cli.Context, ref string) (iogrpRow, error) {
 			gs, err := iogrps(c)
 			if err != nil {
@@ -204,8 +269,8 @@ func lsiogrpCommand() *cli.Command {
 		},
 		all: iogrps,
 		object: func(g iogrpRow, _ viewOptions) object {
-			return object{fields: zipFields(iogrpColumns, []string{strconv.Itoa(g.ID), g.Name,
-				strconv.Itoa(g.NodeCount), strconv.Itoa(g.VdiskCount), strconv.Itoa(g.HostCount), "", ""}), json: g}
+			return object{fields: zipFields(iogrpFields, []string{strconv.Itoa(g.ID), g.Name,
+				strconv.Itoa(g.NodeCount), strconv.Itoa(g.VdiskCount), strconv.Itoa(g.HostCount), "", "", g.Owner, g.Status}), json: g}
 		},
 	})
 }

@@ -25,6 +25,32 @@ type System struct {
 	DataDir  string `json:"data_dir"`
 	Capacity int64  `json:"capacity"`      // bytes of the data directory's file system
 	Free     int64  `json:"free_capacity"` // bytes available to fcnbd there
+	// Cluster is set in cluster mode: this node, and every node and I/O group as etcd has them.
+	Cluster *Cluster `json:"cluster,omitempty"`
+}
+
+// Cluster is what a cluster-mode node reports of the cluster.
+type Cluster struct {
+	Node    string        `json:"node"`
+	IOGroup int           `json:"iogrp"`
+	Nodes   []ClusterNode `json:"nodes"`
+	Groups  []IOGroup     `json:"iogrps"`
+}
+
+// ClusterNode is one node of the cluster.
+type ClusterNode struct {
+	Name    string `json:"name"`
+	IOGroup int    `json:"iogrp"`
+	Addr    string `json:"addr"`
+	Online  bool   `json:"online"`
+	Owner   bool   `json:"owner"` // owns its I/O group
+}
+
+// IOGroup is one I/O group of the cluster.
+type IOGroup struct {
+	ID      int    `json:"id"`
+	Owner   string `json:"owner,omitempty"` // "": no node serves it, its volumes and mappings are offline
+	Volumes int    `json:"volumes"`
 }
 
 // ReadSystem describes this host and the file system of dataDir.
@@ -49,12 +75,19 @@ func ReadSystem(dataDir string) (System, error) {
 
 // WithSystem registers the system route for the data directory dataDir and returns h. Call it
 // once, before h serves its first request.
-func (h *Handler) WithSystem(dataDir string) *Handler {
+func (h *Handler) WithSystem(dataDir string) *Handler { return h.WithClusterSystem(dataDir, nil) }
+
+// WithClusterSystem is WithSystem for a cluster-mode node: cluster, called at each request,
+// says what etcd has of the cluster.
+func (h *Handler) WithClusterSystem(dataDir string, cluster func(context.Context) (*Cluster, error)) *Handler {
 	h.mux.HandleFunc("GET /v1/system", func(w http.ResponseWriter, req *http.Request) {
 		if !h.noQuery(w, req) {
 			return
 		}
 		s, err := ReadSystem(dataDir)
+		if err == nil && cluster != nil {
+			s.Cluster, err = cluster(req.Context())
+		}
 		if err != nil {
 			h.fail(w, req, err)
 			return

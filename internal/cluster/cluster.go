@@ -15,7 +15,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -76,6 +78,7 @@ type Member struct {
 }
 
 func nodeKey(name string) string     { return Prefix + "nodes/" + name }
+func memberKey(name string) string   { return Prefix + "members/" + name }
 func ownerPrefix(iogrp int) string   { return Prefix + "iogrp/" + strconv.Itoa(iogrp) + "/owner" }
 func stateKey(iogrp int) string      { return Prefix + "iogrp/" + strconv.Itoa(iogrp) + "/state" }
 func ttlSeconds(d time.Duration) int { return max(1, int(d/time.Second)) }
@@ -129,7 +132,8 @@ func join(ctx context.Context, cfg Config) (*Member, error) {
 	tctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	resp, err := cli.Txn(tctx).
 		If(clientv3.Compare(clientv3.CreateRevision(nodeKey(cfg.Node)), "=", 0)).
-		Then(clientv3.OpPut(nodeKey(cfg.Node), string(rec), clientv3.WithLease(m.lease))).Commit()
+		Then(clientv3.OpPut(nodeKey(cfg.Node), string(rec), clientv3.WithLease(m.lease)),
+			clientv3.OpPut(memberKey(cfg.Node), string(rec))).Commit()
 	cancel()
 	if err == nil && !resp.Succeeded {
 		err = fmt.Errorf("another live node is called %q: %w", cfg.Node, errNameTaken)
@@ -300,20 +304,75 @@ func (m *Member) Close() error {
 	return m.cli.Close()
 }
 
-// Nodes lists every live node of the cluster, in name order.
-func (m *Member) Nodes(ctx context.Context) ([]Node, error) {
+// NodeStatus is one node as lsnode shows it: every node that ever joined, online while its
+// lease lives.
+type NodeStatus struct {
+	Node
+	Online bool `json:"online"`
+}
+
+// GroupStatus is one I/O group as lsiogrp shows it.
+type GroupStatus struct {
+	ID      int    `json:"id"`
+	Owner   string `json:"owner,omitempty"` // "" while no node owns it: its volumes and mappings are offline
+	Volumes int    `json:"volumes"`         // as its owner last published them
+}
+
+// Status reads the cluster's nodes (in name order) and I/O groups (in id order) from etcd.
+func (m *Member) Status(ctx context.Context) ([]NodeStatus, []GroupStatus, error) {
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.Timeout)
 	defer cancel()
-	resp, err := m.cli.Get(ctx, Prefix+"nodes/", clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend))
+	resp, err := m.cli.Get(ctx, Prefix, clientv3.WithPrefix())
 	if err != nil {
-		return nil, fcerr.New(fcerr.ClusterUnavailable, "etcd: %v", err)
+		return nil, nil, fcerr.New(fcerr.ClusterUnavailable, "etcd: %v", err)
 	}
-	var out []Node
+	live := map[string]Node{}
+	members := map[string]Node{}
+	groups := map[int]*GroupStatus{}
+	group := func(id int) *GroupStatus {
+		if groups[id] == nil {
+			groups[id] = &GroupStatus{ID: id}
+		}
+		return groups[id]
+	}
 	for _, kv := range resp.Kvs {
+		k := string(kv.Key)
 		var n Node
-		if json.Unmarshal(kv.Value, &n) == nil {
-			out = append(out, n)
+		switch {
+		case strings.HasPrefix(k, Prefix+"nodes/") && json.Unmarshal(kv.Value, &n) == nil:
+			live[n.Name] = n
+		case strings.HasPrefix(k, Prefix+"members/") && json.Unmarshal(kv.Value, &n) == nil:
+			members[n.Name] = n
+		case strings.HasPrefix(k, Prefix+"iogrp/") && strings.HasSuffix(k, "/state"):
+			id, err := strconv.Atoi(strings.TrimSuffix(strings.TrimPrefix(k, Prefix+"iogrp/"), "/state"))
+			if err != nil {
+				continue
+			}
+			var st struct {
+				Volumes []json.RawMessage `json:"volumes"`
+			}
+			if json.Unmarshal(kv.Value, &st) == nil {
+				group(id).Volumes = len(st.Volumes)
+			}
 		}
 	}
-	return out, nil
+	var nodes []NodeStatus
+	for name, n := range members {
+		ns := NodeStatus{Node: n}
+		if l, ok := live[name]; ok {
+			ns.Node, ns.Online = l, true
+		}
+		group(ns.IOGroup)
+		if ns.Online && ns.State == "owner" {
+			group(ns.IOGroup).Owner = name
+		}
+		nodes = append(nodes, ns)
+	}
+	sort.Slice(nodes, func(i, j int) bool { return nodes[i].Name < nodes[j].Name })
+	var gs []GroupStatus
+	for _, g := range groups {
+		gs = append(gs, *g)
+	}
+	sort.Slice(gs, func(i, j int) bool { return gs[i].ID < gs[j].ID })
+	return nodes, gs, nil
 }

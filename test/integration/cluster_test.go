@@ -443,6 +443,25 @@ func TestClusterFailover(t *testing.T) {
 		t.Errorf("mappings after both nodes were down: %s, want %s", after, before)
 	}
 	checkTargets(owner, "after both nodes were down")
+
+	// lsnode and lsiogrp say what etcd knows: a is offline, b online and serving io_grp0.
+	ln := owner.cli("lsnode", "-nohdr", "-delim", ":")
+	for _, want := range []string{"a:", "b:"} {
+		if !strings.Contains(ln, ":"+want) {
+			t.Errorf("lsnode does not list node %s:\n%s", strings.TrimSuffix(want, ":"), ln)
+		}
+	}
+	for _, l := range strings.Split(strings.TrimSpace(ln), "\n") {
+		f := strings.Split(l, ":")
+		status, config := f[4], f[7]
+		if f[1] == "a" && (status != "offline" || config != "no") || f[1] == "b" && (status != "online" || config != "yes") {
+			t.Errorf("lsnode row %q: node %s status %s config_node %s", l, f[1], status, config)
+		}
+	}
+	if g := owner.cli("lsiogrp", "-delim", ":", "0"); !strings.Contains(g, "node_count:2") ||
+		!strings.Contains(g, "vdisk_count:4") || !strings.Contains(g, "owner_node:b") || !strings.Contains(g, "status:online") {
+		t.Errorf("lsiogrp 0:\n%s", g)
+	}
 }
 
 // startPair starts a 3-member etcd and two nodes of I/O group 0 with a shared directory: a,
