@@ -49,6 +49,7 @@ bench: deps build
 	scripts/bench.sh
 	scripts/bench-fence.sh
 	scripts/bench-firstsplit.sh
+	scripts/bench-cluster.sh
 	scripts/bench-copy.sh
 
 # TOPO_SOAK_SEEDS seeds of the randomized topology race hunter (mappings/driver
