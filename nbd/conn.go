@@ -650,8 +650,23 @@ func (c *conn) prepareReplies(w *replyWriter, batch []reply) {
 	w.rest = w.iov
 }
 
+// gated closes the connection and reports true if the server's gate refuses replies now.
+func (c *conn) gated() bool {
+	if c.s.opts.Gate == nil {
+		return false
+	}
+	if err := c.s.opts.Gate(); err != nil {
+		c.writeFailed(err)
+		return true
+	}
+	return false
+}
+
 // send writes w.rest, waiting for the client as long as it takes.
 func (c *conn) send(w *replyWriter) {
+	if c.gated() {
+		return
+	}
 	var err error
 	if c.tls.conn != nil {
 		err = c.sendTLS(w.rest)
@@ -666,6 +681,9 @@ func (c *conn) send(w *replyWriter) {
 // sendNoWait writes what of w.rest the socket takes now, with one writev. It returns whether
 // nothing is left to write (or the connection failed).
 func (c *conn) sendNoWait(w *replyWriter) bool {
+	if c.gated() {
+		return true
+	}
 	var n int
 	var werr error
 	err := c.rc.Write(func(fd uintptr) bool {

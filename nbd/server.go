@@ -134,6 +134,11 @@ type Options struct {
 	// TLSConfig is the server side of TLS (see LoadTLSConfig); required unless TLSMode is
 	// TLSOff.
 	TLSConfig *tls.Config
+	// Gate, if set, is asked before each batch of replies is sent; if it returns an error,
+	// the connection is closed instead and its replies are dropped. Cluster mode gates on the
+	// node's lease, so that an owner that was paused past it answers nothing it read, wrote or
+	// flushed meanwhile, not even from its cache.
+	Gate func() error
 
 	// unixSendBuffer is the send buffer of a Unix-socket connection (default unixSendBuffer);
 	// tests make it small to fill it with a few replies.

@@ -197,6 +197,7 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 		cat         *catalog.DB
 		fs          store.Dir
 		clusterView func(context.Context) (*api.Cluster, error) // nil outside cluster mode
+		gate        func() error                                // likewise
 	)
 	if cfg.cluster != nil {
 		member, err := cfg.cluster.join(ctx, cfg.nbdTCP)
@@ -215,6 +216,7 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 		cfg.dataDir = catDir
 		go cfg.cluster.watch(member)
 		clusterView = cfg.cluster.view(member)
+		gate = member.Valid
 	} else {
 		if err := os.MkdirAll(cfg.dataDir, 0o700); err != nil {
 			return err
@@ -296,7 +298,7 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 		closeVolumes()
 		return openFailure(cfg.dataDir, err)
 	}
-	nbdSrv := nbd.NewServer(hostMgr.Exports(vols), nbd.Options{Logger: log, TLSMode: cfg.tlsMode, TLSConfig: cfg.tlsConfig})
+	nbdSrv := nbd.NewServer(hostMgr.Exports(vols), nbd.Options{Logger: log, TLSMode: cfg.tlsMode, TLSConfig: cfg.tlsConfig, Gate: gate})
 	httpSrv := &http.Server{Handler: api.NewHandler(vols, log).WithFlashCopy(vols).WithRecover(vols).WithHosts(hostMgr).WithClusterSystem(cfg.dataDir, clusterView).WithVolumeChanges(vols).WithVolumeExpand(vols), ReadHeaderTimeout: 10 * time.Second}
 	failed := make(chan error, len(nbdLs)+2)
 	if cfg.metrics != "" {

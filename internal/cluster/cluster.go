@@ -19,9 +19,11 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 
@@ -70,8 +72,11 @@ type Member struct {
 	sess  *concurrency.Session
 	elec  *concurrency.Election
 
+	start         time.Time // the clock renewed counts from (monotonic)
+	stopKeepalive context.CancelFunc
+	renewed       atomic.Int64 // when the last renewal etcd answered was sent, in ns since start
+
 	mu      sync.Mutex
-	renewed time.Time     // when the last keepalive answer arrived
 	lost    chan struct{} // closed when the lease is lost or can't be renewed for TTL
 	lostErr error
 	epoch   uint64
@@ -117,7 +122,7 @@ func join(ctx context.Context, cfg Config) (*Member, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cluster: etcd %v: %w", cfg.Endpoints, err)
 	}
-	m := &Member{cfg: cfg, cli: cli, lost: make(chan struct{})}
+	m := &Member{cfg: cfg, cli: cli, lost: make(chan struct{}), start: time.Now()}
 	gctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	grant, err := cli.Grant(gctx, int64(ttlSeconds(cfg.TTL)))
 	cancel()
@@ -126,7 +131,6 @@ func join(ctx context.Context, cfg Config) (*Member, error) {
 		return nil, fmt.Errorf("cluster: etcd %v: lease: %w", cfg.Endpoints, err)
 	}
 	m.lease = grant.ID
-	m.renewed = time.Now()
 	// Refuse a second live node of the same name: the node key is created only if absent.
 	rec, _ := json.Marshal(Node{Name: cfg.Node, IOGroup: cfg.IOGroup, Addr: cfg.Addr, State: "standby", Since: time.Now().UTC()})
 	tctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
@@ -144,13 +148,8 @@ func join(ctx context.Context, cfg Config) (*Member, error) {
 		return nil, fmt.Errorf("cluster: join as %s: %w", cfg.Node, err)
 	}
 	kctx, kcancel := context.WithCancel(context.Background())
-	ka, err := cli.KeepAlive(kctx, m.lease)
-	if err != nil {
-		kcancel()
-		cli.Close()
-		return nil, fmt.Errorf("cluster: keepalive: %w", err)
-	}
-	go m.keepalive(ka, kcancel)
+	m.stopKeepalive = kcancel
+	go m.keepalive(kctx)
 	m.sess, err = concurrency.NewSession(cli, concurrency.WithLease(m.lease))
 	if err != nil {
 		kcancel()
@@ -161,34 +160,48 @@ func join(ctx context.Context, cfg Config) (*Member, error) {
 	return m, nil
 }
 
-// keepalive follows the lease's renewals; the lease is lost when etcd says so (the channel
-// closes) or when no renewal arrived for a whole TTL, as far as this node's clock can tell (it
-// may have been paused, or cut off from etcd).
-func (m *Member) keepalive(ka <-chan *clientv3.LeaseKeepAliveResponse, cancel context.CancelFunc) {
-	defer cancel()
+// keepalive renews the lease every third of its TTL. A renewal counts from when it was *sent*:
+// etcd expires the lease no sooner than a TTL after it processed the renewal, which is after the
+// send, whereas an answer may reach this node arbitrarily late (it was paused, say) and must not
+// make its ownership look fresher than it is. The lease is lost when etcd says it is gone, or
+// when no renewal sent in the last TTL was answered (etcd unreachable, or this node paused).
+func (m *Member) keepalive(ctx context.Context) {
 	ttl := time.Duration(ttlSeconds(m.cfg.TTL)) * time.Second
-	tick := time.NewTicker(ttl / 10)
-	defer tick.Stop()
 	for {
-		select {
-		case r, ok := <-ka:
-			if !ok || r == nil {
-				m.loseLease(errors.New("etcd ended the node's lease"))
-				return
-			}
-			m.mu.Lock()
-			m.renewed = time.Now()
-			m.mu.Unlock()
-		case <-tick.C:
-			m.mu.Lock()
-			late := time.Since(m.renewed)
-			m.mu.Unlock()
-			if late > ttl {
-				m.loseLease(fmt.Errorf("the node's lease was not renewed for %s (TTL %s): etcd unreachable, or this node was paused", late.Round(time.Millisecond), ttl))
-				return
+		sent := time.Since(m.start)
+		rctx, cancel := context.WithTimeout(ctx, ttl/3)
+		resp, err := m.cli.KeepAliveOnce(rctx, m.lease)
+		cancel()
+		switch {
+		case ctx.Err() != nil:
+			return
+		case errors.Is(err, rpctypes.ErrLeaseNotFound) || err == nil && resp.TTL <= 0:
+			m.loseLease(errors.New("etcd ended the node's lease"))
+			return
+		case err == nil:
+			if int64(sent) > m.renewed.Load() {
+				m.renewed.Store(int64(sent))
 			}
 		}
+		if late := m.sinceRenewal(); late > ttl {
+			m.loseLease(fmt.Errorf("the node's lease was not renewed for %s (TTL %s): etcd unreachable, or this node was paused", late.Round(time.Millisecond), ttl))
+			return
+		}
+		next := ttl / 3
+		if err != nil {
+			next = 100 * time.Millisecond
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(next - min(next, time.Since(m.start)-sent)):
+		}
 	}
+}
+
+// sinceRenewal is how long ago the lease was last renewed, by the monotonic clock.
+func (m *Member) sinceRenewal() time.Duration {
+	return time.Since(m.start) - time.Duration(m.renewed.Load())
 }
 
 func (m *Member) loseLease(err error) {
@@ -200,6 +213,24 @@ func (m *Member) loseLease(err error) {
 		m.lostErr = err
 		close(m.lost)
 	}
+}
+
+// Valid reports whether this node may still answer as the owner: its lease was renewed within
+// the last three quarters of the TTL, by its own monotonic clock (which runs on while the
+// process is paused). etcd expires the lease no sooner than a TTL after it processed the
+// renewal, so the quarter left covers the renewal's round trip: a partner can take over only
+// after Valid turned false here.
+func (m *Member) Valid() error {
+	ttl := time.Duration(ttlSeconds(m.cfg.TTL)) * time.Second
+	select {
+	case <-m.lost:
+		return m.LostErr()
+	default:
+	}
+	if late := m.sinceRenewal(); late > ttl*3/4 {
+		return fmt.Errorf("the node's lease was last renewed %s ago (TTL %s): not answering as the owner", late.Round(time.Millisecond), ttl)
+	}
+	return nil
 }
 
 // Lost is closed when the node's lease is lost: an owner must stand down at once.
@@ -298,6 +329,7 @@ func (m *Member) Transition(state []byte) error {
 
 // Close resigns (if owner), ends the lease and disconnects.
 func (m *Member) Close() error {
+	m.stopKeepalive()
 	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.Timeout)
 	defer cancel()
 	m.cli.Revoke(ctx, m.lease)

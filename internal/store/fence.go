@@ -35,11 +35,14 @@ var ErrFenced = errors.New("fenced: another node owns this storage now")
 // filesystem, or a cluster filesystem such as GFS2 or OCFS2; not NFS).
 type Fence struct {
 	path  string
+	word  []byte        // the fence file's first page, mapped shared: the recorded epoch, read without a syscall
 	epoch atomic.Uint64 // this node's claim; 0 until Claim
 	slots chan *os.File // open file descriptions for shared locks, one per concurrent writer
 	// onFenced is called (once per refusal) when a write finds a newer epoch.
 	onFenced func(theirs uint64)
 }
+
+const fencePage = 4096
 
 // fenceSlots bounds the writes that hold the shared lock at once; more wait for a slot.
 const fenceSlots = 64
@@ -57,11 +60,34 @@ func OpenFence(dir string, onFenced func(theirs uint64)) (*Fence, error) {
 		}
 		f.slots <- fd
 	}
+	fd := <-f.slots
+	defer func() { f.slots <- fd }()
+	// The file is one page, so that the mapping never reaches past its end; growing it keeps the
+	// epoch (zero bytes were never an epoch).
+	if st, err := fd.Stat(); err != nil || st.Size() < fencePage {
+		if err == nil {
+			err = fd.Truncate(fencePage)
+		}
+		if err != nil {
+			f.Close()
+			return nil, fmt.Errorf("fence: %w", err)
+		}
+	}
+	word, err := unix.Mmap(int(fd.Fd()), 0, fencePage, unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("fence: map %s: %w", path, err)
+	}
+	f.word = word
 	return f, nil
 }
 
 // Close releases the fence's files (and so any lock still held).
 func (f *Fence) Close() error {
+	if f.word != nil {
+		unix.Munmap(f.word)
+		f.word = nil
+	}
 	for {
 		select {
 		case fd := <-f.slots:
@@ -119,17 +145,15 @@ func (f *Fence) Enter() (leave func(), err error) {
 		f.slots <- fd
 		return nil, fmt.Errorf("fence %s: %w", f.path, err)
 	}
-	cur, err := readEpoch(fd)
-	if err == nil && (mine == 0 || cur != mine) {
-		err = fmt.Errorf("fence %s: this node's epoch %d, the storage's %d: %w", f.path, mine, cur, ErrFenced)
+	// Read through the shared mapping: the same page cache page Claim's write goes to, so the
+	// lock orders the two as it would a read(2).
+	if cur := binary.BigEndian.Uint64(f.word[:8]); mine == 0 || cur != mine {
+		lockRange(fd, unix.F_UNLCK)
+		f.slots <- fd
 		if f.onFenced != nil {
 			f.onFenced(cur)
 		}
-	}
-	if err != nil {
-		lockRange(fd, unix.F_UNLCK)
-		f.slots <- fd
-		return nil, err
+		return nil, fmt.Errorf("fence %s: this node's epoch %d, the storage's %d: %w", f.path, mine, cur, ErrFenced)
 	}
 	return func() {
 		lockRange(fd, unix.F_UNLCK)
