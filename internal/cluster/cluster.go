@@ -112,8 +112,6 @@ func Join(ctx context.Context, cfg Config) (*Member, error) {
 	}
 }
 
-var errNameTaken = errors.New("name taken")
-
 func join(ctx context.Context, cfg Config) (*Member, error) {
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints: cfg.Endpoints, DialTimeout: cfg.Timeout,
@@ -140,7 +138,7 @@ func join(ctx context.Context, cfg Config) (*Member, error) {
 			clientv3.OpPut(memberKey(cfg.Node), string(rec))).Commit()
 	cancel()
 	if err == nil && !resp.Succeeded {
-		err = fmt.Errorf("another live node is called %q: %w", cfg.Node, errNameTaken)
+		err = fmt.Errorf("another live node is called %q (or this node's previous life, until its lease runs out)", cfg.Node)
 	}
 	if err != nil {
 		cli.Revoke(context.Background(), m.lease)

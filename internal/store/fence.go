@@ -98,16 +98,6 @@ func (f *Fence) Close() error {
 	}
 }
 
-// Current reads the epoch recorded in the fence file (0 if none yet).
-func (f *Fence) Current() (uint64, error) {
-	fd := <-f.slots
-	defer func() { f.slots <- fd }()
-	return readEpoch(fd)
-}
-
-// Epoch is this node's claim (0 before Claim).
-func (f *Fence) Epoch() uint64 { return f.epoch.Load() }
-
 // Claim makes epoch the owner of the storage: it refuses an epoch not above the recorded one,
 // records it durably, and returns once every write of an older epoch has finished.
 func (f *Fence) Claim(epoch uint64) error {
