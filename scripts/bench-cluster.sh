@@ -26,6 +26,7 @@ cleanup() {
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
+. scripts/fio-rows.sh
 wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "bench-cluster: $1 did not appear" >&2; exit 1; }
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
@@ -59,19 +60,7 @@ head -c "$(numfmt --from=iec "$size")" /dev/urandom >"$dir/src.img"
 for s in single cluster; do nbdcopy "$dir/src.img" "${uri[$s]}"; done
 rm -f "$dir/src.img"; sync
 
-rows=("randwrite-4k:randwrite:4k:32" "randread-4k:randread:4k:32" "seqwrite-1m:write:1m:8" "seqread-1m:read:1m:8")
-for row in "${rows[@]}"; do
-  IFS=: read -r name rw bs depth <<<"$row"
-  for r in $(seq "$rounds"); do
-    for s in single cluster; do
-      echo "bench-cluster: $name $s round $r" >&2
-      sync
-      fio --name="$name" --ioengine=nbd --uri="${uri[$s]}" --rw="$rw" --bs="$bs" --iodepth="$depth" \
-        --size="$size" --time_based --runtime="$runtime" --ramp_time=2 --norandommap --randrepeat=0 \
-        --output-format=json --output="$dir/results/$name.$s.$r.json" >/dev/null
-    done
-  done
-done
+fio_rows "$dir/results" single cluster
 
 # Failover: kill -9 the owner; time until the partner serves the volume (nbdinfo answers).
 owner=a; other=b

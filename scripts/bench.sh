@@ -23,6 +23,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
+. scripts/fio-rows.sh
 wait_sock() { for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "bench: $1 did not appear" >&2; exit 1; }
 
 # Peers' files, filled with incompressible data so no server reads holes.
@@ -126,27 +127,7 @@ for s in "${servers[@]}"; do
   nbdcopy "$dir/src.img" "${uri[$s]}"
 done
 sync # no writeback of the images during the first rows
-rows=(
-  "randwrite-4k:randwrite:4k:32"
-  "randread-4k:randread:4k:32"
-  "seqwrite-1m:write:1m:8"
-  "seqread-1m:read:1m:8"
-)
-
-for row in "${rows[@]}"; do
-  IFS=: read -r name rw bs depth <<<"$row"
-  for r in $(seq "$rounds"); do
-    for s in "${servers[@]}"; do
-      echo "bench: $name $s round $r" >&2
-      # Dirty page cache left by the measurement before (any server's) is written back now, not
-      # during this one.
-      sync
-      fio --name="$name" --ioengine=nbd --uri="${uri[$s]}" --rw="$rw" --bs="$bs" --iodepth="$depth" \
-        --size="$size" --time_based --runtime="$runtime" --ramp_time=2 --norandommap --randrepeat=0 \
-        --output-format=json --output="$dir/results/$name.$s.$r.json" >/dev/null
-    done
-  done
-done
+fio_rows "$dir/results" "${servers[@]}"
 
 # The peer comparison is printed before the FlashCopy section, so that it survives a failure there.
 python3 - "$dir/results" "$rounds" <<'PY'

@@ -223,7 +223,7 @@ func (cfg *clusterConfig) catalogueFor(epoch uint64) (string, error) {
 	if err := os.Rename(tmp, mine); err != nil {
 		return "", err
 	}
-	if err := syncPath(dir); err != nil {
+	if err := store.SyncDir(dir); err != nil {
 		return "", err
 	}
 	// Keep the previous epoch's catalogue (for an operator's inspection); older ones go.
@@ -257,14 +257,5 @@ func copyFile(from, to string) error {
 	if err := out.Close(); err != nil {
 		return err
 	}
-	return syncPath(filepath.Dir(to))
-}
-
-func syncPath(path string) error {
-	d, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return store.SyncDir(filepath.Dir(to))
 }

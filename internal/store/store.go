@@ -96,7 +96,7 @@ func (d Dir) create(name string, size int64) (File, error) {
 		os.Remove(p)
 		return nil, err
 	}
-	if err := syncDir(d.Path); err != nil {
+	if err := SyncDir(d.Path); err != nil {
 		f.Close()
 		return nil, err
 	}
@@ -141,10 +141,11 @@ func (d Dir) remove(name string) error {
 	if err != nil {
 		return err
 	}
-	return syncDir(d.Path)
+	return SyncDir(d.Path)
 }
 
-func syncDir(path string) error {
+// SyncDir makes the entries of the directory at path durable (fsync of the directory).
+func SyncDir(path string) error {
 	dir, err := os.Open(path)
 	if err != nil {
 		return err
