@@ -509,6 +509,30 @@ func dialOwner(t testing.TB, n *clusterNode, export string) *nbdclient.Client {
 	return c
 }
 
+// waitStopped waits until every thread of process pid is stopped (state T in /proc).
+func waitStopped(t testing.TB, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", pid))
+		stopped := len(tasks) > 0
+		for _, task := range tasks {
+			data, err := os.ReadFile(task)
+			// The state follows the command name in parentheses, which may itself hold spaces.
+			i := bytes.LastIndexByte(data, ')')
+			if err != nil || i < 0 || i+2 >= len(data) || (data[i+2] != 'T' && data[i+2] != 't') {
+				stopped = false
+				break
+			}
+		}
+		if stopped {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("process %d did not stop within 10 s of SIGSTOP", pid)
+}
+
 // TestClusterSplitBrain pauses the owner (SIGSTOP) past its lease while a client of it has
 // writes outstanding, lets the partner take over and write, then resumes the old owner: none
 // of its writes may reach the store, and it must stand down.
@@ -532,6 +556,9 @@ func TestClusterSplitBrain(t *testing.T) {
 		}
 	}
 	a.signal(syscall.SIGSTOP)
+	// SIGSTOP takes effect asynchronously: until every thread of a has stopped, a may still
+	// answer (rightly, it is still the owner) what is sent to it.
+	waitStopped(t, a.cmd.Process.Pid)
 	paused := time.Now()
 	// While a is paused its client sends more: these reach a only when it resumes.
 	// (The socket fills up while a is paused, so they are sent from a goroutine.)
