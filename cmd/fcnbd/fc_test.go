@@ -180,7 +180,7 @@ func fcDaemon(t *testing.T, fc api.FlashCopy) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewUnstartedServer(api.NewHandler(nil, zerolog.Nop()).WithFlashCopy(fc))
+	srv := httptest.NewUnstartedServer(api.NewHandler(nil, zerolog.Nop()).WithFlashCopy(fc).WithSystem(t.TempDir()))
 	srv.Listener.Close()
 	srv.Listener = l
 	srv.Start()

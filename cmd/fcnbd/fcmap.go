@@ -45,7 +45,7 @@ func mkfcmapCommand() *cli.Command {
 				}
 			}
 			if c.IsSet("iogrp") {
-				if err := checkIOGrp(c.String("iogrp")); err != nil {
+				if err := checkIOGrp(c, c.String("iogrp")); err != nil {
 					return err
 				}
 			}

@@ -37,12 +37,38 @@ func sizeInUnit(size, unit string) (int64, error) {
 	return n << shift, nil
 }
 
-// checkIOGrp refuses an I/O group other than io_grp0, the only one with a node.
-func checkIOGrp(ref string) error {
-	if ref != "0" && ref != "io_grp0" {
-		return fcerr.New(fcerr.NoSuchName, "the I/O group %q does not exist or has no nodes: fcnbd has io_grp0 only", ref)
+// checkIOGrp refuses an I/O group other than this daemon's: io_grp0 for the single-node
+// daemon; in cluster mode, the group of the node the command runs on. Another group's objects
+// are made on its own owner (fcnbd does not forward commands between groups).
+func checkIOGrp(c *cli.Context, ref string) error {
+	s, err := client(c).System(ctx(c))
+	if err != nil {
+		return err
 	}
-	return nil
+	own := ioGroupOf(s)
+	if ref == strconv.Itoa(own) || ref == "io_grp"+strconv.Itoa(own) {
+		return nil
+	}
+	if s.Cluster != nil {
+		for _, g := range s.Cluster.Groups {
+			if ref == strconv.Itoa(g.ID) || ref == "io_grp"+strconv.Itoa(g.ID) {
+				owner := g.Owner
+				if owner == "" {
+					owner = "no node (offline)"
+				}
+				return fcerr.New(fcerr.OtherIOGroup, "the I/O group %q is served by %s, not by this node (io_grp%d): run the command on its owner", ref, owner, own)
+			}
+		}
+	}
+	return fcerr.New(fcerr.NoSuchName, "the I/O group %q does not exist or has no nodes; this node serves io_grp%d", ref, own)
+}
+
+// ioGroupOf is the I/O group the daemon serves.
+func ioGroupOf(s api.System) int {
+	if s.Cluster != nil {
+		return s.Cluster.IOGroup
+	}
+	return 0
 }
 
 func percentFlag(c *cli.Context, name string) error {
@@ -92,7 +118,7 @@ func mkvdiskCommand() *cli.Command {
 				return err
 			}
 			if c.IsSet("iogrp") {
-				if err := checkIOGrp(c.String("iogrp")); err != nil {
+				if err := checkIOGrp(c, c.String("iogrp")); err != nil {
 					return err
 				}
 			}
@@ -157,8 +183,9 @@ func byName(ref string, err error) error {
 // vdiskRow is a volume with what lsvdisk derives for it.
 type vdiskRow struct {
 	api.Volume
-	UID    string      `json:"vdisk_UID"`
-	Fcmaps []api.Fcmap `json:"-"`
+	UID     string      `json:"vdisk_UID"`
+	IOGroup int         `json:"IO_group_id"`
+	Fcmaps  []api.Fcmap `json:"-"`
 }
 
 var (
@@ -191,7 +218,7 @@ func vdiskObject(r vdiskRow, o viewOptions) object {
 	id := strconv.FormatUint(r.ID, 10)
 	capf := func(n int64) string { return formatCapacity(n, o.bytes) }
 	v := map[string]string{
-		"id": id, "name": r.Name, "IO_group_id": "0", "IO_group_name": "io_grp0", "status": r.Status,
+		"id": id, "name": r.Name, "IO_group_id": strconv.Itoa(r.IOGroup), "IO_group_name": "io_grp" + strconv.Itoa(r.IOGroup), "status": r.Status,
 		"mdisk_grp_id": strconv.Itoa(poolID), "mdisk_grp_name": poolName, "capacity": capf(r.Capacity),
 		"type": "striped", "formatted": "yes", "formatting": "no", "FC_id": fcID, "FC_name": fcName,
 		"vdisk_UID": r.UID, "preferred_node_id": "1", "fast_write_state": "empty", "cache": "readwrite",
@@ -229,7 +256,7 @@ func vdiskRows(c *cli.Context, vols []api.Volume) ([]vdiskRow, error) {
 	}
 	rows := make([]vdiskRow, len(vols))
 	for i, v := range vols {
-		rows[i] = vdiskRow{Volume: v, UID: vdiskUID(s.ID, v.ID)}
+		rows[i] = vdiskRow{Volume: v, UID: vdiskUID(s.ID, v.ID), IOGroup: ioGroupOf(s)}
 		for _, m := range ms {
 			if uint64(m.SourceID) == v.ID || uint64(m.TargetID) == v.ID {
 				rows[i].Fcmaps = append(rows[i].Fcmaps, m)

@@ -54,6 +54,7 @@ const (
 	ExpandInMapping = "CMMVC9007E" // fcnbd: a volume in a FlashCopy mapping can't be expanded
 	// Cluster mode (issue 16).
 	ClusterUnavailable = "CMMVC5786E" // the action failed because the cluster is not in a stable state (no etcd quorum, or this node no longer owns the I/O group)
+	OtherIOGroup       = "CMMVC9008E" // fcnbd: the I/O group named is served by another node: run the command there
 )
 
 // Error is a refusal: a stable code and a sentence for the operator.

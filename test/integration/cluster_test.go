@@ -851,3 +851,50 @@ func TestClusterFollowExt4(t *testing.T) {
 	}
 	t.Logf("%d files checked after %d kills of the owner", len(want), kills)
 }
+
+// TestClusterTwoIOGroups: a node of io_grp1 beside the pair of io_grp0. Each group has its own
+// owner and volumes; lsiogrp and lsvdisk say which; a command naming another group is refused
+// with the group's owner named, and a mapping can't join volumes of two groups.
+func TestClusterTwoIOGroups(t *testing.T) {
+	e, shared, a, b := startPair(t, 2*time.Second, "v0")
+	c := newClusterNode(t, e, shared, "c", 2*time.Second)
+	for i, arg := range c.args {
+		if arg == "--iogrp" {
+			c.args[i+1] = "1"
+		}
+	}
+	c.start()
+	waitOwnerCLI(t, c)
+	c.cli("mkvdisk", "-name", "w0", "-size", "16", "-unit", "mb", "-mdiskgrp", "0", "-iogrp", "io_grp1")
+	c.cli("mkvdisk", "-name", "w1", "-size", "16", "-unit", "mb", "-mdiskgrp", "0")
+	if out := c.cli("lsvdisk", "-delim", ":", "w0"); !strings.Contains(out, "IO_group_id:1\n") || !strings.Contains(out, "IO_group_name:io_grp1\n") {
+		t.Errorf("lsvdisk w0 on io_grp1's owner:\n%s", out)
+	}
+	if out := a.cli("lsvdisk", "-delim", ":", "v0"); !strings.Contains(out, "IO_group_id:0\n") {
+		t.Errorf("lsvdisk v0 on io_grp0's owner:\n%s", out)
+	}
+	out, err := c.run("mkvdisk", "-name", "w2", "-size", "16", "-unit", "mb", "-mdiskgrp", "0", "-iogrp", "0")
+	if err == nil || !strings.Contains(out, "CMMVC9008E") || !strings.Contains(out, "served by a") {
+		t.Errorf("mkvdisk -iogrp 0 on io_grp1's owner: %v\n%s", err, out)
+	}
+	out, err = c.run("mkfcmap", "-source", "w0", "-target", "v0")
+	if err == nil || !strings.Contains(out, "CMMVC575") {
+		t.Errorf("mkfcmap across I/O groups: %v\n%s", err, out)
+	}
+	c.cli("mkfcmap", "-source", "w0", "-target", "w1") // within io_grp1
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		g := a.cli("lsiogrp", "-delim", ":", "1")
+		if strings.Contains(g, "node_count:1\n") && strings.Contains(g, "vdisk_count:2\n") && strings.Contains(g, "owner_node:c\n") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("lsiogrp 1 on io_grp0's owner:\n%s", g)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if g := c.cli("lsiogrp", "-delim", ":", "0"); !strings.Contains(g, "node_count:2\n") || !strings.Contains(g, "owner_node:a\n") {
+		t.Errorf("lsiogrp 0 on io_grp1's owner:\n%s", g)
+	}
+	_ = b
+}
