@@ -247,8 +247,7 @@ func (t *Tx) NextID(seq string) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	t.transition = true
-	if err := t.tx.Bucket(bucketCounters).Put([]byte(seq), key(id+1)); err != nil {
+	if err := t.change(bucketCounters).Put([]byte(seq), key(id+1)); err != nil {
 		return 0, err
 	}
 	return id, nil
@@ -279,15 +278,16 @@ func (t *Tx) VolumeByName(name string) (Volume, bool, error) {
 }
 
 // PutVolume creates or replaces the record of v.ID.
-func (t *Tx) PutVolume(v Volume) error {
-	t.transition = true
-	return put(t.tx.Bucket(bucketVolumes), v.ID, v)
-}
+func (t *Tx) PutVolume(v Volume) error { return put(t.change(bucketVolumes), v.ID, v) }
 
 // DeleteVolume removes the record of id; deleting a missing record is not an error.
-func (t *Tx) DeleteVolume(id uint64) error {
+func (t *Tx) DeleteVolume(id uint64) error { return t.change(bucketVolumes).Delete(key(id)) }
+
+// change returns the bucket of a control-plane record kind for writing, and marks the
+// transaction as a state transition (Options.Transition).
+func (t *Tx) change(bucket []byte) *bolt.Bucket {
 	t.transition = true
-	return t.tx.Bucket(bucketVolumes).Delete(key(id))
+	return t.tx.Bucket(bucket)
 }
 
 // The generic record helpers below are how every kind is stored: a later kind (mappings,

@@ -21,10 +21,7 @@ func (t *Tx) Model() []byte {
 }
 
 // PutModel replaces the stored FlashCopy model.
-func (t *Tx) PutModel(data []byte) error {
-	t.transition = true
-	return t.tx.Bucket(bucketFC).Put(keyModel, data)
-}
+func (t *Tx) PutModel(data []byte) error { return t.change(bucketFC).Put(keyModel, data) }
 
 // BitmapKind tells a mapping's bitmaps apart.
 type BitmapKind byte

@@ -64,16 +64,10 @@ func (t *Tx) Host(id uint64) (Host, bool, error) {
 }
 
 // PutHost creates or replaces the record of h.ID.
-func (t *Tx) PutHost(h Host) error {
-	t.transition = true
-	return put(t.tx.Bucket(bucketHosts), h.ID, h)
-}
+func (t *Tx) PutHost(h Host) error { return put(t.change(bucketHosts), h.ID, h) }
 
 // DeleteHost removes the record of id.
-func (t *Tx) DeleteHost(id uint64) error {
-	t.transition = true
-	return t.tx.Bucket(bucketHosts).Delete(key(id))
-}
+func (t *Tx) DeleteHost(id uint64) error { return t.change(bucketHosts).Delete(key(id)) }
 
 // HostMaps returns every host mapping, in id order.
 func (t *Tx) HostMaps() ([]HostMap, error) {
@@ -81,16 +75,10 @@ func (t *Tx) HostMaps() ([]HostMap, error) {
 }
 
 // PutHostMap creates or replaces the record of m.ID.
-func (t *Tx) PutHostMap(m HostMap) error {
-	t.transition = true
-	return put(t.tx.Bucket(bucketHostMaps), m.ID, m)
-}
+func (t *Tx) PutHostMap(m HostMap) error { return put(t.change(bucketHostMaps), m.ID, m) }
 
 // DeleteHostMap removes the record of id.
-func (t *Tx) DeleteHostMap(id uint64) error {
-	t.transition = true
-	return t.tx.Bucket(bucketHostMaps).Delete(key(id))
-}
+func (t *Tx) DeleteHostMap(id uint64) error { return t.change(bucketHostMaps).Delete(key(id)) }
 
 // VolumeHostMaps returns the host mappings of volume vol.
 func (t *Tx) VolumeHostMaps(vol uint64) ([]HostMap, error) {
