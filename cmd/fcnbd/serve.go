@@ -210,6 +210,10 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 		if lost := member.LostErr(); err != nil && lost != nil {
 			cfg.cluster.standDown(lost) // a standby whose lease ran out: start again, as a standby
 		}
+		if err != nil && ctx.Err() != nil {
+			log.Info().Msg("fcnbd stopped (a standby)")
+			return nil // SIGTERM or SIGINT while a standby: a clean stop
+		}
 		if err != nil {
 			return err
 		}
