@@ -22,7 +22,7 @@ lease=${BENCH_LEASE:-2s}
 rm -rf "$dir"; mkdir -p "$dir/results" "$dir/single" "$dir/shared"
 pids=()
 cleanup() {
-  for p in "${pids[@]}" $(cat "$dir"/node*.pid 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}" $(cat "$dir"/a.pid "$dir"/b.pid 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
