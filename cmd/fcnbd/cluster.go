@@ -20,6 +20,7 @@ import (
 	"fcnbd/internal/catalog"
 	"fcnbd/internal/cluster"
 	"fcnbd/internal/store"
+	"fcnbd/mappings"
 )
 
 // standDownExit is the exit status of a node that stood down: it lost its lease, or found the
@@ -145,7 +146,7 @@ func (cfg *clusterConfig) view(m *cluster.Member) func(context.Context) (*api.Cl
 			v.Nodes = append(v.Nodes, api.ClusterNode{Name: n.Name, IOGroup: n.IOGroup, Addr: n.Addr, Online: n.Online, Owner: n.Online && n.State == "owner"})
 		}
 		for _, g := range groups {
-			v.Groups = append(v.Groups, api.IOGroup{ID: g.ID, Owner: g.Owner, Volumes: g.Volumes})
+			v.Groups = append(v.Groups, api.IOGroup{ID: g.ID, Owner: g.Owner, Volumes: g.Volumes, Suspended: g.Suspended})
 		}
 		return v, nil
 	}
@@ -166,18 +167,34 @@ func (cfg *clusterConfig) standDown(why error) {
 }
 
 // controlState is what the owner publishes in etcd with each transition: the I/O group's volumes
-// and FlashCopy model, for the standby and for operators.
+// and FlashCopy model, and how many of its mappings are suspended (their bitmaps offline), for
+// the standby and for operators. It is published before the catalogue commits, so a suspension
+// shows even when the catalogue can't record it: the journal that failed is the catalogue.
 func controlState(tx *catalog.Tx, node string, epoch uint64) ([]byte, error) {
 	vols, err := tx.Volumes()
 	if err != nil {
 		return nil, err
 	}
+	model := tx.Model()
+	var fc mappings.Model
+	if model != nil {
+		if err := json.Unmarshal(model, &fc); err != nil {
+			return nil, fmt.Errorf("the catalogue's FlashCopy model: %w", err)
+		}
+	}
+	suspended := 0
+	for _, mp := range fc.Mappings {
+		if mp.State == mappings.Suspended {
+			suspended++
+		}
+	}
 	return json.Marshal(struct {
-		Node    string           `json:"node"`
-		Epoch   uint64           `json:"epoch"`
-		Volumes []catalog.Volume `json:"volumes"`
-		Model   json.RawMessage  `json:"flashcopy,omitempty"`
-	}{node, epoch, vols, tx.Model()})
+		Node      string           `json:"node"`
+		Epoch     uint64           `json:"epoch"`
+		Volumes   []catalog.Volume `json:"volumes"`
+		Suspended int              `json:"suspended"`
+		Model     json.RawMessage  `json:"flashcopy,omitempty"`
+	}{node, epoch, vols, suspended, model})
 }
 
 // The catalogue of an I/O group is one file per ownership epoch: catalog.e<EPOCH>/catalog.db in

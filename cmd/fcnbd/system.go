@@ -16,6 +16,7 @@ import (
 
 	"fcnbd/internal/api"
 	"fcnbd/internal/fcerr"
+	"fcnbd/mappings"
 )
 
 // codeLevel is what lssystem shows as code_level: SVC's version form, which automation parses
@@ -198,11 +199,16 @@ type iogrpRow struct {
 	// and FlashCopy mappings are offline).
 	Owner  string `json:"owner_node"`
 	Status string `json:"status"`
+	// FCBitmaps is offline while the group's FlashCopy bitmaps can't be reached: no node
+	// serves the group, or its journal failed and Suspended of its mappings are suspended
+	// (docs/flashcopy.md §3 "Bitmap offline"). "" for a group that has no node.
+	FCBitmaps string `json:"fc_bitmaps"`
+	Suspended int    `json:"suspended_fcmap_count"`
 }
 
 var (
 	iogrpColumns = []string{"id", "name", "node_count", "vdisk_count", "host_count", "site_id", "site_name"}
-	iogrpFields  = append(slicesClone(iogrpColumns), "owner_node", "status")
+	iogrpFields  = append(slicesClone(iogrpColumns), "owner_node", "status", "fc_bitmaps", "suspended_fcmap_count")
 )
 
 func iogrps(c *cli.Context) ([]iogrpRow, error) {
@@ -214,16 +220,37 @@ func iogrps(c *cli.Context) ([]iogrpRow, error) {
 	if err != nil {
 		return nil, err
 	}
+	maps, err := client(c).Fcmaps(ctx(c))
+	if err != nil {
+		return nil, err
+	}
 	s, err := client(c).System(ctx(c))
 	if err != nil {
 		return nil, err
 	}
-	rows := []iogrpRow{{0, "io_grp0", 0, 0, 0, "", ""}, {1, "io_grp1", 0, 0, 0, "", ""}, {2, "io_grp2", 0, 0, 0, "", ""},
-		{3, "io_grp3", 0, 0, 0, "", ""}, {4, "recovery_io_grp", 0, 0, 0, "", ""}}
+	rows := []iogrpRow{{ID: 0, Name: "io_grp0"}, {ID: 1, Name: "io_grp1"}, {ID: 2, Name: "io_grp2"},
+		{ID: 3, Name: "io_grp3"}, {ID: 4, Name: "recovery_io_grp"}}
+	// This node's group, from its own mappings; the others as their owners published them.
+	suspended := 0
+	for _, m := range maps {
+		if m.Status == string(mappings.Suspended) {
+			suspended++
+		}
+	}
+	bitmaps := func(r *iogrpRow) {
+		switch {
+		case r.Status == "":
+		case r.Status == "offline" || r.Suspended > 0:
+			r.FCBitmaps = "offline"
+		default:
+			r.FCBitmaps = "online"
+		}
+	}
 	if s.Cluster == nil {
 		// Every volume and host is io_grp0's: the single-node daemon is one I/O group.
 		rows[0].NodeCount, rows[0].VdiskCount, rows[0].HostCount = 1, len(vols), len(hosts)
-		rows[0].Owner, rows[0].Status = theNode(s).Name, "online"
+		rows[0].Owner, rows[0].Status, rows[0].Suspended = theNode(s).Name, "online", suspended
+		bitmaps(&rows[0])
 		return rows, nil
 	}
 	for _, n := range s.Cluster.Nodes {
@@ -233,7 +260,7 @@ func iogrps(c *cli.Context) ([]iogrpRow, error) {
 	}
 	for _, g := range s.Cluster.Groups {
 		if g.ID >= 0 && g.ID < 4 {
-			rows[g.ID].VdiskCount, rows[g.ID].Owner = g.Volumes, g.Owner
+			rows[g.ID].VdiskCount, rows[g.ID].Owner, rows[g.ID].Suspended = g.Volumes, g.Owner, g.Suspended
 		}
 	}
 	for i := range rows[:4] {
@@ -247,7 +274,10 @@ func iogrps(c *cli.Context) ([]iogrpRow, error) {
 	}
 	// This node's own group, as it is now (hosts are defined per I/O group's catalogue).
 	own := &rows[s.Cluster.IOGroup]
-	own.VdiskCount, own.HostCount = len(vols), len(hosts)
+	own.VdiskCount, own.HostCount, own.Suspended = len(vols), len(hosts), suspended
+	for i := range rows[:4] {
+		bitmaps(&rows[i])
+	}
 	return rows, nil
 }
 
@@ -270,7 +300,8 @@ func lsiogrpCommand() *cli.Command {
 		all: iogrps,
 		object: func(g iogrpRow, _ viewOptions) object {
 			return object{fields: zipFields(iogrpFields, []string{strconv.Itoa(g.ID), g.Name,
-				strconv.Itoa(g.NodeCount), strconv.Itoa(g.VdiskCount), strconv.Itoa(g.HostCount), "", "", g.Owner, g.Status}), json: g}
+				strconv.Itoa(g.NodeCount), strconv.Itoa(g.VdiskCount), strconv.Itoa(g.HostCount), "", "", g.Owner, g.Status, g.FCBitmaps,
+				strconv.Itoa(g.Suspended)}), json: g}
 		},
 	})
 }

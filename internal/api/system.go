@@ -51,6 +51,8 @@ type IOGroup struct {
 	ID      int    `json:"id"`
 	Owner   string `json:"owner,omitempty"` // "": no node serves it, its volumes and mappings are offline
 	Volumes int    `json:"volumes"`
+	// Suspended counts its mappings suspended because their bitmaps are offline.
+	Suspended int `json:"suspended"`
 }
 
 // ReadSystem describes this host and the file system of dataDir.

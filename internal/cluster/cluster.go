@@ -346,6 +346,9 @@ type GroupStatus struct {
 	ID      int    `json:"id"`
 	Owner   string `json:"owner,omitempty"` // "" while no node owns it: its volumes and mappings are offline
 	Volumes int    `json:"volumes"`         // as its owner last published them
+	// Suspended counts the group's mappings suspended because their bitmaps are offline (the
+	// journal failed), as its owner last published them.
+	Suspended int `json:"suspended"`
 }
 
 // Status reads the cluster's nodes (in name order) and I/O groups (in id order) from etcd.
@@ -379,10 +382,11 @@ func (m *Member) Status(ctx context.Context) ([]NodeStatus, []GroupStatus, error
 				continue
 			}
 			var st struct {
-				Volumes []json.RawMessage `json:"volumes"`
+				Volumes   []json.RawMessage `json:"volumes"`
+				Suspended int               `json:"suspended"`
 			}
 			if json.Unmarshal(kv.Value, &st) == nil {
-				group(id).Volumes = len(st.Volumes)
+				group(id).Volumes, group(id).Suspended = len(st.Volumes), st.Suspended
 			}
 		}
 	}

@@ -898,3 +898,213 @@ func TestClusterTwoIOGroups(t *testing.T) {
 	}
 	_ = b
 }
+
+// faultFS is test/integration/faultfs mounted for one test: a directory seen again through
+// FUSE, whose files of one name fail with EIO while faults are on.
+type faultFS struct {
+	t   testing.TB
+	cmd *exec.Cmd
+	out *syncBuffer
+}
+
+func startFaultFS(t testing.TB, backing, mount, match string) *faultFS {
+	t.Helper()
+	_, err := os.Stat("/dev/fuse")
+	need(t, "FUSE (/dev/fuse)", err == nil)
+	bin := filepath.Join(t.TempDir(), "faultfs")
+	if out, err := exec.Command("go", "build", "-o", bin, "fcnbd/test/integration/faultfs").CombinedOutput(); err != nil {
+		t.Fatalf("go build faultfs: %v\n%s", err, out)
+	}
+	f := &faultFS{t: t, out: &syncBuffer{}}
+	f.cmd = exec.Command(bin, "-backing", backing, "-mount", mount, "-match", match)
+	f.cmd.Stdout, f.cmd.Stderr = f.out, f.out
+	if err := f.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		f.cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { f.cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			exec.Command("umount", "-l", mount).Run()
+			f.cmd.Process.Kill()
+			<-done
+		}
+	})
+	f.await("ready")
+	return f
+}
+
+func (f *faultFS) await(line string) {
+	f.t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if strings.Count(f.out.String(), line+"\n") > 0 {
+			return
+		}
+	}
+	f.t.Fatalf("faultfs did not say %q: %s", line, f.out.String())
+}
+
+// faults turns the faults on or off, and waits until faultfs says so.
+func (f *faultFS) faults(on bool) {
+	f.t.Helper()
+	before := f.out.String()
+	sig, line := syscall.SIGUSR2, "faults off"
+	if on {
+		sig, line = syscall.SIGUSR1, "faults on"
+	}
+	f.cmd.Process.Signal(sig)
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if strings.Count(f.out.String(), line+"\n") > strings.Count(before, line+"\n") {
+			return
+		}
+	}
+	f.t.Fatalf("faultfs did not turn %s", line)
+}
+
+// TestClusterJournalOffline: the I/O group's journal (its catalogue, which holds the split
+// bitmaps) fails at the kernel while the owner runs. The mapping whose bits could not be
+// committed is suspended and its volumes go offline, and lsfcmap, lsvdisk and lsiogrp say so;
+// no command changes anything meanwhile. Once the journal works again the mapping comes back
+// online where it was, with the target's point-in-time image, and the partner finds it so after
+// the owner is killed.
+func TestClusterJournalOffline(t *testing.T) {
+	needRoot(t)
+	e := startEtcd(t)
+	backing, shared := t.TempDir(), t.TempDir()
+	ff := startFaultFS(t, backing, shared, "catalog.db")
+	a, b := newClusterNode(t, e, shared, "a", 2*time.Second), newClusterNode(t, e, shared, "b", 2*time.Second)
+	a.start()
+	waitOwnerCLI(t, a)
+	for _, v := range []string{"s1", "t1", "s2", "t2"} {
+		a.cli("mkvdisk", "-name", v, "-size", "16", "-unit", "mb", "-mdiskgrp", "0")
+	}
+	b.start()
+	for _, v := range []string{"s1", "s2"} {
+		c := dialOwner(t, a, v)
+		for i := range clBlocks {
+			if err := c.WriteAt(pattern(1), uint64(i*clBlock), false); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := c.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	a.cli("mkfcconsistgrp", "-name", "g")
+	a.cli("mkfcmap", "-name", "m1", "-source", "s1", "-target", "t1", "-consistgrp", "g", "-copyrate", "0")
+	a.cli("mkfcmap", "-name", "m2", "-source", "s2", "-target", "t2", "-consistgrp", "g", "-copyrate", "0")
+	a.cli("startfcconsistgrp", "-prep", "g")
+	waitNodeField(t, a, "lsfcmap", "m1", "status", "copying")
+
+	ff.faults(true)
+	lsvdiskBefore := a.cli("lsvdisk", "-delim", ":")
+	c1 := dialOwner(t, a, "s1")
+	// The write needs m1's split bit: its commit fails, so the write (or the flush that
+	// destages it) fails and m1 is suspended.
+	werr := c1.WriteAt(pattern(2), 0, false)
+	if werr == nil {
+		werr = c1.Flush()
+	}
+	if werr == nil {
+		t.Fatal("a write needing a split bit was acknowledged as durable while the journal failed")
+	}
+	t.Logf("write while the journal fails: %v", werr)
+	c1.Close()
+	waitNodeField(t, a, "lsfcmap", "m1", "status", "suspended")
+	for _, v := range []string{"s1", "t1"} {
+		if got := nodeField(t, a, "lsvdisk", v, "status"); got != "offline" {
+			t.Errorf("%s is %s while m1 is suspended; want offline", v, got)
+		}
+	}
+	if got := nodeField(t, a, "lsiogrp", "0", "fc_bitmaps"); got != "offline" {
+		t.Errorf("lsiogrp 0: fc_bitmaps %s while m1 is suspended", got)
+	}
+	if ct := dialOwner(t, a, "t1"); ct.ReadAt(make([]byte, clBlock), 0) == nil {
+		t.Error("a read of t1 succeeded while its mapping is suspended")
+	}
+	// A command needing the catalogue is refused and changes nothing.
+	if out, err := a.run("mkvdisk", "-name", "x", "-size", "16", "-unit", "mb", "-mdiskgrp", "0"); err == nil {
+		t.Errorf("mkvdisk succeeded while the journal fails: %s", out)
+	} else {
+		t.Logf("mkvdisk while the journal fails: %s", strings.TrimSpace(out))
+	}
+	if out, err := a.run("stopfcconsistgrp", "g"); err == nil {
+		t.Errorf("stopfcconsistgrp succeeded while the journal fails: %s", out)
+	}
+	ff.faults(false)
+	waitNodeField(t, a, "lsfcmap", "m1", "status", "copying")
+	if got := nodeField(t, a, "lsfcmap", "m2", "status"); got != "copying" {
+		t.Errorf("m2 is %s after the journal came back", got)
+	}
+	if got := a.cli("lsvdisk", "-delim", ":"); got != lsvdiskBefore {
+		t.Errorf("lsvdisk changed across the journal's failure:\nbefore:\n%s\nafter:\n%s", lsvdiskBefore, got)
+	}
+	if got := nodeField(t, a, "lsiogrp", "0", "fc_bitmaps"); got != "online" {
+		t.Errorf("lsiogrp 0: fc_bitmaps %s after the journal came back", got)
+	}
+	c1 = dialOwner(t, a, "s1")
+	if err := c1.WriteAt(pattern(2), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := c1.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	c1.Close()
+
+	// The partner finds the same after a kill -9 of the owner.
+	a.kill()
+	for _, n := range []*clusterNode{b} {
+		waitOwnerCLI(t, n)
+		waitNodeField(t, n, "lsfcmap", "m1", "status", "copying")
+		expect := map[string]func(i int) uint64{
+			"s1": func(i int) uint64 { return map[bool]uint64{true: 2, false: 1}[i == 0] },
+			"t1": func(int) uint64 { return 1 },
+			"t2": func(int) uint64 { return 1 },
+		}
+		for v, want := range expect {
+			c := dialOwner(t, n, v)
+			buf := make([]byte, clBlock)
+			for i := range clBlocks {
+				if err := c.ReadAt(buf, uint64(i*clBlock)); err != nil {
+					t.Fatalf("%s on %s: block %d: %v", v, n.name, i, err)
+				}
+				if tag, err := tagOf(buf); err != nil || tag != want(i) {
+					t.Fatalf("%s on %s: block %d has tag %d (%v), want %d", v, n.name, i, tag, err, want(i))
+				}
+			}
+			c.Close()
+		}
+		if got := nodeField(t, n, "lsiogrp", "0", "fc_bitmaps"); got != "online" {
+			t.Errorf("lsiogrp 0 on %s: fc_bitmaps %s", n.name, got)
+		}
+	}
+}
+
+// nodeField returns one field of an object's detailed view (`fcnbd CMD -delim : REF`).
+func nodeField(t testing.TB, n *clusterNode, cmd, ref, key string) string {
+	t.Helper()
+	out := n.cli(cmd, "-delim", ":", ref)
+	for _, l := range strings.Split(out, "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok && k == key {
+			return v
+		}
+	}
+	t.Fatalf("%s %s has no field %s:\n%s", cmd, ref, key, out)
+	return ""
+}
+
+// waitNodeField waits up to 20 s until a field of an object's detailed view reads want.
+func waitNodeField(t testing.TB, n *clusterNode, cmd, ref, key, want string) {
+	t.Helper()
+	got := ""
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if got = nodeField(t, n, cmd, ref, key); got == want {
+			return
+		}
+	}
+	t.Fatalf("%s %s: %s is %q after 20s, want %q", cmd, ref, key, got, want)
+}
