@@ -1,12 +1,14 @@
 package integration
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -727,28 +729,35 @@ func TestClusterEtcdFailures(t *testing.T) {
 	owner.cli("mkvdisk", "-name", "v2", "-size", "16", "-unit", "mb", "-mdiskgrp", "0")
 }
 
-// TestClusterFollowExt4: ext4 on a kernel block device (nbdfuse + loop) over `fcnbd follow`,
-// files written and synced while the I/O group's owner is killed with kill -9: the filesystem
-// sees pauses, not errors; afterwards e2fsck finds it clean and every file is intact, synced
-// or not (follow replays the writes the dead owner had acknowledged from its cache).
-func TestClusterFollowExt4(t *testing.T) {
-	needTools(t, "mkfs.ext4", "e2fsck", "mount", "umount", "nbdfuse", "losetup")
+// TestClusterKernelDevice is issue 16's failover test on kernel block devices (nbdfuse + loop,
+// over `fcnbd attach --follow`): ext4 on one volume with files written and synced, fio with
+// verify= on another, and a consistency group of two active mappings from them (one copying in
+// the background, one not), while the I/O group's owner is killed with kill -9 at random
+// moments. Every fio run must verify, the filesystem must pass e2fsck with every file intact
+// (synced or not: follow replays what the dead owner had acknowledged from its cache), and both
+// targets must hold the image the group's start took, byte for byte; the ext4 one passes e2fsck.
+// FCNBD_CLUSTER_KILLS sets the number of kills (10 by default; make soak runs 200).
+func TestClusterKernelDevice(t *testing.T) {
+	needTools(t, "mkfs.ext4", "e2fsck", "mount", "umount", "nbdfuse", "losetup", "fio", "fsfreeze", "nbdcopy")
 	_, fuseErr := os.Stat("/dev/fuse")
 	need(t, "/dev/fuse does not exist", fuseErr == nil)
-	kills := 3
+	kills := 10
 	if v := os.Getenv("FCNBD_CLUSTER_KILLS"); v != "" {
 		kills, _ = strconv.Atoi(v)
 	}
 	_, _, a, b := startPair(t, 2*time.Second)
 	a.cli("mkvdisk", "-name", "fs", "-size", "256", "-unit", "mb", "-mdiskgrp", "0")
+	a.cli("mkvdisk", "-name", "fsT", "-size", "256", "-unit", "mb", "-mdiskgrp", "0")
+	a.cli("mkvdisk", "-name", "raw", "-size", "64", "-unit", "mb", "-mdiskgrp", "0")
+	a.cli("mkvdisk", "-name", "rawT", "-size", "64", "-unit", "mb", "-mdiskgrp", "0")
 	nodes := []*clusterNode{a, b}
 
 	attachDir := t.TempDir()
-	attachFollow := func() string {
+	attachFollow := func(vol string) string {
 		out, err := exec.Command(fcnbdBin(t), "attach", "--attach-dir", attachDir, "--follow", a.tcp+","+b.tcp,
-			"--method", "nbdfuse", "fs").CombinedOutput()
+			"--method", "nbdfuse", vol).CombinedOutput()
 		if err != nil {
-			t.Fatalf("fcnbd attach --follow: %v\n%s", err, out)
+			t.Fatalf("fcnbd attach --follow %s: %v\n%s", vol, err, out)
 		}
 		dev := strings.TrimSpace(string(out))
 		t.Cleanup(func() { exec.Command(fcnbdBin(t), "detach", "--attach-dir", attachDir, dev).Run() })
@@ -765,16 +774,17 @@ func TestClusterFollowExt4(t *testing.T) {
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("fcnbd follow log:\n%s", followLog())
+			t.Logf("fcnbd follow logs:\n%s", followLog())
 		}
 	})
-	dev := attachFollow()
+	dev, rawDev := attachFollow("fs"), attachFollow("raw")
 	sh(t, "mkfs.ext4", "-q", "-F", dev)
 	mnt := t.TempDir()
 	sh(t, "mount", dev, mnt)
 	mounted := true
 	t.Cleanup(func() {
 		if mounted {
+			exec.Command("fsfreeze", "-u", mnt).Run()
 			exec.Command("umount", mnt).Run()
 		}
 	})
@@ -801,17 +811,79 @@ func TestClusterFollowExt4(t *testing.T) {
 		}
 		want[name] = sum(data)
 	}
+	fioLog := filepath.Join(t.TempDir(), "fio.log")
+	// fio writes size bytes of raw at random (4-64 KiB blocks, direct I/O, at most 16 MiB/s),
+	// each block with a checksum and a header naming its place; with verify, it writes nothing
+	// and reads the same blocks back (same seed), checking each. The kernel's caches are
+	// dropped before a verification, so that it reads what the nodes have.
+	fio := func(seed int, size string, verify bool) error {
+		args := []string{"--name=verify", "--filename=" + rawDev, "--rw=randwrite", "--bsrange=4k-64k",
+			"--size=64M", "--io_size=" + size, "--ioengine=libaio", "--direct=1", "--iodepth=4", "--rate=16m",
+			"--verify=crc32c", "--verify_fatal=1", "--randseed=" + strconv.Itoa(seed)}
+		if verify {
+			if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0); err != nil {
+				return err
+			}
+			args = append(args, "--verify_only")
+		} else {
+			args = append(args, "--do_verify=0")
+		}
+		out, err := exec.Command("fio", args...).CombinedOutput()
+		f, _ := os.OpenFile(fioLog, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
+		fmt.Fprintf(f, "----- fio run %d (verify %v): %v\n%s", seed, verify, err, out)
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("fio run %d (verify %v): %v (its output is in the test log)", seed, verify, err)
+		}
+		return nil
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			out, _ := os.ReadFile(fioLog)
+			t.Logf("fio:\n%s", out)
+		}
+	})
+
+	// The group's point in time: ext4 frozen and raw idle while the group starts. The images
+	// the targets must keep are read from the devices at that moment.
+	for i := range 20 {
+		write(fmt.Sprintf("pre-%d", i), i%2 == 0)
+	}
+	if err := fio(1000, "64M", false); err != nil {
+		t.Fatal(err)
+	}
+	refDir := t.TempDir()
+	sh(t, "fsfreeze", "-f", mnt)
+	sh(t, "dd", "if="+dev, "of="+filepath.Join(refDir, "fs.img"), "bs=1M", "iflag=direct", "status=none")
+	sh(t, "dd", "if="+rawDev, "of="+filepath.Join(refDir, "raw.img"), "bs=1M", "iflag=direct", "status=none")
+	a.cli("mkfcconsistgrp", "-name", "g")
+	a.cli("mkfcmap", "-name", "mfs", "-source", "fs", "-target", "fsT", "-consistgrp", "g", "-copyrate", "50")
+	a.cli("mkfcmap", "-name", "mraw", "-source", "raw", "-target", "rawT", "-consistgrp", "g", "-copyrate", "0")
+	a.cli("startfcconsistgrp", "-prep", "g")
+	sh(t, "fsfreeze", "-u", mnt)
+
+	var took []time.Duration
+	spanned := 0 // fio runs under way when the owner was killed
 	for k := range kills {
 		owner, c := waitOwner(t, 30*time.Second, "fs", nodes...)
 		c.Close()
-		for i := range 6 {
+		for i := range 4 {
 			write(fmt.Sprintf("k%d-synced-%d", k, i), true)
 		}
+		fioDone := make(chan error, 1)
+		var fioEnd time.Time
+		go func() {
+			err := fio(k, "24M", false)
+			fioEnd = time.Now()
+			fioDone <- err
+		}()
 		done := make(chan struct{})
 		delay := time.Duration(200+rng.IntN(800)) * time.Millisecond
+		var killed time.Time
 		go func() {
 			time.Sleep(delay)
 			owner.kill()
+			killed = time.Now()
 			close(done)
 		}()
 		// Writes carry on through the kill: they pause while the partner takes over.
@@ -827,13 +899,28 @@ func TestClusterFollowExt4(t *testing.T) {
 			}
 			break
 		}
+		_, c = waitOwner(t, 30*time.Second, "fs", nodes...)
+		took = append(took, time.Since(killed))
+		c.Close()
 		for i := range 4 {
 			write(fmt.Sprintf("k%d-after-%d", k, i), i%2 == 0)
+		}
+		if err := <-fioDone; err != nil {
+			t.Fatal(err)
+		}
+		if fioEnd.After(killed) {
+			spanned++
+		}
+		if err := fio(k, "24M", true); err != nil {
+			t.Fatal(err)
 		}
 		owner.start()
 	}
 	sh(t, "umount", mnt)
 	mounted = false
+	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0); err != nil {
+		t.Fatal(err)
+	}
 	sh(t, "e2fsck", "-fn", dev)
 	sh(t, "mount", "-o", "ro", dev, mnt)
 	mounted = true
@@ -849,7 +936,29 @@ func TestClusterFollowExt4(t *testing.T) {
 	if !strings.Contains(followLog(), "failed over") {
 		t.Errorf("fcnbd follow never logged a failover:\n%s", followLog())
 	}
-	t.Logf("%d files checked after %d kills of the owner", len(want), kills)
+
+	// The targets, read from whichever node owns the group now.
+	owner, c := waitOwner(t, 30*time.Second, "fs", nodes...)
+	c.Close()
+	for _, m := range []string{"mfs", "mraw"} {
+		if st := nodeField(t, owner, "lsfcmap", m, "status"); st != "copying" && st != "idle_or_copied" {
+			t.Errorf("%s is %s after the kills", m, st)
+		}
+	}
+	for _, v := range []struct{ target, ref string }{{"fsT", "fs.img"}, {"rawT", "raw.img"}} {
+		img := filepath.Join(refDir, v.target+".img")
+		sh(t, "nbdcopy", "nbd://"+owner.tcp+"/"+v.target, img)
+		if out, err := exec.Command("cmp", filepath.Join(refDir, v.ref), img).CombinedOutput(); err != nil {
+			t.Errorf("%s is not the image of the group's start: %s", v.target, out)
+		}
+		if v.target == "fsT" {
+			sh(t, "e2fsck", "-fn", img)
+		}
+		os.Remove(img)
+	}
+	slices.Sort(took)
+	t.Logf("%d files and %d fio runs (%d of them writing across a kill) checked after %d kills of the owner; served again after a median %s, max %s",
+		len(want), kills+1, spanned, kills, took[len(took)/2].Round(time.Millisecond), took[len(took)-1].Round(time.Millisecond))
 }
 
 // TestClusterTwoIOGroups: a node of io_grp1 beside the pair of io_grp0. Each group has its own
@@ -1107,4 +1216,138 @@ func waitNodeField(t testing.TB, n *clusterNode, cmd, ref, key, want string) {
 		}
 	}
 	t.Fatalf("%s %s: %s is %q after 20s, want %q", cmd, ref, key, got, want)
+}
+
+// TestVMClusterFailover runs guest/cluster-failover.sh: the guest kernel's NBD driver (nbd-client)
+// on a cluster-mode volume, through `fcnbd follow` on the host, with ext4 taking writes while the
+// host kills the I/O group's owner with kill -9 in each of the guest's rounds (4, or
+// FCNBD_VM_CLUSTER_ROUNDS).
+func TestVMClusterFailover(t *testing.T) {
+	vmRequire(t)
+	rounds := 4
+	if v := os.Getenv("FCNBD_VM_CLUSTER_ROUNDS"); v != "" {
+		rounds, _ = strconv.Atoi(v)
+	}
+	_, _, a, b := startPair(t, 2*time.Second)
+	a.cli("mkvdisk", "-name", "fs", "-size", "128", "-unit", "mb", "-mdiskgrp", "0")
+	nodes := []*clusterNode{a, b}
+
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "follow.sock")
+	followLog := &syncBuffer{}
+	follow := exec.Command(fcnbdBin(t), "follow", "--nodes", a.tcp+","+b.tcp, "--listen", sock, "fs")
+	follow.Stdout, follow.Stderr = followLog, followLog
+	if err := follow.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		follow.Process.Signal(syscall.SIGTERM)
+		follow.Wait()
+		if t.Failed() {
+			t.Logf("fcnbd follow log:\n%s", followLog.String())
+		}
+	})
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("fcnbd follow did not listen within 10s")
+		}
+	}
+
+	ctlPath := filepath.Join(dir, "ctl.sock")
+	ln, err := net.Listen("unix", ctlPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var (
+		wg     sync.WaitGroup
+		mu     sync.Mutex
+		took   []time.Duration
+		kerr   error
+		killed = make(chan struct{}, 1)
+	)
+	killed <- struct{}{}
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 9))
+	wg.Add(1)
+	go func() { // the host side of the guest's control port
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			line, _ := bufio.NewReader(c).ReadString('\n')
+			switch f := strings.Fields(line); {
+			case len(f) == 2 && f[0] == "KILL":
+				<-killed
+				fmt.Fprintln(c, "OK") // the guest writes on while the owner dies
+				delay := time.Duration(100+rng.IntN(700)) * time.Millisecond
+				go func() {
+					defer func() { killed <- struct{}{} }()
+					time.Sleep(delay)
+					owner := whoServes(nodes, "fs")
+					if owner == nil {
+						mu.Lock()
+						kerr = fmt.Errorf("round %s: no node serves fs", f[1])
+						mu.Unlock()
+						return
+					}
+					owner.kill()
+					start := time.Now()
+					for whoServes(nodes, "fs") == nil && time.Since(start) < 30*time.Second {
+						time.Sleep(20 * time.Millisecond)
+					}
+					mu.Lock()
+					took = append(took, time.Since(start))
+					mu.Unlock()
+					owner.start()
+				}()
+			case len(f) == 2 && f[0] == "WAIT":
+				<-killed
+				killed <- struct{}{}
+				fmt.Fprintln(c, "OK")
+			default:
+				fmt.Fprintf(c, "BAD %q\n", line)
+			}
+			c.Close()
+		}
+	}()
+	r := runVM(t, vmGuestScript(t, "cluster-failover.sh"),
+		VMForward(10809, "unix:"+sock), VMForward(10810, "unix:"+ctlPath),
+		VMEnv("NBD_EXPORT", "fs"), VMEnv("ROUNDS", strconv.Itoa(rounds)), VMTimeout(4*time.Minute))
+	ln.Close()
+	wg.Wait()
+	requireVMOK(t, r)
+	if kerr != nil {
+		t.Fatal(kerr)
+	}
+	if len(took) != rounds {
+		t.Fatalf("%d kills, want %d", len(took), rounds)
+	}
+	if n := strings.Count(followLog.String(), "failed over"); n < rounds {
+		t.Errorf("fcnbd follow logged %d failovers, want %d", n, rounds)
+	}
+	slices.Sort(took)
+	t.Logf("%d kills of the owner under the guest's ext4: served again after a median %s, max %s",
+		rounds, took[len(took)/2].Round(time.Millisecond), took[len(took)-1].Round(time.Millisecond))
+}
+
+// whoServes returns the node that serves export over NBD now, or nil.
+func whoServes(nodes []*clusterNode, export string) *clusterNode {
+	for _, n := range nodes {
+		if !n.running() {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		c, err := nbdclient.Dial(ctx, "tcp", n.tcp, export)
+		cancel()
+		if err == nil {
+			c.Close()
+			return n
+		}
+	}
+	return nil
 }
