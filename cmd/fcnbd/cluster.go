@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"sort"
@@ -19,8 +20,10 @@ import (
 	"fcnbd/internal/api"
 	"fcnbd/internal/catalog"
 	"fcnbd/internal/cluster"
+	"fcnbd/internal/fcerr"
 	"fcnbd/internal/store"
 	"fcnbd/mappings"
+	"fcnbd/mappings/driver"
 )
 
 // standDownExit is the exit status of a node that stood down: it lost its lease, or found the
@@ -88,8 +91,30 @@ func (cfg *clusterConfig) join(ctx context.Context, addr string) (*cluster.Membe
 
 // takeOver waits until this node owns its I/O group, then claims the shared storage with its
 // epoch (which waits for any write of the old owner still running), takes the catalogue over
-// and returns it with the fenced store.
+// and returns it with the fenced store. If the catalogue can't be loaded (the group's journal
+// is unreadable), no node can serve the group: this node gives it up, so that its partner may
+// try, and tries again a lease later; meanwhile the group's volumes and mappings are offline,
+// and both nodes' standby views say so.
 func (cfg *clusterConfig) takeOver(ctx context.Context, m *cluster.Member) (*catalog.DB, store.Dir, string, error) {
+	for {
+		cat, dir, catDir, err := cfg.tryTakeOver(ctx, m)
+		if err == nil || ctx.Err() != nil || m.LostErr() != nil {
+			return cat, dir, catDir, err
+		}
+		cfg.log.Error().Err(err).Int("iogrp", cfg.iogrp).Dur("retry_in", cfg.lease).
+			Msg("cluster: bitmaps offline: this node owns the I/O group but can't load its catalogue (the journal), so no node serves it; giving it up to the partner and trying again")
+		if rerr := m.Resign(); rerr != nil {
+			cfg.log.Warn().Err(rerr).Msg("cluster: resign")
+		}
+		select {
+		case <-ctx.Done():
+			return nil, store.Dir{}, "", ctx.Err()
+		case <-time.After(cfg.lease):
+		}
+	}
+}
+
+func (cfg *clusterConfig) tryTakeOver(ctx context.Context, m *cluster.Member) (*catalog.DB, store.Dir, string, error) {
 	won := time.Now()
 	epoch, err := m.Campaign(ctx)
 	if err != nil {
@@ -110,9 +135,9 @@ func (cfg *clusterConfig) takeOver(ctx context.Context, m *cluster.Member) (*cat
 		fence.Close()
 		return nil, store.Dir{}, "", err
 	}
-	cfg.fence = fence
 	catDir, err := cfg.catalogueFor(epoch)
 	if err != nil {
+		fence.Close()
 		return nil, store.Dir{}, "", err
 	}
 	cat, err := catalog.OpenWith(catDir, catalog.Options{
@@ -126,30 +151,78 @@ func (cfg *clusterConfig) takeOver(ctx context.Context, m *cluster.Member) (*cat
 		},
 	})
 	if err != nil {
+		fence.Close()
 		return nil, store.Dir{}, "", openFailure(catDir, err)
 	}
+	cfg.fence = fence
+	m.Serving()
 	cfg.log.Info().Uint64("epoch", epoch).Str("shared", dir).
 		Dur("waited_for_ownership", claimStart.Sub(won)).Dur("claim", time.Since(claimStart)).
 		Msg("cluster: this node owns the I/O group")
 	return cat, store.Dir{Path: dir, Fence: fence}, catDir, nil
 }
 
-// view reads the cluster's nodes and I/O groups for lsnode and lsiogrp.
-func (cfg *clusterConfig) view(m *cluster.Member) func(context.Context) (*api.Cluster, error) {
+// view reads the cluster's nodes and I/O groups for lsnode and lsiogrp; serving says whether
+// this node serves its I/O group.
+func (cfg *clusterConfig) view(m *cluster.Member, serving bool) func(context.Context) (*api.Cluster, error) {
 	return func(ctx context.Context) (*api.Cluster, error) {
 		nodes, groups, err := m.Status(ctx)
 		if err != nil {
 			return nil, err
 		}
-		v := &api.Cluster{Node: cfg.node, IOGroup: cfg.iogrp}
+		v := &api.Cluster{Node: cfg.node, IOGroup: cfg.iogrp, Serving: serving}
 		for _, n := range nodes {
 			v.Nodes = append(v.Nodes, api.ClusterNode{Name: n.Name, IOGroup: n.IOGroup, Addr: n.Addr, Online: n.Online, Owner: n.Online && n.State == "owner"})
 		}
 		for _, g := range groups {
-			v.Groups = append(v.Groups, api.IOGroup{ID: g.ID, Owner: g.Owner, Volumes: g.Volumes, Suspended: g.Suspended})
+			v.Groups = append(v.Groups, api.IOGroup{ID: g.ID, Owner: g.Owner, Volumes: g.Volumes, Suspended: g.Suspended, Hosts: g.Hosts})
 		}
 		return v, nil
 	}
+}
+
+// serveStandby answers the control socket while this node does not serve its I/O group: the
+// listing commands, from what the group's owner last published in etcd (with every volume
+// offline, and the mappings that need their bitmaps suspended, while no node serves the
+// group); every other command is refused with NotServing. stop closes it, before the owner's
+// own control server takes the socket.
+func (cfg *clusterConfig) serveStandby(m *cluster.Member, socket string) (stop func(), err error) {
+	l, err := api.ListenUnix(socket, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	if err := shareSocketWithGroup(socket); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		cfg.standbyHandler(r.Context(), m).ServeHTTP(w, r)
+	}), ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(l)
+	return func() { srv.Close() }, nil
+}
+
+// standbyHandler is the control API of a standby, as of now.
+func (cfg *clusterConfig) standbyHandler(ctx context.Context, m *cluster.Member) *api.Handler {
+	raw, owner, err := m.GroupState(ctx)
+	var st publishedState
+	if err == nil && raw != nil {
+		err = json.Unmarshal(raw, &st)
+	}
+	var snap *driver.Snapshot
+	refuse := func() error {
+		if owner == "" {
+			return fcerr.New(fcerr.NotServing, "no node serves io_grp%d (its catalogue can't be loaded, or no node of the group is up): its volumes and FlashCopy mappings are offline, and this node (%s) can only list them", cfg.iogrp, cfg.node)
+		}
+		return fcerr.New(fcerr.NotServing, "node %s is a standby of io_grp%d, which node %s serves: run the command there", cfg.node, cfg.iogrp, owner)
+	}
+	if err == nil {
+		snap, err = driver.NewSnapshot(st.Model, st.Volumes, owner == "", refuse)
+	}
+	if err != nil {
+		return api.NewRefusingHandler(cfg.log, func() error { return err })
+	}
+	return api.NewHandler(snap, cfg.log).WithFlashCopy(snap).WithClusterSystem(cfg.sharedDir, cfg.view(m, false)).WithFallback(refuse)
 }
 
 // watch stands the node down as soon as its lease is lost.
@@ -166,12 +239,27 @@ func (cfg *clusterConfig) standDown(why error) {
 	os.Exit(standDownExit)
 }
 
-// controlState is what the owner publishes in etcd with each transition: the I/O group's volumes
-// and FlashCopy model, and how many of its mappings are suspended (their bitmaps offline), for
-// the standby and for operators. It is published before the catalogue commits, so a suspension
-// shows even when the catalogue can't record it: the journal that failed is the catalogue.
+// publishedState is what an I/O group's owner publishes in etcd with each transition: the
+// group's volumes and FlashCopy model, how many of its mappings are suspended (their bitmaps
+// offline) and how many hosts it has, for the standbys' views and for operators.
+type publishedState struct {
+	Node      string           `json:"node"`
+	Epoch     uint64           `json:"epoch"`
+	Volumes   []catalog.Volume `json:"volumes"`
+	Suspended int              `json:"suspended"`
+	Hosts     int              `json:"hosts"`
+	Model     json.RawMessage  `json:"flashcopy,omitempty"`
+}
+
+// controlState is the publishedState of tx. It is published before the catalogue commits, so
+// a suspension shows even when the catalogue can't record it: the journal that failed is the
+// catalogue.
 func controlState(tx *catalog.Tx, node string, epoch uint64) ([]byte, error) {
 	vols, err := tx.Volumes()
+	if err != nil {
+		return nil, err
+	}
+	hosts, err := tx.Hosts()
 	if err != nil {
 		return nil, err
 	}
@@ -188,13 +276,8 @@ func controlState(tx *catalog.Tx, node string, epoch uint64) ([]byte, error) {
 			suspended++
 		}
 	}
-	return json.Marshal(struct {
-		Node      string           `json:"node"`
-		Epoch     uint64           `json:"epoch"`
-		Volumes   []catalog.Volume `json:"volumes"`
-		Suspended int              `json:"suspended"`
-		Model     json.RawMessage  `json:"flashcopy,omitempty"`
-	}{node, epoch, vols, suspended, model})
+	return json.Marshal(publishedState{Node: node, Epoch: epoch, Volumes: vols, Suspended: suspended,
+		Hosts: len(hosts), Model: model})
 }
 
 // The catalogue of an I/O group is one file per ownership epoch: catalog.e<EPOCH>/catalog.db in

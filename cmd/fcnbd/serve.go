@@ -205,8 +205,13 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 			return err
 		}
 		defer member.Close()
+		stopStandby, err := cfg.cluster.serveStandby(member, cfg.socket)
+		if err != nil {
+			return err
+		}
 		var catDir string
 		cat, fs, catDir, err = cfg.cluster.takeOver(ctx, member)
+		stopStandby()
 		if lost := member.LostErr(); err != nil && lost != nil {
 			cfg.cluster.standDown(lost) // a standby whose lease ran out: start again, as a standby
 		}
@@ -219,7 +224,7 @@ func serve(parent context.Context, cfg serveConfig) (err error) {
 		}
 		cfg.dataDir = catDir
 		go cfg.cluster.watch(member)
-		clusterView = cfg.cluster.view(member)
+		clusterView = cfg.cluster.view(member, true)
 		gate = member.Valid
 	} else {
 		if err := os.MkdirAll(cfg.dataDir, 0o700); err != nil {

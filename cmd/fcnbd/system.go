@@ -212,11 +212,11 @@ var (
 )
 
 func iogrps(c *cli.Context) ([]iogrpRow, error) {
-	vols, err := client(c).Volumes(ctx(c))
+	s, err := client(c).System(ctx(c))
 	if err != nil {
 		return nil, err
 	}
-	hosts, err := client(c).Hosts(ctx(c))
+	vols, err := client(c).Volumes(ctx(c))
 	if err != nil {
 		return nil, err
 	}
@@ -224,9 +224,14 @@ func iogrps(c *cli.Context) ([]iogrpRow, error) {
 	if err != nil {
 		return nil, err
 	}
-	s, err := client(c).System(ctx(c))
-	if err != nil {
-		return nil, err
+	// A standby lists its group's volumes and mappings as the owner published them, and has no
+	// hosts of its own: their count is the published one.
+	standby := s.Cluster != nil && !s.Cluster.Serving
+	var hosts []api.Host
+	if !standby {
+		if hosts, err = client(c).Hosts(ctx(c)); err != nil {
+			return nil, err
+		}
 	}
 	rows := []iogrpRow{{ID: 0, Name: "io_grp0"}, {ID: 1, Name: "io_grp1"}, {ID: 2, Name: "io_grp2"},
 		{ID: 3, Name: "io_grp3"}, {ID: 4, Name: "recovery_io_grp"}}
@@ -260,7 +265,7 @@ func iogrps(c *cli.Context) ([]iogrpRow, error) {
 	}
 	for _, g := range s.Cluster.Groups {
 		if g.ID >= 0 && g.ID < 4 {
-			rows[g.ID].VdiskCount, rows[g.ID].Owner, rows[g.ID].Suspended = g.Volumes, g.Owner, g.Suspended
+			rows[g.ID].VdiskCount, rows[g.ID].Owner, rows[g.ID].Suspended, rows[g.ID].HostCount = g.Volumes, g.Owner, g.Suspended, g.Hosts
 		}
 	}
 	for i := range rows[:4] {
@@ -274,7 +279,10 @@ func iogrps(c *cli.Context) ([]iogrpRow, error) {
 	}
 	// This node's own group, as it is now (hosts are defined per I/O group's catalogue).
 	own := &rows[s.Cluster.IOGroup]
-	own.VdiskCount, own.HostCount, own.Suspended = len(vols), len(hosts), suspended
+	own.VdiskCount, own.Suspended = len(vols), suspended
+	if !standby {
+		own.HostCount = len(hosts)
+	}
 	for i := range rows[:4] {
 		bitmaps(&rows[i])
 	}

@@ -96,9 +96,10 @@ type Volumes interface {
 
 // Handler serves the control API.
 type Handler struct {
-	vols Volumes
-	log  zerolog.Logger
-	mux  *http.ServeMux
+	vols     Volumes
+	log      zerolog.Logger
+	mux      *http.ServeMux
+	fallback func() error // the error of every request no route takes; nil: 404 or 405
 }
 
 // NewHandler returns the API handler over vols.
@@ -108,6 +109,19 @@ func NewHandler(vols Volumes, log zerolog.Logger) *Handler {
 	h.mux.HandleFunc("GET /v1/volumes", h.listVolumes)
 	h.mux.HandleFunc("GET /v1/volumes/{ref}", h.getVolume)
 	h.mux.HandleFunc("DELETE /v1/volumes/{ref}", h.deleteVolume)
+	return h
+}
+
+// NewRefusingHandler returns a handler that fails every request with refuse's error.
+func NewRefusingHandler(log zerolog.Logger, refuse func() error) *Handler {
+	return &Handler{log: log, mux: http.NewServeMux(), fallback: refuse}
+}
+
+// WithFallback makes every request that no route takes fail with fallback's error (a node that
+// answers some requests only, such as a cluster-mode standby), and returns h. Call it once,
+// before h serves its first request.
+func (h *Handler) WithFallback(fallback func() error) *Handler {
+	h.fallback = fallback
 	return h
 }
 
@@ -127,6 +141,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}()
 	// Unknown routes get the same error shape as everything else.
 	if _, pattern := h.mux.Handler(r); pattern == "" {
+		if h.fallback != nil {
+			h.fail(w, r, h.fallback())
+			return
+		}
 		var allow []string
 		for _, m := range methods {
 			r2 := r.Clone(r.Context())
@@ -333,7 +351,7 @@ func status(code string) int {
 		return http.StatusConflict
 	case fcerr.Internal, fcerr.MetadataUnwritable, fcerr.FenceTimeout:
 		return http.StatusInternalServerError
-	case fcerr.ClusterUnavailable:
+	case fcerr.ClusterUnavailable, fcerr.NotServing:
 		return http.StatusServiceUnavailable
 	}
 	return http.StatusBadRequest

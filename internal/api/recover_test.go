@@ -44,3 +44,30 @@ func TestRecoverRoute(t *testing.T) {
 		t.Fatalf("recover with a query: %d", w.Code)
 	}
 }
+
+// TestFallback: with a fallback, a request no route takes gets the fallback's error, whatever
+// its method; the routes registered still answer. A refusing handler refuses everything.
+func TestFallback(t *testing.T) {
+	refuse := func() error { return fcerr.New(fcerr.NotServing, "a standby") }
+	f := &fakeRecoverer{res: RecoverResult{Resumed: []string{"m"}}}
+	h := NewHandler(nil, zerolog.Nop()).WithRecover(f).WithFallback(refuse)
+	do := func(h *Handler, method, target string) (int, Error) {
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, httptest.NewRequest(method, target, nil))
+		var e Error
+		json.Unmarshal(w.Body.Bytes(), &e)
+		return w.Code, e
+	}
+	if code, _ := do(h, http.MethodPost, "/v1/recoverfcmap"); code != http.StatusOK {
+		t.Errorf("a route with a fallback: %d", code)
+	}
+	for _, req := range [][2]string{{http.MethodPost, "/v1/hosts"}, {http.MethodGet, "/v1/recoverfcmap"}, {http.MethodDelete, "/v1/nosuch"}} {
+		if code, e := do(h, req[0], req[1]); code != http.StatusServiceUnavailable || e.Code != fcerr.NotServing {
+			t.Errorf("%s %s: %d %+v, want 503 %s", req[0], req[1], code, e, fcerr.NotServing)
+		}
+	}
+	all := NewRefusingHandler(zerolog.Nop(), refuse)
+	if code, e := do(all, http.MethodGet, "/v1/volumes"); code != http.StatusServiceUnavailable || e.Code != fcerr.NotServing {
+		t.Errorf("refusing handler: %d %+v", code, e)
+	}
+}

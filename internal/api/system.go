@@ -33,6 +33,7 @@ type System struct {
 type Cluster struct {
 	Node    string        `json:"node"`
 	IOGroup int           `json:"iogrp"`
+	Serving bool          `json:"serving"` // this node serves its I/O group (false: a standby)
 	Nodes   []ClusterNode `json:"nodes"`
 	Groups  []IOGroup     `json:"iogrps"`
 }
@@ -51,8 +52,10 @@ type IOGroup struct {
 	ID      int    `json:"id"`
 	Owner   string `json:"owner,omitempty"` // "": no node serves it, its volumes and mappings are offline
 	Volumes int    `json:"volumes"`
-	// Suspended counts its mappings suspended because their bitmaps are offline.
+	// Suspended counts its mappings suspended because their bitmaps are offline; Hosts its
+	// host objects.
 	Suspended int `json:"suspended"`
+	Hosts     int `json:"hosts"`
 }
 
 // ReadSystem describes this host and the file system of dataDir.

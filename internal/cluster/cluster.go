@@ -242,6 +242,7 @@ func (m *Member) LostErr() error {
 }
 
 // Campaign waits until this node owns its I/O group, and returns the epoch of its ownership.
+// The node is published as the group's owner only once it serves the group (Serving).
 func (m *Member) Campaign(ctx context.Context) (uint64, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -261,8 +262,51 @@ func (m *Member) Campaign(ctx context.Context) (uint64, error) {
 	m.mu.Lock()
 	m.epoch = uint64(m.elec.Rev())
 	m.mu.Unlock()
-	m.publishNode("owner")
-	return m.epoch, nil
+	return m.Epoch(), nil
+}
+
+// Serving publishes this node as the owner that serves its I/O group: lsnode's config node,
+// lsiogrp's owner_node.
+func (m *Member) Serving() { m.publishNode("owner") }
+
+// Resign gives the I/O group up after Campaign, when this node could not take it over (its
+// catalogue could not be loaded), so that its partner may try; this node stays a standby.
+func (m *Member) Resign() error {
+	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.Timeout)
+	defer cancel()
+	err := m.elec.Resign(ctx)
+	m.mu.Lock()
+	m.epoch = 0
+	m.mu.Unlock()
+	m.publishNode("standby")
+	if err != nil {
+		return fmt.Errorf("cluster: resign from I/O group %d: %w", m.cfg.IOGroup, err)
+	}
+	return nil
+}
+
+// GroupState returns what the owner of this node's I/O group last published with a transition
+// (nil if nothing yet), and the node serving the group now ("" if none).
+func (m *Member) GroupState(ctx context.Context) (state []byte, owner string, err error) {
+	_, groups, err := m.Status(ctx)
+	if err != nil {
+		return nil, "", err
+	}
+	for _, g := range groups {
+		if g.ID == m.cfg.IOGroup {
+			owner = g.Owner
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, m.cfg.Timeout)
+	defer cancel()
+	resp, err := m.cli.Get(ctx, stateKey(m.cfg.IOGroup))
+	if err != nil {
+		return nil, "", fcerr.New(fcerr.ClusterUnavailable, "etcd: %v", err)
+	}
+	if len(resp.Kvs) > 0 {
+		state = resp.Kvs[0].Value
+	}
+	return state, owner, nil
 }
 
 // Epoch is this node's ownership epoch (0 while a standby).
@@ -347,8 +391,9 @@ type GroupStatus struct {
 	Owner   string `json:"owner,omitempty"` // "" while no node owns it: its volumes and mappings are offline
 	Volumes int    `json:"volumes"`         // as its owner last published them
 	// Suspended counts the group's mappings suspended because their bitmaps are offline (the
-	// journal failed), as its owner last published them.
+	// journal failed), and Hosts its host objects, as its owner last published them.
 	Suspended int `json:"suspended"`
+	Hosts     int `json:"hosts"`
 }
 
 // Status reads the cluster's nodes (in name order) and I/O groups (in id order) from etcd.
@@ -384,9 +429,11 @@ func (m *Member) Status(ctx context.Context) ([]NodeStatus, []GroupStatus, error
 			var st struct {
 				Volumes   []json.RawMessage `json:"volumes"`
 				Suspended int               `json:"suspended"`
+				Hosts     int               `json:"hosts"`
 			}
 			if json.Unmarshal(kv.Value, &st) == nil {
-				group(id).Volumes, group(id).Suspended = len(st.Volumes), st.Suspended
+				g := group(id)
+				g.Volumes, g.Suspended, g.Hosts = len(st.Volumes), st.Suspended, st.Hosts
 			}
 		}
 	}

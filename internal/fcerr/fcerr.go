@@ -55,6 +55,7 @@ const (
 	// Cluster mode (issue 16).
 	ClusterUnavailable = "CMMVC5786E" // the action failed because the cluster is not in a stable state (no etcd quorum, or this node no longer owns the I/O group)
 	OtherIOGroup       = "CMMVC9008E" // fcnbd: the I/O group named is served by another node: run the command there
+	NotServing         = "CMMVC9009E" // fcnbd: this node does not serve its I/O group (a standby): it only lists; run changes on the owner
 )
 
 // Error is a refusal: a stable code and a sentence for the operator.

@@ -459,9 +459,24 @@ func noSuch(ref string) error {
 	return fcerr.New(fcerr.NoSuchObject, "the volume %q does not exist", ref)
 }
 
-func info(v *volume) Info {
-	return Info{ID: v.rec.ID, Name: v.rec.Name, Capacity: v.rec.Capacity, Status: StatusOnline,
-		Created: v.rec.Created}
+func info(v *volume) Info { return InfoOf(v.rec) }
+
+// InfoOf is what a volume's record says of it, online.
+func InfoOf(rec catalog.Volume) Info {
+	return Info{ID: rec.ID, Name: rec.Name, Capacity: rec.Capacity, Status: StatusOnline, Created: rec.Created}
+}
+
+// Find returns the volume ref (an id if all digits, else a name) among vols, or the
+// NoSuchObject refusal Get gives.
+func Find(vols []Info, ref string) (Info, error) {
+	byID := IsID(ref)
+	id, err := strconv.ParseUint(ref, 10, 64)
+	for _, v := range vols {
+		if byID && err == nil && v.ID == id || !byID && v.Name == ref {
+			return v, nil
+		}
+	}
+	return Info{}, noSuch(ref)
 }
 
 // Get returns the volume ref (an id if all digits, else a name), or a NoSuchObject refusal.

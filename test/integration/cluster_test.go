@@ -483,14 +483,15 @@ func startPair(t testing.TB, lease time.Duration, vols ...string) (e *etcdCluste
 	return e, shared, a, b
 }
 
-// waitOwnerCLI waits until one of nodes answers on its control socket as the owner.
+// waitOwnerCLI waits until one of nodes serves its I/O group (a standby answers listings
+// too, so it asks lsnode whether the node is its group's config node).
 func waitOwnerCLI(t testing.TB, nodes ...*clusterNode) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
 		for _, n := range nodes {
 			if n.running() {
-				if _, err := n.run("lsvdisk"); err == nil {
+				if v, err := tryNodeField(n, "lsnode", n.name, "config_node"); err == nil && v == "yes" {
 					return
 				}
 			}
@@ -1077,8 +1078,9 @@ func (f *faultFS) faults(on bool) {
 // bitmaps) fails at the kernel while the owner runs. The mapping whose bits could not be
 // committed is suspended and its volumes go offline, and lsfcmap, lsvdisk and lsiogrp say so;
 // no command changes anything meanwhile. Once the journal works again the mapping comes back
-// online where it was, with the target's point-in-time image, and the partner finds it so after
-// the owner is killed.
+// online where it was. Then the owner is killed while the journal fails, so that no node can
+// load it: both nodes, standbys, show the group, its volumes and mappings offline, until the
+// journal works again and a node takes the group over with the targets' point-in-time images.
 func TestClusterJournalOffline(t *testing.T) {
 	needRoot(t)
 	e := startEtcd(t)
@@ -1164,58 +1166,112 @@ func TestClusterJournalOffline(t *testing.T) {
 	}
 	c1.Close()
 
-	// The partner finds the same after a kill -9 of the owner.
+	// The standby lists what the owner published, and refuses changes, naming the owner.
+	waitNodeField(t, b, "lsfcmap", "m1", "status", "copying")
+	if got := nodeField(t, b, "lsvdisk", "t1", "status"); got != "online" {
+		t.Errorf("t1 on the standby: %s", got)
+	}
+	if out, err := b.run("mkvdisk", "-name", "x", "-size", "16", "-unit", "mb", "-mdiskgrp", "0"); err == nil ||
+		!strings.Contains(out, "CMMVC9009E") || !strings.Contains(out, "node a serves") {
+		t.Errorf("mkvdisk on the standby: %v: %s", err, out)
+	}
+
+	// No node can load the journal: kill -9 the owner while it fails. Both nodes stay up and
+	// can't serve the group; they show it offline, with every volume offline and the copying
+	// mappings suspended. Once the journal works again a node takes the group over, and the
+	// mappings are back where they were.
+	ff.faults(true)
 	a.kill()
-	for _, n := range []*clusterNode{b} {
-		waitOwnerCLI(t, n)
-		waitNodeField(t, n, "lsfcmap", "m1", "status", "copying")
-		expect := map[string]func(i int) uint64{
-			"s1": func(i int) uint64 { return map[bool]uint64{true: 2, false: 1}[i == 0] },
-			"t1": func(int) uint64 { return 1 },
-			"t2": func(int) uint64 { return 1 },
-		}
-		for v, want := range expect {
-			c := dialOwner(t, n, v)
-			buf := make([]byte, clBlock)
-			for i := range clBlocks {
-				if err := c.ReadAt(buf, uint64(i*clBlock)); err != nil {
-					t.Fatalf("%s on %s: block %d: %v", v, n.name, i, err)
-				}
-				if tag, err := tagOf(buf); err != nil || tag != want(i) {
-					t.Fatalf("%s on %s: block %d has tag %d (%v), want %d", v, n.name, i, tag, err, want(i))
-				}
+	a.start()
+	for _, n := range []*clusterNode{a, b} {
+		waitNodeField(t, n, "lsiogrp", "0", "status", "offline")
+		waitNodeField(t, n, "lsfcmap", "m1", "status", "suspended")
+		for key, want := range map[string]string{"fc_bitmaps": "offline", "node_count": "2", "owner_node": ""} {
+			if got := nodeField(t, n, "lsiogrp", "0", key); got != want {
+				t.Errorf("lsiogrp 0 on %s: %s is %q, want %q", n.name, key, got, want)
 			}
-			c.Close()
 		}
-		if got := nodeField(t, n, "lsiogrp", "0", "fc_bitmaps"); got != "online" {
-			t.Errorf("lsiogrp 0 on %s: fc_bitmaps %s", n.name, got)
+		if got := nodeField(t, n, "lsfcmap", "m2", "status"); got != "suspended" {
+			t.Errorf("m2 on %s while no node serves the group: %s", n.name, got)
 		}
+		for _, v := range []string{"s1", "t1", "s2", "t2"} {
+			if got := nodeField(t, n, "lsvdisk", v, "status"); got != "offline" {
+				t.Errorf("%s on %s while no node serves the group: %s", v, n.name, got)
+			}
+		}
+		if out := n.cli("lsnode", "-delim", ":"); strings.Count(out, ":online:") != 2 {
+			t.Errorf("lsnode on %s: both nodes should be online, neither the config node:\n%s", n.name, out)
+		}
+		if out, err := n.run("stopfcconsistgrp", "g"); err == nil || !strings.Contains(out, "CMMVC9009E") {
+			t.Errorf("stopfcconsistgrp on %s while no node serves the group: %v: %s", n.name, err, out)
+		}
+	}
+	if n := whoServes([]*clusterNode{a, b}, "s1"); n != nil {
+		t.Errorf("node %s serves s1 while the journal can't be read", n.name)
+	}
+	ff.faults(false)
+	owner, _ := waitOwner(t, 30*time.Second, "s1", a, b)
+	waitNodeField(t, owner, "lsfcmap", "m1", "status", "copying")
+	for _, n := range []*clusterNode{a, b} {
+		waitNodeField(t, n, "lsiogrp", "0", "fc_bitmaps", "online")
+	}
+	expect := map[string]func(i int) uint64{
+		"s1": func(i int) uint64 { return map[bool]uint64{true: 2, false: 1}[i == 0] },
+		"t1": func(int) uint64 { return 1 },
+		"t2": func(int) uint64 { return 1 },
+	}
+	for v, want := range expect {
+		c := dialOwner(t, owner, v)
+		buf := make([]byte, clBlock)
+		for i := range clBlocks {
+			if err := c.ReadAt(buf, uint64(i*clBlock)); err != nil {
+				t.Fatalf("%s on %s: block %d: %v", v, owner.name, i, err)
+			}
+			if tag, err := tagOf(buf); err != nil || tag != want(i) {
+				t.Fatalf("%s on %s: block %d has tag %d (%v), want %d", v, owner.name, i, tag, err, want(i))
+			}
+		}
+		c.Close()
 	}
 }
 
 // nodeField returns one field of an object's detailed view (`fcnbd CMD -delim : REF`).
 func nodeField(t testing.TB, n *clusterNode, cmd, ref, key string) string {
 	t.Helper()
-	out := n.cli(cmd, "-delim", ":", ref)
-	for _, l := range strings.Split(out, "\n") {
-		if k, v, ok := strings.Cut(l, ":"); ok && k == key {
-			return v
-		}
+	v, err := tryNodeField(n, cmd, ref, key)
+	if err != nil {
+		t.Fatalf("node %s: %v", n.name, err)
 	}
-	t.Fatalf("%s %s has no field %s:\n%s", cmd, ref, key, out)
-	return ""
+	return v
 }
 
-// waitNodeField waits up to 20 s until a field of an object's detailed view reads want.
+func tryNodeField(n *clusterNode, cmd, ref, key string) (string, error) {
+	out, err := n.run(cmd, "-delim", ":", ref)
+	if err != nil {
+		return "", fmt.Errorf("fcnbd %s %s: %v: %s", cmd, ref, err, out)
+	}
+	for _, l := range strings.Split(out, "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok && k == key {
+			return v, nil
+		}
+	}
+	return "", fmt.Errorf("%s %s has no field %s:\n%s", cmd, ref, key, out)
+}
+
+// waitNodeField waits up to 20 s until a field of an object's detailed view reads want (a
+// node that does not answer yet is asked again).
 func waitNodeField(t testing.TB, n *clusterNode, cmd, ref, key, want string) {
 	t.Helper()
-	got := ""
+	var (
+		got string
+		err error
+	)
 	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
-		if got = nodeField(t, n, cmd, ref, key); got == want {
+		if got, err = tryNodeField(n, cmd, ref, key); err == nil && got == want {
 			return
 		}
 	}
-	t.Fatalf("%s %s: %s is %q after 20s, want %q", cmd, ref, key, got, want)
+	t.Fatalf("node %s: %s %s: %s is %q (%v) after 20s, want %q", n.name, cmd, ref, key, got, err, want)
 }
 
 // TestVMClusterFailover runs guest/cluster-failover.sh: the guest kernel's NBD driver (nbd-client)

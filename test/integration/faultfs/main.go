@@ -33,15 +33,17 @@ var (
 
 // node is a loopback node whose files of the matched name fail while faults are on.
 type node struct {
-	fs.LoopbackNode
-	name string
+	*fs.LoopbackNode
 }
 
-func newNode(root *fs.LoopbackRoot, _ *fs.Inode, name string, _ *syscall.Stat_t) fs.InodeEmbedder {
-	return &node{LoopbackNode: fs.LoopbackNode{RootData: root}, name: name}
+// WrapChild makes every node of the tree a node.
+func (n *node) WrapChild(_ context.Context, ops fs.InodeEmbedder) fs.InodeEmbedder {
+	return &node{ops.(*fs.LoopbackNode)}
 }
 
-func (n *node) faulty() bool { return n.name == match && faulting.Load() }
+func (n *node) matched() bool { return filepath.Base(n.EmbeddedInode().Path(nil)) == match }
+
+func (n *node) faulty() bool { return faulting.Load() && n.matched() }
 
 func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
 	if n.faulty() {
@@ -51,7 +53,7 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	if errno != 0 {
 		return fh, fl, errno
 	}
-	return wrap(fh, n), fl, 0
+	return wrap(fh, n.matched()), fl, 0
 }
 
 func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out *fuse.EntryOut) (*fs.Inode, fs.FileHandle, uint32, syscall.Errno) {
@@ -62,15 +64,14 @@ func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out 
 	if errno != 0 {
 		return in, fh, fl, errno
 	}
-	if child, ok := in.Operations().(*node); ok {
-		fh = wrap(fh, child)
-	}
-	return in, fh, fl, 0
+	// The new node is not in the tree yet (it has no path): its name is the one created.
+	return in, wrap(fh, name == match), fl, 0
 }
 
-func wrap(fh fs.FileHandle, n *node) fs.FileHandle {
-	if lf, ok := fh.(*fs.LoopbackFile); ok && n.name == match {
-		return &file{LoopbackFile: lf, n: n}
+// wrap makes fh, a handle of a file, fail while faults are on if the file is matched.
+func wrap(fh fs.FileHandle, matched bool) fs.FileHandle {
+	if lf, ok := fh.(*fs.LoopbackFile); ok && matched {
+		return &file{LoopbackFile: lf}
 	}
 	return fh
 }
@@ -78,25 +79,29 @@ func wrap(fh fs.FileHandle, n *node) fs.FileHandle {
 // file is an open handle of a matched file.
 type file struct {
 	*fs.LoopbackFile
-	n *node
 }
 
+func (f *file) faulty() bool { return faulting.Load() }
+
+// PassthroughFd keeps the kernel from writing the backing file directly, past faultfs.
+func (f *file) PassthroughFd() (int, bool) { return 0, false }
+
 func (f *file) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
-	if f.n.faulty() {
+	if f.faulty() {
 		return 0, syscall.EIO
 	}
 	return f.LoopbackFile.Write(ctx, data, off)
 }
 
 func (f *file) Fsync(ctx context.Context, flags uint32) syscall.Errno {
-	if f.n.faulty() {
+	if f.faulty() {
 		return syscall.EIO
 	}
 	return f.LoopbackFile.Fsync(ctx, flags)
 }
 
 func (f *file) Allocate(ctx context.Context, off, size uint64, mode uint32) syscall.Errno {
-	if f.n.faulty() {
+	if f.faulty() {
 		return syscall.EIO
 	}
 	return f.LoopbackFile.Allocate(ctx, off, size, mode)
@@ -111,15 +116,12 @@ func main() {
 		fmt.Fprintln(os.Stderr, "usage: faultfs -backing DIR -mount DIR -match NAME")
 		os.Exit(2)
 	}
-	var st syscall.Stat_t
-	if err := syscall.Stat(*backing, &st); err != nil {
+	root, err := fs.NewLoopbackRoot(*backing)
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "faultfs:", err)
 		os.Exit(1)
 	}
-	root := &fs.LoopbackRoot{Path: *backing, Dev: uint64(st.Dev), NewNode: newNode}
-	rootNode := newNode(root, nil, "", &st)
-	root.RootNode = rootNode
-	srv, err := fs.Mount(*mount, rootNode, &fs.Options{MountOptions: fuse.MountOptions{FsName: "faultfs", Name: "faultfs", DirectMount: true}})
+	srv, err := fs.Mount(*mount, &node{root.(*fs.LoopbackNode)}, &fs.Options{MountOptions: fuse.MountOptions{FsName: "faultfs", Name: "faultfs", DirectMount: true}})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "faultfs: mount:", err)
 		os.Exit(1)
