@@ -1373,7 +1373,7 @@ func TestVMClusterFailover(t *testing.T) {
 	}()
 	r := runVM(t, vmGuestScript(t, "cluster-failover.sh"),
 		VMForward(10809, "unix:"+sock), VMForward(10810, "unix:"+ctlPath),
-		VMEnv("NBD_EXPORT", "fs"), VMEnv("ROUNDS", strconv.Itoa(rounds)), VMTimeout(4*time.Minute))
+		VMEnv("NBD_EXPORT", "fs"), VMEnv("ROUNDS", strconv.Itoa(rounds)), VMTimeout(2*time.Minute+time.Duration(rounds)*15*time.Second))
 	ln.Close()
 	wg.Wait()
 	requireVMOK(t, r)
