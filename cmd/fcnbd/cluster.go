@@ -171,11 +171,13 @@ func (cfg *clusterConfig) view(m *cluster.Member, serving bool) func(context.Con
 			return nil, err
 		}
 		v := &api.Cluster{Node: cfg.node, IOGroup: cfg.iogrp, Serving: serving}
-		for _, n := range nodes {
-			v.Nodes = append(v.Nodes, api.ClusterNode{Name: n.Name, IOGroup: n.IOGroup, Addr: n.Addr, Online: n.Online, Owner: n.Online && n.State == "owner"})
-		}
+		owners := map[string]bool{}
 		for _, g := range groups {
 			v.Groups = append(v.Groups, api.IOGroup{ID: g.ID, Owner: g.Owner, Volumes: g.Volumes, Suspended: g.Suspended, Hosts: g.Hosts})
+			owners[g.Owner] = true
+		}
+		for _, n := range nodes {
+			v.Nodes = append(v.Nodes, api.ClusterNode{Name: n.Name, IOGroup: n.IOGroup, Addr: n.Addr, Online: n.Online, Owner: n.Name != "" && owners[n.Name]})
 		}
 		return v, nil
 	}

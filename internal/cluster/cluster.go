@@ -413,6 +413,12 @@ func (m *Member) Status(ctx context.Context) ([]NodeStatus, []GroupStatus, error
 		}
 		return groups[id]
 	}
+	// The election's leader of each group: its owner key of the lowest creation revision.
+	type lead struct {
+		node string
+		rev  int64
+	}
+	leaders := map[int]lead{}
 	for _, kv := range resp.Kvs {
 		k := string(kv.Key)
 		var n Node
@@ -421,6 +427,14 @@ func (m *Member) Status(ctx context.Context) ([]NodeStatus, []GroupStatus, error
 			live[n.Name] = n
 		case strings.HasPrefix(k, Prefix+"members/") && json.Unmarshal(kv.Value, &n) == nil:
 			members[n.Name] = n
+		case strings.HasPrefix(k, Prefix+"iogrp/") && strings.Contains(k, "/owner/"):
+			id, err := strconv.Atoi(strings.TrimPrefix(k[:strings.Index(k, "/owner/")], Prefix+"iogrp/"))
+			if err != nil {
+				continue
+			}
+			if l, ok := leaders[id]; !ok || kv.CreateRevision < l.rev {
+				leaders[id] = lead{string(kv.Value), kv.CreateRevision}
+			}
 		case strings.HasPrefix(k, Prefix+"iogrp/") && strings.HasSuffix(k, "/state"):
 			id, err := strconv.Atoi(strings.TrimSuffix(strings.TrimPrefix(k, Prefix+"iogrp/"), "/state"))
 			if err != nil {
@@ -444,7 +458,9 @@ func (m *Member) Status(ctx context.Context) ([]NodeStatus, []GroupStatus, error
 			ns.Node, ns.Online = l, true
 		}
 		group(ns.IOGroup)
-		if ns.Online && ns.State == "owner" {
+		// The owner is the election's leader, once it serves (it may have won and not yet, or
+		// no longer, be able to load the group's catalogue).
+		if l, ok := leaders[ns.IOGroup]; ok && l.node == name && ns.Online && ns.State == "owner" {
 			group(ns.IOGroup).Owner = name
 		}
 		nodes = append(nodes, ns)

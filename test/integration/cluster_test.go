@@ -237,6 +237,19 @@ const (
 	clBlocks = 256 // 16 MiB volumes
 )
 
+// fillBlocks writes every block of a 16 MiB volume with its tag, then flushes.
+func fillBlocks(t testing.TB, c *nbdclient.Client, tag func(block int) uint64) {
+	t.Helper()
+	for i := range clBlocks {
+		if err := c.WriteAt(pattern(tag(i)), uint64(i*clBlock), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // pattern fills a block with its tag: 8 bytes, repeated.
 func pattern(tag uint64) []byte {
 	b := make([]byte, clBlock)
@@ -310,14 +323,7 @@ func TestClusterFailover(t *testing.T) {
 	snapshot := slices.Clone(m.durable)
 	// A second source, idle, in the same consistency group.
 	c = dialOwner(t, owner, "src2")
-	for i := range clBlocks {
-		if err := c.WriteAt(pattern(uint64(i)<<40), uint64(i*clBlock), false); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := c.Flush(); err != nil {
-		t.Fatal(err)
-	}
+	fillBlocks(t, c, func(i int) uint64 { return uint64(i) << 40 })
 	c.Close()
 	owner.cli("mkfcconsistgrp", "-name", "g0")
 	owner.cli("mkfcmap", "-source", "src", "-target", "tgt", "-name", "m0", "-copyrate", "30", "-consistgrp", "g0")
@@ -544,14 +550,7 @@ func TestClusterSplitBrain(t *testing.T) {
 	time.Sleep(500 * time.Millisecond) // b joins as a standby
 
 	ca := dialOwner(t, a, "v")
-	for i := range clBlocks {
-		if err := ca.WriteAt(pattern(1), uint64(i*clBlock), false); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := ca.Flush(); err != nil {
-		t.Fatal(err)
-	}
+	fillBlocks(t, ca, func(int) uint64 { return 1 })
 	// Unflushed writes in a's cache, then a pause: its destage may be anywhere.
 	for i := range clBlocks / 2 {
 		if err := ca.WriteAt(pattern(2), uint64(i*clBlock), false); err != nil {
@@ -1095,14 +1094,7 @@ func TestClusterJournalOffline(t *testing.T) {
 	b.start()
 	for _, v := range []string{"s1", "s2"} {
 		c := dialOwner(t, a, v)
-		for i := range clBlocks {
-			if err := c.WriteAt(pattern(1), uint64(i*clBlock), false); err != nil {
-				t.Fatal(err)
-			}
-		}
-		if err := c.Flush(); err != nil {
-			t.Fatal(err)
-		}
+		fillBlocks(t, c, func(int) uint64 { return 1 })
 		c.Close()
 	}
 	a.cli("mkfcconsistgrp", "-name", "g")
