@@ -173,7 +173,7 @@ func (cfg *clusterConfig) view(m *cluster.Member, serving bool) func(context.Con
 		v := &api.Cluster{Node: cfg.node, IOGroup: cfg.iogrp, Serving: serving}
 		owners := map[string]bool{}
 		for _, g := range groups {
-			v.Groups = append(v.Groups, api.IOGroup{ID: g.ID, Owner: g.Owner, Volumes: g.Volumes, Suspended: g.Suspended, Hosts: g.Hosts})
+			v.Groups = append(v.Groups, api.IOGroup{ID: g.ID, Owner: g.Owner, Volumes: g.Volumes, Suspended: g.Suspended, Hosts: g.Hosts, VolumeNames: g.VolumeNames})
 			owners[g.Owner] = true
 		}
 		for _, n := range nodes {

@@ -78,6 +78,9 @@ func mkfcmapCommand() *cli.Command {
 				return err
 			}
 			id, err := client(c).MkFcmap(ctx(c), req)
+			if code := fcerr.CodeOf(err); code == fcerr.NoSuchName || code == fcerr.NoSuchObject {
+				err = inOtherIOGroup(c, err, src, tgt)
+			}
 			return created(c, "FlashCopy Mapping", id, err)
 		},
 	}

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -61,6 +62,32 @@ func checkIOGrp(c *cli.Context, ref string) error {
 		}
 	}
 	return fcerr.New(fcerr.NoSuchName, "the I/O group %q does not exist or has no nodes; this node serves io_grp%d", ref, own)
+}
+
+// inOtherIOGroup explains err, a refusal naming one of refs as unknown, when another I/O group
+// has a volume of that name (as its owner last published them): fcnbd maps volumes of one I/O
+// group only. Otherwise it returns err as it was.
+func inOtherIOGroup(c *cli.Context, err error, refs ...string) error {
+	s, serr := client(c).System(ctx(c))
+	if serr != nil || s.Cluster == nil {
+		return err
+	}
+	for _, ref := range refs {
+		if _, verr := client(c).Volume(ctx(c), ref); verr == nil {
+			continue
+		}
+		for _, g := range s.Cluster.Groups {
+			if g.ID == s.Cluster.IOGroup || !slices.Contains(g.VolumeNames, ref) {
+				continue
+			}
+			owner := g.Owner
+			if owner == "" {
+				owner = "no node (offline)"
+			}
+			return fcerr.New(fcerr.OtherIOGroup, "the volume %q is in io_grp%d, served by %s, not in this node's io_grp%d: a FlashCopy mapping joins volumes of one I/O group (fcnbd does not map across I/O groups)", ref, g.ID, owner, s.Cluster.IOGroup)
+		}
+	}
+	return err
 }
 
 // ioGroupOf is the I/O group the daemon serves.

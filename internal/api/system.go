@@ -56,6 +56,8 @@ type IOGroup struct {
 	// host objects.
 	Suspended int `json:"suspended"`
 	Hosts     int `json:"hosts"`
+	// VolumeNames are its volumes' names, as its owner last published them.
+	VolumeNames []string `json:"volume_names,omitempty"`
 }
 
 // ReadSystem describes this host and the file system of dataDir.

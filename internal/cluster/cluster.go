@@ -394,6 +394,8 @@ type GroupStatus struct {
 	// journal failed), and Hosts its host objects, as its owner last published them.
 	Suspended int `json:"suspended"`
 	Hosts     int `json:"hosts"`
+	// VolumeNames are its volumes' names, as its owner last published them.
+	VolumeNames []string `json:"volume_names,omitempty"`
 }
 
 // Status reads the cluster's nodes (in name order) and I/O groups (in id order) from etcd.
@@ -441,13 +443,18 @@ func (m *Member) Status(ctx context.Context) ([]NodeStatus, []GroupStatus, error
 				continue
 			}
 			var st struct {
-				Volumes   []json.RawMessage `json:"volumes"`
-				Suspended int               `json:"suspended"`
-				Hosts     int               `json:"hosts"`
+				Volumes []struct {
+					Name string `json:"name"`
+				} `json:"volumes"`
+				Suspended int `json:"suspended"`
+				Hosts     int `json:"hosts"`
 			}
 			if json.Unmarshal(kv.Value, &st) == nil {
 				g := group(id)
 				g.Volumes, g.Suspended, g.Hosts = len(st.Volumes), st.Suspended, st.Hosts
+				for _, v := range st.Volumes {
+					g.VolumeNames = append(g.VolumeNames, v.Name)
+				}
 			}
 		}
 	}

@@ -297,10 +297,13 @@ func (m *blockModel) check(t testing.TB, c *nbdclient.Client, what string) {
 // TestClusterFailover kills the owner of the I/O group with kill -9 at random moments while a
 // client writes and flushes and a FlashCopy mapping copies: the partner must serve within a
 // bounded time, no flushed write may be lost, and the target keeps its point-in-time image.
-// FCNBD_CLUSTER_KILLS sets the number of kills (10 by default; make soak runs 200).
+// FCNBD_CLUSTER_KILLS sets the number of kills (5 by default, beside TestClusterKernelDevice's
+// 10; make soak runs 200).
 func TestClusterFailover(t *testing.T) {
+	// The cluster tests run beside each other: each has its own etcd, ports and directories.
+	t.Parallel()
 	needRoot(t)
-	kills := 10
+	kills := 5
 	if v := os.Getenv("FCNBD_CLUSTER_KILLS"); v != "" {
 		kills, _ = strconv.Atoi(v)
 	}
@@ -546,6 +549,8 @@ func waitStopped(t testing.TB, pid int) {
 // writes outstanding, lets the partner take over and write, then resumes the old owner: none
 // of its writes may reach the store, and it must stand down.
 func TestClusterSplitBrain(t *testing.T) {
+	// The cluster tests run beside each other: each has its own etcd, ports and directories.
+	t.Parallel()
 	_, shared, a, b := startPair(t, 2*time.Second, "v")
 	time.Sleep(500 * time.Millisecond) // b joins as a standby
 
@@ -656,6 +661,8 @@ func TestClusterSplitBrain(t *testing.T) {
 // stops serving once the lease has run out; with quorum back, a node takes the group over again
 // with everything as it was.
 func TestClusterEtcdFailures(t *testing.T) {
+	// The cluster tests run beside each other: each has its own etcd, ports and directories.
+	t.Parallel()
 	lease := 10 * time.Second
 	e, _, a, b := startPair(t, lease, "v0")
 	c := dialOwner(t, a, "v0")
@@ -738,6 +745,8 @@ func TestClusterEtcdFailures(t *testing.T) {
 // targets must hold the image the group's start took, byte for byte; the ext4 one passes e2fsck.
 // FCNBD_CLUSTER_KILLS sets the number of kills (10 by default; make soak runs 200).
 func TestClusterKernelDevice(t *testing.T) {
+	// The cluster tests run beside each other: each has its own etcd, ports and directories.
+	t.Parallel()
 	needTools(t, "mkfs.ext4", "e2fsck", "mount", "umount", "nbdfuse", "losetup", "fio", "fsfreeze", "nbdcopy")
 	_, fuseErr := os.Stat("/dev/fuse")
 	need(t, "/dev/fuse does not exist", fuseErr == nil)
@@ -965,6 +974,8 @@ func TestClusterKernelDevice(t *testing.T) {
 // owner and volumes; lsiogrp and lsvdisk say which; a command naming another group is refused
 // with the group's owner named, and a mapping can't join volumes of two groups.
 func TestClusterTwoIOGroups(t *testing.T) {
+	// The cluster tests run beside each other: each has its own etcd, ports and directories.
+	t.Parallel()
 	e, shared, a, b := startPair(t, 2*time.Second, "v0")
 	c := newClusterNode(t, e, shared, "c", 2*time.Second)
 	for i, arg := range c.args {
@@ -987,8 +998,11 @@ func TestClusterTwoIOGroups(t *testing.T) {
 		t.Errorf("mkvdisk -iogrp 0 on io_grp1's owner: %v\n%s", err, out)
 	}
 	out, err = c.run("mkfcmap", "-source", "w0", "-target", "v0")
-	if err == nil || !strings.Contains(out, "CMMVC575") {
+	if err == nil || !strings.Contains(out, "CMMVC9008E") || !strings.Contains(out, `"v0" is in io_grp0, served by a`) {
 		t.Errorf("mkfcmap across I/O groups: %v\n%s", err, out)
+	}
+	if out, err = c.run("mkfcmap", "-source", "w0", "-target", "nosuch"); err == nil || !strings.Contains(out, "CMMVC575") {
+		t.Errorf("mkfcmap to an unknown volume: %v\n%s", err, out)
 	}
 	c.cli("mkfcmap", "-source", "w0", "-target", "w1") // within io_grp1
 	deadline := time.Now().Add(10 * time.Second)
@@ -1081,6 +1095,8 @@ func (f *faultFS) faults(on bool) {
 // load it: both nodes, standbys, show the group, its volumes and mappings offline, until the
 // journal works again and a node takes the group over with the targets' point-in-time images.
 func TestClusterJournalOffline(t *testing.T) {
+	// The cluster tests run beside each other: each has its own etcd, ports and directories.
+	t.Parallel()
 	needRoot(t)
 	e := startEtcd(t)
 	backing, shared := t.TempDir(), t.TempDir()
