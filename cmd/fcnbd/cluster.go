@@ -39,7 +39,6 @@ type clusterConfig struct {
 	sharedDir string
 	lease     time.Duration
 	log       zerolog.Logger
-	fence     *store.Fence
 }
 
 // clusterSettings checks the cluster flags: all of them or none.
@@ -154,7 +153,6 @@ func (cfg *clusterConfig) tryTakeOver(ctx context.Context, m *cluster.Member) (*
 		fence.Close()
 		return nil, store.Dir{}, "", openFailure(catDir, err)
 	}
-	cfg.fence = fence
 	m.Serving()
 	cfg.log.Info().Uint64("epoch", epoch).Str("shared", dir).
 		Dur("waited_for_ownership", claimStart.Sub(won)).Dur("claim", time.Since(claimStart)).

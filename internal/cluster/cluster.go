@@ -294,19 +294,10 @@ func (m *Member) GroupState(ctx context.Context) (state []byte, owner string, er
 	}
 	for _, g := range groups {
 		if g.ID == m.cfg.IOGroup {
-			owner = g.Owner
+			return g.state, g.Owner, nil
 		}
 	}
-	ctx, cancel := context.WithTimeout(ctx, m.cfg.Timeout)
-	defer cancel()
-	resp, err := m.cli.Get(ctx, stateKey(m.cfg.IOGroup))
-	if err != nil {
-		return nil, "", fcerr.New(fcerr.ClusterUnavailable, "etcd: %v", err)
-	}
-	if len(resp.Kvs) > 0 {
-		state = resp.Kvs[0].Value
-	}
-	return state, owner, nil
+	return nil, "", nil
 }
 
 // Epoch is this node's ownership epoch (0 while a standby).
@@ -396,6 +387,8 @@ type GroupStatus struct {
 	Hosts     int `json:"hosts"`
 	// VolumeNames are its volumes' names, as its owner last published them.
 	VolumeNames []string `json:"volume_names,omitempty"`
+
+	state []byte // what its owner last published
 }
 
 // Status reads the cluster's nodes (in name order) and I/O groups (in id order) from etcd.
@@ -449,6 +442,7 @@ func (m *Member) Status(ctx context.Context) ([]NodeStatus, []GroupStatus, error
 				Suspended int `json:"suspended"`
 				Hosts     int `json:"hosts"`
 			}
+			group(id).state = kv.Value
 			if json.Unmarshal(kv.Value, &st) == nil {
 				g := group(id)
 				g.Volumes, g.Suspended, g.Hosts = len(st.Volumes), st.Suspended, st.Hosts

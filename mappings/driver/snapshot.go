@@ -41,12 +41,9 @@ func NewSnapshot(model []byte, vols []catalog.Volume, offline bool, refuse func(
 		}
 	}
 	if offline {
-		for id, mp := range m.Mappings {
-			if mp.State == mappings.Copying || mp.State == mappings.Stopping {
-				if _, err := m.Apply(mappings.BitmapOffline{Map: id}); err != nil {
-					return nil, fmt.Errorf("fcmap %d: %w", id, err)
-				}
-			}
+		// The model decides which states the event suspends (it refuses it for the others).
+		for id := range m.Mappings {
+			m.Apply(mappings.BitmapOffline{Map: id})
 		}
 	}
 	s := &Snapshot{d: &Driver{model: m}, refuse: refuse}
