@@ -215,20 +215,28 @@ func waitOwner(t testing.TB, within time.Duration, export string, nodes ...*clus
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for time.Now().Before(deadline) {
-		for _, n := range nodes {
-			if !n.running() {
-				continue
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			c, err := nbdclient.Dial(ctx, "tcp", n.tcp, export)
-			cancel()
-			if err == nil {
-				return n, c
-			}
+		if n, c := dialServing(nodes, export); n != nil {
+			return n, c
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	t.Fatalf("no node served %s within %s", export, within)
+	return nil, nil
+}
+
+// dialServing connects to export on the node of nodes that serves it now; nil if none does.
+func dialServing(nodes []*clusterNode, export string) (*clusterNode, *nbdclient.Client) {
+	for _, n := range nodes {
+		if !n.running() {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		c, err := nbdclient.Dial(ctx, "tcp", n.tcp, export)
+		cancel()
+		if err == nil {
+			return n, c
+		}
+	}
 	return nil, nil
 }
 
@@ -1425,17 +1433,9 @@ func TestVMClusterFailover(t *testing.T) {
 
 // whoServes returns the node that serves export over NBD now, or nil.
 func whoServes(nodes []*clusterNode, export string) *clusterNode {
-	for _, n := range nodes {
-		if !n.running() {
-			continue
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		c, err := nbdclient.Dial(ctx, "tcp", n.tcp, export)
-		cancel()
-		if err == nil {
-			c.Close()
-			return n
-		}
+	n, c := dialServing(nodes, export)
+	if c != nil {
+		c.Close()
 	}
-	return nil
+	return n
 }
