@@ -1004,7 +1004,8 @@ func TestClusterKernelDevice(t *testing.T) {
 
 // TestClusterTwoIOGroups: a node of io_grp1 beside the pair of io_grp0. Each group has its own
 // owner and volumes; lsiogrp and lsvdisk say which; a command naming another group is refused
-// with the group's owner named, and a mapping can't join volumes of two groups.
+// with the group's owner named, and a mapping can't join volumes of two groups. With both
+// nodes of io_grp0 down, io_grp1's owner shows io_grp0 offline.
 func TestClusterTwoIOGroups(t *testing.T) {
 	// The cluster tests run beside each other: each has its own etcd, ports and directories.
 	t.Parallel()
@@ -1051,7 +1052,13 @@ func TestClusterTwoIOGroups(t *testing.T) {
 	if g := c.cli("lsiogrp", "-delim", ":", "0"); !strings.Contains(g, "node_count:2\n") || !strings.Contains(g, "owner_node:a\n") {
 		t.Errorf("lsiogrp 0 on io_grp1's owner:\n%s", g)
 	}
-	_ = b
+	// Both nodes of io_grp0 down: io_grp1's owner shows it offline, its bitmaps with it.
+	a.kill()
+	b.kill()
+	waitNodeField(t, c, "lsiogrp", "0", "status", "offline")
+	if got := nodeField(t, c, "lsiogrp", "0", "fc_bitmaps"); got != "offline" {
+		t.Errorf("lsiogrp 0 on io_grp1's owner with both its nodes down: fc_bitmaps %q", got)
+	}
 }
 
 // faultFS is test/integration/faultfs mounted for one test: a directory seen again through
